@@ -1,0 +1,120 @@
+"""One apply: Consul state -> plan -> render -> compare -> haproxy -c -> atomic switch -> reload -> status.
+
+Only this module strings the pure stages and the edges together; each stage is a plain function.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from flowproxy import release, runstate, watches
+from flowproxy.consul_io import ConsulStore
+from flowproxy.errors import FlowproxyError, HAProxyError
+from flowproxy.haproxy import MasterSocket, check_config
+from flowproxy.kv import desired_from_kv
+from flowproxy.model import Desired, Instance
+from flowproxy.plan import Plan, make_plan
+from flowproxy.render import Bundle, Templates, render
+from flowproxy.settings import Settings
+from flowproxy.status import applied_doc, failed_doc
+
+log = logging.getLogger(__name__)
+LAST_APPLY = "last-apply.json"
+LAST_STATUS = "last-status.json"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    kv_index: int
+    bundle: Bundle
+    plan: Plan
+    reloaded: bool
+
+
+def store_for(settings: Settings) -> ConsulStore:
+    return ConsulStore(settings.consul_addr, settings.consul_token)
+
+
+def gather(settings: Settings, store: ConsulStore) -> tuple[Desired, dict[str, list[Instance]], str]:
+    """Read everything the render depends on from Consul. Any failed read raises: never render on less."""
+    index, entries = store.read_prefix(settings.prefix)
+    desired = desired_from_kv(settings.prefix, entries, index)
+    health = {service: store.healthy(service) for service in desired.active_services()}
+    fingerprint = runstate.kv_fingerprint(settings.prefix, [(e.key, e.value) for e in entries])
+    return desired, health, fingerprint
+
+
+def build(settings: Settings, desired: Desired, health: dict[str, list[Instance]]) -> tuple[Bundle, Plan]:
+    plan = make_plan(desired, health)
+    return render(plan, Templates(settings.templates, desired.templates))
+
+
+def deploy(settings: Settings, bundle: Bundle) -> bool:
+    """Make `bundle` the running config; False when it already is (no reload for equal bytes)."""
+    current = release.read_bundle(settings.current)
+    if current is not None and dict(current.files) == dict(bundle.files):
+        return False
+    folder = release.stage(settings.haproxy_dir, bundle)
+    check_config(settings.haproxy_bin, folder / "haproxy.cfg", settings.haproxy_env())
+    previous = release.activate(settings.current, folder)
+    master = MasterSocket(settings.master_socket)
+    if not settings.master_socket.exists():
+        raise HAProxyError(f"HAProxy is not running ({settings.master_socket} is missing); the new config is "
+                           "in place and loads when HAProxy starts (`flowproxy node up`)")
+    try:
+        master.reload()
+    except HAProxyError:
+        if previous is not None:
+            release.activate(settings.current, previous)  # the files on disk must match what runs
+        raise
+    release.prune(settings.haproxy_dir)
+    return True
+
+
+def converge(settings: Settings) -> Outcome:
+    """Apply Consul's current state to this node's HAProxy and publish the node's status."""
+    store = store_for(settings)
+    try:
+        desired, health, fingerprint = gather(settings, store)
+        bundle, plan = build(settings, desired, health)
+        started = time.monotonic()
+        reloaded = deploy(settings, bundle)
+        watches.sync(settings.watch_dir, store, desired.active_services())
+    except FlowproxyError as exc:
+        _publish_failure(settings, store, str(exc))
+        raise
+    for state in plan.states:
+        for reason in state.reasons:
+            log.warning("route %s rejected: %s", state.route, reason)
+    for problem in plan.stray:
+        log.warning("ignored: %s", problem)
+    if reloaded:
+        log.info("applied config %s (KV index %s) in %.0f ms", bundle.config_sha256[:12], desired.index,
+                 (time.monotonic() - started) * 1000)
+    doc = applied_doc(settings.node, desired.index, bundle.config_sha256, bundle.digest, plan)
+    _publish(settings, store, doc)
+    runstate.save(settings.run_dir, LAST_APPLY, {"fingerprint": fingerprint, "kv_index": desired.index})
+    return Outcome(desired.index, bundle, plan, reloaded)
+
+
+def _publish(settings: Settings, store: ConsulStore, doc: dict[str, Any]) -> None:
+    """Write the status key when its content changed; the timestamp alone never triggers a write."""
+    last = runstate.load(settings.run_dir, LAST_STATUS)
+    if {k: v for k, v in last.items() if k != "time"} == doc:
+        return
+    stamped = doc | {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    store.put(settings.status_key, json.dumps(stamped, sort_keys=True))
+    runstate.save(settings.run_dir, LAST_STATUS, stamped)
+
+
+def _publish_failure(settings: Settings, store: ConsulStore, error: str) -> None:
+    last = runstate.load(settings.run_dir, LAST_STATUS)
+    good = {k: v for k, v in last.items() if k not in ("time", "ok", "last_error")}
+    try:
+        _publish(settings, store, failed_doc(good, settings.node, error))
+    except FlowproxyError as exc:
+        log.error("could not write %s either: %s", settings.status_key, exc)

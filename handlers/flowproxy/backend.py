@@ -1,0 +1,71 @@
+"""A small real HTTP service that answers with its own identity: the demo's `go-demo` and the tests' backends."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class IdentityHandler(BaseHTTPRequestHandler):
+    server: IdentityServer
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        if self.path == "/health":
+            body = b"ok\n"
+            status = 503 if self.server.unhealthy.is_set() else 200
+        else:
+            doc = {"instance": self.server.name, "path": self.path, "host": self.headers.get("Host", "")}
+            body = (json.dumps(doc, sort_keys=True) + "\n").encode()
+            status = 200
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json" if status == 200 and self.path != "/health" else "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Instance", self.server.name)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the stdlib's signature
+        pass
+
+
+class IdentityServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, name: str, host: str = "127.0.0.1", port: int = 0) -> None:
+        super().__init__((host, port), IdentityHandler)
+        self.name = name
+        self.unhealthy = threading.Event()
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        # HAProxy's TCP health checks connect and reset; that is not an error worth a traceback.
+        pass
+
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])
+
+    def start(self) -> IdentityServer:
+        threading.Thread(target=self.serve_forever, daemon=True, name=f"backend-{self.name}").start()
+        return self
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="HTTP service answering with its own identity")
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args(argv)
+    server = IdentityServer(args.name, args.host, args.port)
+    print(f"{args.name} listening on {args.host}:{server.port}", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""The click edge: options, then one call into the library; errors become messages and exit codes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from flowproxy import __version__
+from flowproxy.errors import FlowproxyError
+from flowproxy.settings import Settings
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="flowproxy")
+@click.option("--consul", "consul_addr", envvar="CONSUL_HTTP_ADDR", default="127.0.0.1:8500", show_default=True,
+              help="Consul agent HTTP address (env CONSUL_HTTP_ADDR).")
+@click.option("--token", envvar="CONSUL_HTTP_TOKEN", default=None, help="Consul ACL token (env CONSUL_HTTP_TOKEN).")
+@click.option("--prefix", envvar="FLOWPROXY_PREFIX", default="flowproxy/", show_default=True,
+              help="KV prefix holding the routes (env FLOWPROXY_PREFIX).")
+@click.option("--node", envvar="FLOWPROXY_NODE", default=None, help="This proxy node's name (default: hostname).")
+@click.option("--data-dir", envvar="FLOWPROXY_DATA_DIR", type=click.Path(path_type=Path), default=None,
+              help="This node's data folder (env FLOWPROXY_DATA_DIR).")
+@click.pass_context
+def cli(ctx: click.Context, consul_addr: str, token: str | None, prefix: str, node: str | None,
+        data_dir: Path | None) -> None:
+    """On-demand HAProxy reconfiguration where Consul KV is the whole API."""
+    ctx.obj = Settings.from_env(consul_addr=consul_addr, consul_token=token, prefix=prefix, node=node,
+                                data_dir=data_dir)
+
+
+def settings_of(ctx: click.Context) -> Settings:
+    settings = ctx.find_root().obj
+    assert isinstance(settings, Settings)
+    return settings
+
+
+def echo_json(doc: Any) -> None:
+    click.echo(json.dumps(doc, indent=2, sort_keys=True))
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.option("--kind", type=click.Choice(["keyprefix", "service", "manual"]), default="manual", show_default=True)
+def handle(kind: str) -> None:
+    """Apply Consul's state to this node (the entry Consul watches call)."""
+    from flowproxy.handler import main as handle_main
+
+    sys.exit(handle_main(["--kind", kind]))
+
+
+@cli.command()
+@click.option("--maps", is_flag=True, help="Print the map files after haproxy.cfg.")
+@click.pass_context
+def render(ctx: click.Context, maps: bool) -> None:
+    """Print the config this node would apply now; changes nothing."""
+    from flowproxy.apply import build, gather, store_for
+
+    settings = settings_of(ctx)
+    desired, health, _ = gather(settings, store_for(settings))
+    bundle, plan = build(settings, desired, health)
+    click.echo(bundle.config.decode(), nl=False)
+    if maps:
+        for name in sorted(bundle.files):
+            if name != "haproxy.cfg":
+                click.echo(f"# ---- {name}")
+                click.echo(bundle.files[name].decode(), nl=False)
+    for state in plan.states:
+        for reason in state.reasons:
+            click.echo(f"rejected: {reason}", err=True)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the status documents as JSON.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Show every proxy node: applied index, config hash, rejected routes."""
+    from flowproxy.apply import store_for
+    from flowproxy.fleet import fleet_report, read_statuses
+
+    settings = settings_of(ctx)
+    docs = read_statuses(store_for(settings), settings.prefix)
+    if as_json:
+        echo_json(docs)
+        return
+    click.echo(fleet_report(docs), nl=False)
+
+
+def main() -> None:
+    from flowproxy import cli_node, cli_route
+
+    cli_route.register(cli)
+    cli_node.register(cli)
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except FlowproxyError as exc:
+        click.echo(f"flowproxy: {exc}", err=True)
+        sys.exit(exc.exit_code)

@@ -1,0 +1,157 @@
+"""`flowproxy route ...`: write intents the way users would by hand, but linted and with CAS."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from flowproxy.cli import echo_json, settings_of
+from flowproxy.errors import IntentRejected, UsageError
+from flowproxy.intent import BALANCES, NAME_RE, PATH_TYPES, intent_to_json, parse_intent
+from flowproxy.kv import desired_from_kv
+from flowproxy.model import Intent
+
+
+def _name(value: str, what: str) -> str:
+    if not NAME_RE.fullmatch(value) or value == "active":
+        raise UsageError(f"{what} {value!r} must match [a-z0-9][a-z0-9_.-]{{0,62}} and not be 'active'")
+    return value
+
+
+@click.group()
+def route() -> None:
+    """Stage, activate and remove routes (each command is one KV write)."""
+
+
+@route.command("put")
+@click.argument("name")
+@click.option("--variant", "-v", required=True, help="Variant name, e.g. live, blue, green.")
+@click.option("--service", "-s", required=True, help="Consul service whose passing instances serve.")
+@click.option("--path", "-p", "paths", multiple=True, help="Path to route (repeatable).")
+@click.option("--domain", "-d", "domains", multiple=True, help="Host to route, exact or *.wildcard (repeatable).")
+@click.option("--tag", "-t", "tags", multiple=True, help="Instances must carry every tag given (repeatable).")
+@click.option("--path-type", type=click.Choice(PATH_TYPES), default="prefix", show_default=True)
+@click.option("--balance", type=click.Choice(BALANCES), default="roundrobin", show_default=True)
+@click.option("--no-check", is_flag=True, help="No HAProxy health checks on top of Consul's.")
+@click.option("--template", default=None, help="Custom template name for this route's backend.")
+@click.option("--activate", is_flag=True, help="Also make this variant the serving one, in the same write.")
+@click.pass_context
+def put(ctx: click.Context, name: str, variant: str, service: str, paths: tuple[str, ...],
+        domains: tuple[str, ...], tags: tuple[str, ...], path_type: str, balance: str, no_check: bool,
+        template: str | None, activate: bool) -> None:
+    """Stage (and optionally activate) the intent routes/NAME/VARIANT."""
+    from flowproxy.apply import store_for
+
+    settings = settings_of(ctx)
+    key = f"{settings.prefix}routes/{_name(name, 'route')}/{_name(variant, 'variant')}"
+    intent = Intent(service=service, paths=paths, domains=domains, tags=tags, path_type=path_type,
+                    balance=balance, check=not no_check, template=template)
+    body = intent_to_json(intent)
+    _, problems = parse_intent(key, body.encode())
+    if problems:
+        raise IntentRejected([str(p) for p in problems])
+    store = store_for(settings)
+    existing = store.get(key)
+    ops: list[tuple[str, str, bytes | None, int | None]] = [
+        ("cas", key, body.encode(), existing.modify_index if existing else 0)]
+    if activate:
+        active_key = f"{settings.prefix}routes/{name}/active"
+        current = store.get(active_key)
+        ops.append(("cas", active_key, variant.encode(), current.modify_index if current else 0))
+    store.txn(ops)
+    click.echo(f"{key} = {body}" + ("  (active)" if activate else ""))
+
+
+@route.command("activate")
+@click.argument("name")
+@click.argument("variant")
+@click.pass_context
+def activate(ctx: click.Context, name: str, variant: str) -> None:
+    """Make VARIANT the serving variant of route NAME (one CAS write)."""
+    from flowproxy.apply import store_for
+
+    settings = settings_of(ctx)
+    store = store_for(settings)
+    base = f"{settings.prefix}routes/{_name(name, 'route')}/"
+    target = store.get(base + _name(variant, "variant"))
+    if target is None:
+        raise UsageError(f"{base}{variant} does not exist; stage it first with `flowproxy route put`")
+    _, problems = parse_intent(target.key, target.value)
+    if problems:
+        raise IntentRejected([str(p) for p in problems])
+    current = store.get(base + "active")
+    store.put(base + "active", variant, cas=current.modify_index if current else 0)
+    click.echo(f"{base}active = {variant}")
+
+
+@route.command("deactivate")
+@click.argument("name")
+@click.pass_context
+def deactivate(ctx: click.Context, name: str) -> None:
+    """Switch route NAME off; its variants stay in KV."""
+    from flowproxy.apply import store_for
+
+    settings = settings_of(ctx)
+    store = store_for(settings)
+    key = f"{settings.prefix}routes/{_name(name, 'route')}/active"
+    current = store.get(key)
+    if current is None:
+        click.echo(f"{key} is absent: route {name} is already off")
+        return
+    store.delete(key, cas=current.modify_index)
+    click.echo(f"deleted {key}")
+
+
+@route.command("remove")
+@click.argument("name")
+@click.pass_context
+def remove(ctx: click.Context, name: str) -> None:
+    """Delete route NAME with all its variants."""
+    from flowproxy.apply import store_for
+
+    settings = settings_of(ctx)
+    key = f"{settings.prefix}routes/{_name(name, 'route')}/"
+    store_for(settings).delete(key, recurse=True)
+    click.echo(f"deleted {key}")
+
+
+@route.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def list_routes(ctx: click.Context, as_json: bool) -> None:
+    """Every route with its variants, the active one, and what the nodes report."""
+    from flowproxy.apply import store_for
+    from flowproxy.fleet import read_statuses
+
+    settings = settings_of(ctx)
+    store = store_for(settings)
+    index, entries = store.read_prefix(settings.prefix + "routes/")
+    desired = desired_from_kv(settings.prefix, entries, index)
+    statuses = read_statuses(store, settings.prefix)
+    rows = [_route_row(r.name, r, statuses) for r in desired.routes]
+    if as_json:
+        echo_json(rows)
+        return
+    for row in rows:
+        click.echo(f"{row['route']:<24} active={row['active'] or '-':<12} variants={','.join(row['variants'])}"
+                   f"  nodes: {row['summary']}")
+        for reason in row["reasons"]:
+            click.echo(f"    rejected: {reason}")
+
+
+def _route_row(name: str, r: Any, statuses: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    lint = [str(p) for p in r.problems] + [str(p) for v in r.variants for p in v.problems]
+    states: dict[str, list[str]] = {}
+    reasons = list(lint)
+    for node, doc in sorted(statuses.items()):
+        st = (doc.get("routes") or {}).get(name, {})
+        states.setdefault(st.get("state", "unknown"), []).append(node)
+        reasons += [x for x in st.get("reasons", []) if x not in reasons]
+    summary = "; ".join(f"{state}: {', '.join(nodes)}" for state, nodes in sorted(states.items())) or "none"
+    return {"route": name, "active": r.active, "variants": [v.name for v in r.variants],
+            "reasons": reasons, "nodes": states, "summary": summary}
+
+
+def register(group: click.Group) -> None:
+    group.add_command(route)

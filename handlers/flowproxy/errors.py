@@ -1,0 +1,53 @@
+"""The exception tree; the click edge turns each into a message and an exit code."""
+
+
+class FlowproxyError(Exception):
+    """Base of every error flowproxy reports to a user."""
+
+    exit_code = 1
+
+
+class UsageError(FlowproxyError):
+    """A setting or argument is wrong; fix the command line or the environment."""
+
+    exit_code = 2
+
+
+class ConsulUnavailable(FlowproxyError):
+    """The Consul agent did not answer or answered with an error."""
+
+    exit_code = 3
+
+
+class IntentRejected(FlowproxyError):
+    """An intent failed validation; `problems` holds every reason, each naming its key and field."""
+
+    exit_code = 4
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class CasConflict(FlowproxyError):
+    """Someone else changed the key between our read and our write."""
+
+    exit_code = 4
+
+
+class HAProxyError(FlowproxyError):
+    """HAProxy rejected a candidate configuration, failed a reload, or is not reachable."""
+
+    exit_code = 5
+
+
+class ApplyIOError(FlowproxyError):
+    """Writing the configuration to disk failed; the last good configuration keeps serving."""
+
+    exit_code = 6
+
+
+class NotConverged(FlowproxyError):
+    """`--wait` timed out before every proxy node applied a write."""
+
+    exit_code = 7

@@ -1,0 +1,76 @@
+"""`flowproxy handle`: the entry Consul watches call. Stdlib only until there is work to do.
+
+Field notes: importing python-consul2 and jinja2 costs ~180 ms; a keyprefix watch also fires for every
+status write of every node, and those runs find nothing to do, so they must not pay for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import logging.handlers
+import sys
+
+from flowproxy import coalesce, runstate
+from flowproxy.settings import Settings
+
+log = logging.getLogger(__name__)
+KINDS = ("keyprefix", "service", "manual")
+
+
+def setup_logging(settings: Settings) -> None:
+    fmt = logging.Formatter(f"%(asctime)s {settings.node} %(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    err = logging.StreamHandler(sys.stderr)
+    err.setFormatter(fmt)
+    root.addHandler(err)
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        log_file = logging.handlers.RotatingFileHandler(settings.data_dir / "handler.log",
+                                                        maxBytes=5_000_000, backupCount=2)
+    except OSError as exc:
+        log.warning("cannot open %s/handler.log (%s); logging to stderr only", settings.data_dir, exc)
+        return
+    log_file.setFormatter(fmt)
+    root.addHandler(log_file)
+
+
+def handle(kind: str, payload: str, settings: Settings) -> int:
+    from flowproxy.errors import FlowproxyError
+
+    first = coalesce.bump(settings.run_dir)
+    skip = runstate.payload_fingerprint(settings.prefix, payload) if kind == "keyprefix" else None
+
+    def work(_generation: int) -> None:
+        nonlocal skip
+        last = runstate.load(settings.run_dir, "last-apply.json").get("fingerprint")
+        if skip is not None and skip == last:
+            skip = None
+            return  # a status write or an unchanged payload: the applied config already reflects it
+        skip = None
+        from flowproxy.apply import converge  # the heavy imports start here
+
+        converge(settings)
+
+    try:
+        coalesce.drain(settings.run_dir, work, first)
+    except FlowproxyError as exc:
+        log.error("%s watch: apply failed: %s", kind, exc)
+        return exc.exit_code
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="flowproxy handle",
+                                     description="Apply Consul's state to this node (called by Consul watches).")
+    parser.add_argument("--kind", choices=KINDS, default="manual", help="which watch called (default: manual)")
+    args = parser.parse_args(argv)
+    payload = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
+    try:
+        settings = Settings.from_env()
+    except Exception as exc:  # a broken environment must still be reported, whatever it is
+        print(f"flowproxy handle: bad settings: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings)
+    return handle(args.kind, payload, settings)

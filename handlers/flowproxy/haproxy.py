@@ -1,0 +1,97 @@
+"""HAProxy edge: validate a candidate, talk to the master socket, reload and confirm.
+
+Field notes this follows: the master socket's `reload` returns at once and prints nothing, and a reload
+asked for while one is in progress is dropped, so each reload is confirmed with `show proc` (reload
+counter +1; `[failed: N]` +1 means the old worker kept serving) before another may be asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import subprocess
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from flowproxy.errors import HAProxyError
+
+log = logging.getLogger(__name__)
+MASTER_RE = re.compile(r"^(\d+)\s+master\s+(\d+)\s+\[failed:\s*(\d+)\]", re.M)
+WORKER_RE = re.compile(r"^(\d+)\s+worker\s+(\d+)\s", re.M)
+
+
+@dataclass(frozen=True)
+class ProcInfo:
+    master_pid: int
+    reloads: int
+    failed: int
+    workers: tuple[int, ...]  # current workers (reload count 0), oldest last
+
+
+def parse_show_proc(text: str) -> ProcInfo:
+    master = MASTER_RE.search(text)
+    if master is None:
+        raise HAProxyError(f"unexpected `show proc` answer from the master socket: {text[:200]!r}")
+    current = text.split("# old workers")[0]
+    workers = tuple(int(pid) for pid, reloads in WORKER_RE.findall(current) if reloads == "0")
+    return ProcInfo(int(master.group(1)), int(master.group(2)), int(master.group(3)), workers)
+
+
+def check_config(haproxy_bin: str, cfg: Path, env: Mapping[str, str]) -> None:
+    """`haproxy -c` on a candidate; raises with HAProxy's own words when it is refused."""
+    try:
+        proc = subprocess.run([haproxy_bin, "-c", "-q", "-f", str(cfg)], env={**os.environ, **env},
+                              capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise HAProxyError(f"cannot run {haproxy_bin} -c: {exc}; is HAProxy installed?") from exc
+    if proc.returncode != 0:
+        detail = (proc.stdout + proc.stderr).strip()[-2000:]
+        raise HAProxyError(f"haproxy -c refused {cfg}: {detail}")
+
+
+class MasterSocket:
+    def __init__(self, path: Path, timeout: float = 5.0) -> None:
+        self.path = path
+        self.timeout = timeout
+
+    def command(self, line: str) -> str:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(self.timeout)
+                sock.connect(str(self.path))
+                sock.sendall(line.encode() + b"\n")
+                # Without the half-close the master keeps the session open and never answers EOF.
+                sock.shutdown(socket.SHUT_WR)
+                chunks = []
+                while chunk := sock.recv(65536):
+                    chunks.append(chunk)
+        except OSError as exc:
+            raise HAProxyError(f"HAProxy master socket {self.path} did not answer ({exc}); "
+                               "is HAProxy running for this node (`flowproxy node up`)?") from exc
+        return b"".join(chunks).decode(errors="replace")
+
+    def show_proc(self) -> ProcInfo:
+        return parse_show_proc(self.command("show proc"))
+
+    def reload(self, timeout: float = 30.0) -> ProcInfo:
+        """Ask for one reload and wait until `show proc` confirms it loaded (or failed)."""
+        before = self.show_proc()
+        self.command("reload")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+            try:
+                after = self.show_proc()
+            except HAProxyError:
+                continue  # the master re-executes itself during a reload; its socket blinks
+            if after.reloads > before.reloads:
+                if after.failed > before.failed:
+                    raise HAProxyError("HAProxy could not load the new configuration; the previous worker "
+                                       "keeps serving. See the HAProxy log of this node.")
+                if after.workers:
+                    return after
+        raise HAProxyError(f"reload not confirmed by `show proc` within {timeout:.0f}s")

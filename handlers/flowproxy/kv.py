@@ -1,0 +1,96 @@
+"""Turn a KV listing of the prefix into a `Desired` value (KV contract v1). Pure.
+
+Layout under the prefix:
+  routes/<route>/<variant>   JSON intent
+  routes/<route>/active      plain text: the variant that serves (absent or empty: route off)
+  templates/<name>           a Jinja2 template for routes with `"template": "<name>"`
+  status/<node>              written by proxy nodes only
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+from flowproxy.intent import NAME_RE, parse_intent
+from flowproxy.model import Desired, KVEntry, Problem, Route, Variant
+
+ACTIVE = "active"
+MAX_TEMPLATE_BYTES = 256 * 1024
+
+
+def desired_from_kv(prefix: str, entries: Iterable[KVEntry], index: int = 0) -> Desired:
+    intents: dict[str, list[KVEntry]] = defaultdict(list)
+    actives: dict[str, KVEntry] = {}
+    templates: dict[str, str] = {}
+    stray: list[Problem] = []
+    for entry in sorted(entries, key=lambda e: e.key):
+        rel = entry.key[len(prefix):] if entry.key.startswith(prefix) else None
+        if rel is None or rel == "" or (rel.endswith("/") and not entry.value):
+            continue  # folder markers made by the UI or `consul kv put dir/`
+        parts = rel.split("/")
+        if parts[0] == "status" and len(parts) == 2:
+            continue
+        if parts[0] == "templates" and len(parts) == 2:
+            problem = _template(entry, parts[1], templates)
+            stray += [problem] if problem else []
+        elif parts[0] == "routes" and len(parts) == 3 and _names_ok(parts[1:]):
+            if parts[2] == ACTIVE:
+                actives[parts[1]] = entry
+            else:
+                intents[parts[1]].append(entry)
+        else:
+            stray.append(Problem(entry.key, _stray_reason(parts)))
+    names = sorted(set(intents) | set(actives))
+    routes = tuple(_route(name, intents.get(name, []), actives.get(name)) for name in names)
+    return Desired(prefix=prefix, routes=routes, templates=templates, stray=tuple(stray), index=index)
+
+
+def _names_ok(names: list[str]) -> bool:
+    return all(NAME_RE.fullmatch(n) for n in names)
+
+
+def _stray_reason(parts: list[str]) -> str:
+    if parts[0] == "routes" and len(parts) == 3:
+        return "route and variant names must match [a-z0-9][a-z0-9_.-]{0,62}; key ignored"
+    return "key is outside the flowproxy KV contract (routes/<route>/<variant|active>, templates/<name>); ignored"
+
+
+def _template(entry: KVEntry, name: str, into: dict[str, str]) -> Problem | None:
+    if not NAME_RE.fullmatch(name):
+        return Problem(entry.key, "template names must match [a-z0-9][a-z0-9_.-]{0,62}; key ignored")
+    if len(entry.value) > MAX_TEMPLATE_BYTES:
+        return Problem(entry.key, f"template is {len(entry.value)} bytes, at most {MAX_TEMPLATE_BYTES}; ignored")
+    try:
+        into[name] = entry.value.decode("utf-8")
+    except UnicodeDecodeError:
+        return Problem(entry.key, "template is not UTF-8 text; ignored")
+    return None
+
+
+def _route(name: str, intent_entries: list[KVEntry], active: KVEntry | None) -> Route:
+    variants = []
+    for entry in intent_entries:
+        intent, problems = parse_intent(entry.key, entry.value)
+        variants.append(Variant(route=name, name=entry.key.rsplit("/", 1)[1], key=entry.key,
+                                intent=intent, problems=tuple(problems)))
+    if active is None:
+        return Route(name=name, variants=tuple(variants))
+    chosen, problems = _active_value(active, {v.name for v in variants})
+    return Route(name=name, variants=tuple(variants), active=chosen, active_key=active.key,
+                 active_since=active.create_index, problems=tuple(problems))
+
+
+def _active_value(entry: KVEntry, variants: set[str]) -> tuple[str | None, list[Problem]]:
+    try:
+        text = entry.value.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return "?", [Problem(entry.key, "value is not UTF-8 text naming a variant")]
+    if not text:
+        return None, []
+    if not NAME_RE.fullmatch(text):
+        return text, [Problem(entry.key, f"{text[:80]!r} is not a variant name ([a-z0-9][a-z0-9_.-]{{0,62}})")]
+    if text not in variants:
+        known = ", ".join(sorted(variants)) or "none"
+        return text, [Problem(entry.key, f"names variant {text!r}, which does not exist (variants: {known})")]
+    return text, []

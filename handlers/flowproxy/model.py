@@ -1,0 +1,92 @@
+"""Immutable values passed between the pure stages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class KVEntry:
+    key: str
+    value: bytes
+    create_index: int = 0
+    modify_index: int = 0
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One validation failure, always tied to the KV key (and field) it came from."""
+
+    key: str
+    message: str
+    field: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.field}: {self.message}" if self.field else f"{self.key}: {self.message}"
+
+
+@dataclass(frozen=True)
+class Intent:
+    service: str
+    paths: tuple[str, ...] = ()
+    domains: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    path_type: str = "prefix"
+    balance: str = "roundrobin"
+    check: bool = True
+    template: str | None = None
+
+
+@dataclass(frozen=True)
+class Variant:
+    route: str
+    name: str
+    key: str
+    intent: Intent | None
+    problems: tuple[Problem, ...] = ()
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str
+    variants: tuple[Variant, ...]
+    active: str | None = None
+    active_key: str = ""
+    # Conflicts go to the route that has been active longest; the active key's CreateIndex says which,
+    # identically on every node, and survives blue-green flips (they update the key, not recreate it).
+    active_since: int = 0
+    problems: tuple[Problem, ...] = ()
+
+    def variant(self, name: str) -> Variant | None:
+        return next((v for v in self.variants if v.name == name), None)
+
+    def serving_intent(self) -> Variant | None:
+        """The active variant when it exists and is valid; None otherwise."""
+        if self.active is None or self.problems:
+            return None
+        found = self.variant(self.active)
+        return found if found is not None and found.intent is not None else None
+
+
+@dataclass(frozen=True)
+class Instance:
+    address: str
+    port: int
+    service_id: str = ""
+    node: str = ""
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Desired:
+    """Everything the KV prefix says, parsed: routes, custom templates and keys outside the contract."""
+
+    prefix: str
+    routes: tuple[Route, ...]
+    templates: dict[str, str] = field(default_factory=dict)
+    stray: tuple[Problem, ...] = ()
+    index: int = 0
+
+    def active_services(self) -> tuple[str, ...]:
+        names = {v.intent.service for r in self.routes if (v := r.serving_intent()) and v.intent}
+        return tuple(sorted(names))

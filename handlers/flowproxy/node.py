@@ -1,0 +1,188 @@
+"""`flowproxy node up`: a complete proxy node (Consul agent + HAProxy master-worker) as child processes.
+
+`--dev` runs the agent as a single bootstrapped server with a data folder rather than `consul -dev`:
+field notes say -dev agents without a data_dir drop API-registered services on `consul reload`, and the
+handler reloads the agent whenever the set of routed services changes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from flowproxy import release
+from flowproxy.errors import FlowproxyError, UsageError
+from flowproxy.settings import Settings
+from flowproxy.watches import prefix_watch
+
+log = logging.getLogger(__name__)
+REPO_CONSUL_D = Path(__file__).resolve().parents[2] / "consul.d"
+DEFAULT_PREFIX = "flowproxy/"
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    settings: Settings
+    bind: str = "127.0.0.1"
+    http_port: int = 8500
+    serf_port: int = 8301
+    server_port: int = 8300
+    join: tuple[str, ...] = ()
+    dev: bool = False
+    consul_bin: str = "consul"
+    consul_d: Path = REPO_CONSUL_D
+
+
+@dataclass
+class Node:
+    """The child processes of one proxy node; `stop()` ends everything `start()` began."""
+
+    spec: NodeSpec
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    logs: dict[str, IO[bytes]] = field(default_factory=dict)
+
+    @property
+    def settings(self) -> Settings:
+        return self.spec.settings
+
+    def env(self) -> dict[str, str]:
+        # The agent passes its environment to watch handlers: put this interpreter's `flowproxy` on PATH.
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        return {**os.environ, **self.settings.env(), "PATH": path}
+
+    def start(self) -> None:
+        for binary in (self.settings.haproxy_bin, self.spec.consul_bin):
+            if shutil.which(binary) is None:
+                raise UsageError(f"{binary} is not installed or not on PATH; run `bash .ci/install`")
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        (self.settings.data_dir / "logs").mkdir(exist_ok=True)
+        ensure_bootstrap_config(self.settings)
+        self.start_haproxy()
+        self.start_consul()
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        logfile = open(self.settings.data_dir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - lives with the child
+        self.logs[name] = logfile
+        # A session of its own: a terminal's Ctrl-C reaches only us, and we stop children in order.
+        self.procs[name] = subprocess.Popen(argv, env=self.env(), stdout=logfile, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=True)
+        log.info("started %s (pid %s): %s", name, self.procs[name].pid, " ".join(argv))
+
+    def start_haproxy(self) -> None:
+        s = self.settings
+        s.master_socket.unlink(missing_ok=True)
+        self._spawn("haproxy", [s.haproxy_bin, "-W", "-S", f"{s.master_socket},mode,600",
+                                "-f", str(s.current / "haproxy.cfg")])
+        wait_for(lambda: s.master_socket.exists(), 10, "HAProxy master socket")
+
+    def start_consul(self) -> None:
+        self._spawn("consul", consul_argv(self.spec))
+
+    def http_addr(self) -> str:
+        return f"{self.spec.bind}:{self.spec.http_port}"
+
+    def wait_consul(self, timeout: float = 30) -> None:
+        url = f"http://{self.http_addr()}/v1/status/leader"
+        wait_for(lambda: _http_ok(url, want_body=True), timeout, f"Consul agent at {self.http_addr()} with a leader")
+
+    def supervise(self, poll: float = 0.5) -> None:
+        """Restart HAProxy (with the last good config) or the agent when either dies; return on signal."""
+        stop = {"now": False}
+
+        def on_signal(_sig: int, _frame: object) -> None:
+            stop["now"] = True
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        while not stop["now"]:
+            for name, proc in list(self.procs.items()):
+                if proc.poll() is not None:
+                    log.error("%s exited with %s; restarting it (see %s/logs/%s.log)", name, proc.returncode,
+                              self.settings.data_dir, name)
+                    if name == "haproxy":
+                        self.start_haproxy()
+                    else:
+                        self.start_consul()
+            time.sleep(poll)
+
+    def stop(self) -> None:
+        # Agent first (a graceful leave), then HAProxy with a soft stop (SIGUSR1 lets connections finish).
+        for name, sig in (("consul", signal.SIGINT), ("haproxy", signal.SIGUSR1)):
+            proc = self.procs.pop(name, None)
+            if proc is None or proc.poll() is not None:
+                continue
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for logfile in self.logs.values():
+            logfile.close()
+        self.logs.clear()
+
+
+def consul_argv(spec: NodeSpec) -> list[str]:
+    s = spec.settings
+    ports = {"http": spec.http_port, "serf_lan": spec.serf_port, "serf_wan": -1, "server": spec.server_port,
+             "dns": -1, "grpc": -1}
+    agent_file = s.data_dir / "consul-agent.json"
+    agent_file.write_text(json.dumps({"ports": ports, "performance": {"raft_multiplier": 1},
+                                      "disable_update_check": True}, indent=2))
+    s.watch_dir.mkdir(parents=True, exist_ok=True)
+    argv = [spec.consul_bin, "agent", "-node", s.node, "-data-dir", str(s.data_dir / "consul"),
+            "-bind", spec.bind, "-advertise", spec.bind, "-client", spec.bind,
+            "-config-file", str(agent_file), "-config-dir", str(s.watch_dir)]
+    if s.prefix == DEFAULT_PREFIX:
+        argv += ["-config-dir", str(spec.consul_d)]
+    else:
+        # The shipped consul.d watches the default prefix; another prefix gets its own watch file.
+        (s.watch_dir / "flowproxy-prefix.json").write_text(prefix_watch(s.prefix))
+    if spec.dev:
+        argv += ["-server", "-bootstrap-expect", "1"]
+    for addr in spec.join:
+        argv += ["-retry-join", addr]
+    return argv
+
+
+def ensure_bootstrap_config(settings: Settings) -> None:
+    """Give HAProxy a valid config to start with: the last good one, else an empty route table."""
+    if release.read_bundle(settings.current) is not None:
+        return
+    from flowproxy.apply import build
+    from flowproxy.haproxy import check_config
+    from flowproxy.model import Desired
+
+    bundle, _ = build(settings, Desired(prefix=settings.prefix, routes=()), {})
+    folder = release.stage(settings.haproxy_dir, bundle)
+    check_config(settings.haproxy_bin, folder / "haproxy.cfg", settings.haproxy_env())
+    release.activate(settings.current, folder)
+
+
+def wait_for(ready: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ready():
+            return
+        time.sleep(0.05)
+    raise FlowproxyError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def _http_ok(url: str, want_body: bool = False) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            body = resp.read()
+            return resp.status == 200 and (not want_body or body.strip() not in (b"", b'""'))
+    except OSError:
+        return False

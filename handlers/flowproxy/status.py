@@ -1,0 +1,37 @@
+"""Build the JSON document a node writes to <prefix>status/<node>. Pure."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flowproxy import __version__
+from flowproxy.plan import Plan
+
+
+def route_states(plan: Plan) -> dict[str, dict[str, Any]]:
+    return {
+        s.route: {"state": s.state, "variant": s.variant, "reasons": list(s.reasons),
+                  "instances": s.instances, "notes": list(s.notes)}
+        for s in plan.states
+    }
+
+
+def applied_doc(node: str, kv_index: int, config_sha256: str, bundle_sha256: str, plan: Plan) -> dict[str, Any]:
+    return {
+        "node": node,
+        "version": __version__,
+        "ok": True,
+        "kv_index": kv_index,
+        "config_sha256": config_sha256,
+        "bundle_sha256": bundle_sha256,
+        "routes": route_states(plan),
+        "problems": [str(p) for p in plan.stray],
+        "last_error": None,
+    }
+
+
+def failed_doc(previous: dict[str, Any], node: str, error: str) -> dict[str, Any]:
+    """Keep what still serves (index, hash, routes of the last good apply) and say why the new one failed."""
+    base = previous or {"node": node, "version": __version__, "kv_index": 0, "config_sha256": None,
+                        "bundle_sha256": None, "routes": {}, "problems": []}
+    return base | {"ok": False, "last_error": error}
