@@ -21,13 +21,14 @@ class IdentityHandler(BaseHTTPRequestHandler):
             body = (json.dumps(doc, sort_keys=True) + "\n").encode()
             status = 200
         self.send_response(status)
-        self.send_header("Content-Type", "application/json" if status == 200 and self.path != "/health" else "text/plain")
+        json_body = status == 200 and self.path != "/health"
+        self.send_header("Content-Type", "application/json" if json_body else "text/plain")
         self.send_header("Content-Length", str(len(body)))
         self.send_header("X-Instance", self.server.name)
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the stdlib's signature
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
 

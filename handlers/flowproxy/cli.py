@@ -25,7 +25,7 @@ from flowproxy.settings import Settings
 @click.option("--data-dir", envvar="FLOWPROXY_DATA_DIR", type=click.Path(path_type=Path), default=None,
               help="This node's data folder (env FLOWPROXY_DATA_DIR).")
 @click.pass_context
-def cli(ctx: click.Context, consul_addr: str, token: str | None, prefix: str, node: str | None,
+def cli(ctx: click.Context, /, *, consul_addr: str, token: str | None, prefix: str, node: str | None,
         data_dir: Path | None) -> None:
     """On-demand HAProxy reconfiguration where Consul KV is the whole API."""
     ctx.obj = Settings.from_env(consul_addr=consul_addr, consul_token=token, prefix=prefix, node=node,

@@ -28,7 +28,7 @@ def node_options(fn: click.decorators.FC) -> click.decorators.FC:
     return fn
 
 
-def make_spec(settings: Settings, bind: str, http_bind: str, consul_http_port: int, serf_port: int,
+def make_spec(settings: Settings, *, bind: str, http_bind: str, consul_http_port: int, serf_port: int,
               server_port: int, consul_bin: str, join: tuple[str, ...], dev: bool) -> NodeSpec:
     settings = dataclasses.replace(settings, http_bind=http_bind, consul_addr=f"{bind}:{consul_http_port}")
     return NodeSpec(settings=settings, bind=bind, http_port=consul_http_port, serf_port=serf_port,
@@ -45,7 +45,7 @@ def node() -> None:
 @click.option("--join", multiple=True, help="Serf address of an existing Consul agent to join (repeatable).")
 @click.option("--dev", is_flag=True, help="Run the agent as a one-node Consul server (no cluster needed).")
 @click.pass_context
-def up(ctx: click.Context, join: tuple[str, ...], dev: bool, **opts: str | int) -> None:
+def up(ctx: click.Context, /, *, join: tuple[str, ...], dev: bool, **opts: str | int) -> None:
     """Start Consul agent + HAProxy for this node; Ctrl-C stops both."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not dev and not join:
@@ -67,7 +67,7 @@ def up(ctx: click.Context, join: tuple[str, ...], dev: bool, **opts: str | int) 
 @click.option("--keep-running/--no-keep-running", default=True, show_default=True,
               help="Stay up after the walkthrough until Ctrl-C.")
 @click.pass_context
-def demo(ctx: click.Context, keep_running: bool, **opts: str | int) -> None:
+def demo(ctx: click.Context, /, *, keep_running: bool, **opts: str | int) -> None:
     """A local node with demo services, then the walkthrough, step by step."""
     from flowproxy.demo import run_demo
 

@@ -37,7 +37,7 @@ def route() -> None:
 @click.option("--template", default=None, help="Custom template name for this route's backend.")
 @click.option("--activate", is_flag=True, help="Also make this variant the serving one, in the same write.")
 @click.pass_context
-def put(ctx: click.Context, name: str, variant: str, service: str, paths: tuple[str, ...],
+def put(ctx: click.Context, /, *, name: str, variant: str, service: str, paths: tuple[str, ...],
         domains: tuple[str, ...], tags: tuple[str, ...], path_type: str, balance: str, no_check: bool,
         template: str | None, activate: bool) -> None:
     """Stage (and optionally activate) the intent routes/NAME/VARIANT."""

@@ -35,7 +35,7 @@ def fetch(url: str, host: str | None = None, timeout: float = 5) -> Reply:
         return Reply(exc.code, exc.read().decode(errors="replace"), exc.headers.get("X-Instance", ""))
 
 
-def register_instance(store: ConsulStore, service: str, instance_id: str, port: int, tags: tuple[str, ...] = (),
+def register_instance(store: ConsulStore, service: str, instance_id: str, port: int, *, tags: tuple[str, ...] = (),
                       address: str = "127.0.0.1", check_interval: str = "1s") -> None:
     """Register like an agent service definition would: with an HTTP check on the instance's /health."""
     store.register_service({

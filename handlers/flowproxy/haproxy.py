@@ -36,7 +36,7 @@ def parse_show_proc(text: str) -> ProcInfo:
     master = MASTER_RE.search(text)
     if master is None:
         raise HAProxyError(f"unexpected `show proc` answer from the master socket: {text[:200]!r}")
-    current = text.split("# old workers")[0]
+    current = text.split("# old workers", maxsplit=1)[0]
     workers = tuple(int(pid) for pid, reloads in WORKER_RE.findall(current) if reloads == "0")
     return ProcInfo(int(master.group(1)), int(master.group(2)), int(master.group(3)), workers)
 

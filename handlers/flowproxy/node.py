@@ -84,7 +84,7 @@ class Node:
         s.master_socket.unlink(missing_ok=True)
         self._spawn("haproxy", [s.haproxy_bin, "-W", "-S", f"{s.master_socket},mode,600",
                                 "-f", str(s.current / "haproxy.cfg")])
-        wait_for(lambda: s.master_socket.exists(), 10, "HAProxy master socket")
+        wait_for(s.master_socket.exists, 10, "HAProxy master socket")
 
     def start_consul(self) -> None:
         self._spawn("consul", consul_argv(self.spec))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,10 +151,9 @@ def render_maps(claims: tuple[Claim, ...]) -> dict[str, str]:
     for c in claims:
         scope = "host" if c.host else "path"
         kind = {"exact": "exact", "prefix": "beg", "regex": "reg"}[c.path_type]
-        if c.path_type == "regex":
-            key = host_regex(c.host, c.path) if c.host else c.path
-        else:
-            key = c.host + c.path
+        key = c.host + c.path
+        if c.path_type == "regex" and c.host:
+            key = host_regex(c.host, c.path)
         rows[f"{scope}_{kind}"].append((key, c.backend))
     out = {}
     for name, entries in rows.items():

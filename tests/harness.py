@@ -1,0 +1,144 @@
+"""Real processes for integration tests: free loopback ports, HAProxy, Consul-backed proxy nodes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+
+from flowproxy import release
+from flowproxy.consul_io import ConsulStore
+from flowproxy.demo import Reply, fetch
+from flowproxy.node import Node, NodeSpec, wait_for
+from flowproxy.render import Bundle
+from flowproxy.settings import Settings
+
+
+def need(binary: str) -> str:
+    """The binary's path; under CI a missing real part fails the run instead of skipping."""
+    path = shutil.which(binary)
+    if path is None:
+        message = f"{binary} is not installed (run `bash .ci/install`)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def node_spec(data_dir: Path, name: str, *, dev: bool, join: tuple[str, ...] = ()) -> NodeSpec:
+    http_port = free_port()
+    settings = Settings(node=name, data_dir=data_dir, consul_addr=f"127.0.0.1:{http_port}",
+                        http_bind=f"127.0.0.1:{free_port()}").checked()
+    return NodeSpec(settings=settings, http_port=http_port, serf_port=free_port(), server_port=free_port(),
+                    join=join, dev=dev)
+
+
+@dataclass
+class ProxyNode:
+    """A running proxy node (Consul agent + HAProxy) and the ways a test talks to it."""
+
+    node: Node
+
+    @property
+    def settings(self) -> Settings:
+        return self.node.settings
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.settings.http_bind}"
+
+    @property
+    def serf(self) -> str:
+        return f"127.0.0.1:{self.node.spec.serf_port}"
+
+    def store(self) -> ConsulStore:
+        return ConsulStore(self.node.http_addr())
+
+    def get(self, path: str, host: str | None = None) -> Reply:
+        return fetch(self.url + path, host)
+
+    def config(self) -> bytes:
+        return (self.settings.current / "haproxy.cfg").read_bytes()
+
+    def wait(self, check: Callable[[], bool], what: str, timeout: float = 20) -> None:
+        wait_for(check, timeout, what)
+
+    def wait_reply(self, path: str, status: int, host: str | None = None, timeout: float = 20) -> Reply:
+        seen: list[Reply] = []
+
+        def ok() -> bool:
+            seen[:] = [self.get(path, host)]
+            return seen[0].status == status
+
+        try:
+            wait_for(ok, timeout, f"{path} to answer {status}")
+        except Exception:
+            raise AssertionError(f"{path} (Host {host}) never answered {status}; last: {seen}") from None
+        return seen[0]
+
+    def stop(self) -> None:
+        self.node.stop()
+
+
+def start_node(spec: NodeSpec) -> ProxyNode:
+    need("consul")
+    need("haproxy")
+    node = Node(spec)
+    try:
+        node.start()
+        node.wait_consul()
+    except BaseException:
+        node.stop()
+        raise
+    return ProxyNode(node)
+
+
+def serve_bundle(data_dir: Path, bundle: Bundle) -> tuple[Node, str]:
+    """HAProxy alone, serving a rendered bundle; returns the node (for stop()) and the proxy URL."""
+    need("haproxy")
+    settings = Settings(node="solo", data_dir=data_dir, http_bind=f"127.0.0.1:{free_port()}").checked()
+    release.activate(settings.current, release.stage(settings.haproxy_dir, bundle))
+    node = Node(replace(NodeSpec(settings=settings)))
+    node.settings.data_dir.joinpath("logs").mkdir(parents=True, exist_ok=True)
+    node.start_haproxy()
+    return node, f"http://{settings.http_bind}"
+
+
+def status_of(proxy: ProxyNode) -> dict[str, object]:
+    import json
+
+    entry = proxy.store().get(proxy.settings.status_key)
+    return json.loads(entry.value) if entry else {}
+
+
+def wait_applied(proxy: ProxyNode, timeout: float = 20) -> dict[str, object]:
+    """Wait until the node's status reports a KV index at least as new as every write made so far."""
+    index, _ = proxy.store().read_prefix(proxy.settings.prefix + "routes/")
+    seen: list[dict[str, object]] = []
+
+    def applied() -> bool:
+        seen[:] = [status_of(proxy)]
+        return int(str(seen[0].get("kv_index", 0))) >= index
+
+    wait_for(applied, timeout, f"{proxy.settings.node} to apply KV index {index}")
+    return seen[0]
+
+
+def reset(proxy: ProxyNode, service_ids: list[str]) -> None:
+    """Remove what a test wrote: its routes, templates and service registrations."""
+    store = proxy.store()
+    for folder in ("routes/", "templates/"):
+        store.delete(proxy.settings.prefix + folder, recurse=True)
+    for service_id in service_ids:
+        store.client.agent.service.deregister(service_id)

@@ -1,0 +1,54 @@
+"""Routing precedence through a real HAProxy: the map-based table picks the most specific route."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from flowproxy.backend import IdentityServer
+from flowproxy.demo import fetch
+from flowproxy.kv import desired_from_kv
+from flowproxy.model import Instance
+from flowproxy.plan import make_plan
+from flowproxy.render import Templates, render
+from flowproxy.settings import REPO_TEMPLATES
+from tests.harness import serve_bundle
+from tests.scenarios import PRECEDENCE, PRECEDENCE_EXPECT, P, routes
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    servers = {route: IdentityServer(route).start() for route in PRECEDENCE}
+    health = {str(intent["service"]): [Instance("127.0.0.1", servers[route].port)]
+              for route, intent in PRECEDENCE.items()}
+    desired = desired_from_kv(P, routes(PRECEDENCE))
+    bundle, plan = render(make_plan(desired, health), Templates(REPO_TEMPLATES))
+    assert all(s.state == "serving" for s in plan.states)
+    node, url = serve_bundle(Path(tmp_path_factory.mktemp("routing")), bundle)
+    yield url
+    node.stop()
+    for server in servers.values():
+        server.stop()
+
+
+@pytest.mark.parametrize(("host", "path", "route"), [c[1:] for c in PRECEDENCE_EXPECT],
+                         ids=[c[0] for c in PRECEDENCE_EXPECT])
+def test_most_specific_route_answers(proxy: str, host: str, path: str, route: str | None) -> None:
+    reply = fetch(proxy + path, host)
+    if route is None:
+        assert reply.status == 404 and "no route" in reply.body
+    else:
+        assert (reply.status, reply.instance) == (200, route)
+
+
+def test_backend_without_instances_answers_503(tmp_path: Path, backends: Callable[[str], IdentityServer]) -> None:
+    desired = desired_from_kv(P, routes({"empty": {"service": "nobody", "paths": ["/e"]}}))
+    bundle, _ = render(make_plan(desired, {}), Templates(REPO_TEMPLATES))
+    node, url = serve_bundle(tmp_path, bundle)
+    try:
+        assert fetch(url + "/e").status == 503
+        assert fetch(url + "/other").status == 404
+    finally:
+        node.stop()

@@ -1,0 +1,72 @@
+"""desired_from_kv: the KV layout of contract v1."""
+
+from __future__ import annotations
+
+import pytest
+
+from flowproxy.kv import desired_from_kv
+from flowproxy.model import KVEntry
+
+P = "flowproxy/"
+GOOD = b'{"service": "go-demo", "paths": ["/demo"]}'
+
+
+def kv(*pairs: tuple[str, bytes]) -> list[KVEntry]:
+    return [KVEntry(P + k, v, create_index=i + 1, modify_index=i + 1) for i, (k, v) in enumerate(pairs)]
+
+
+ACTIVE_CASES = [
+    ("absent", [("routes/r/live", GOOD)], None, []),
+    ("empty", [("routes/r/live", GOOD), ("routes/r/active", b"")], None, []),
+    ("whitespace-trimmed", [("routes/r/live", GOOD), ("routes/r/active", b" live\n")], "live", []),
+    ("missing-variant", [("routes/r/live", GOOD), ("routes/r/active", b"green")], "green",
+     ["flowproxy/routes/r/active: names variant 'green', which does not exist (variants: live)"]),
+    ("junk", [("routes/r/live", GOOD), ("routes/r/active", b"live; drop")], "live; drop",
+     ["flowproxy/routes/r/active: 'live; drop' is not a variant name"]),
+    ("not-utf8", [("routes/r/live", GOOD), ("routes/r/active", b"\xff")], "?",
+     ["flowproxy/routes/r/active: value is not UTF-8"]),
+]
+
+
+@pytest.mark.parametrize(("pairs", "active", "problems"), [c[1:] for c in ACTIVE_CASES],
+                         ids=[c[0] for c in ACTIVE_CASES])
+def test_active_key(pairs: list[tuple[str, bytes]], active: str | None, problems: list[str]) -> None:
+    (route,) = desired_from_kv(P, kv(*pairs)).routes
+    assert route.active == active
+    got = [str(p) for p in route.problems]
+    assert len(got) == len(problems) and all(g.startswith(w) for g, w in zip(got, problems, strict=True))
+
+
+STRAY = [
+    ("top-level", "junk", "key is outside the flowproxy KV contract"),
+    ("route-without-variant", "routes/r", "key is outside the flowproxy KV contract"),
+    ("too-deep", "routes/r/v/x", "key is outside the flowproxy KV contract"),
+    ("bad-route-name", "routes/Bad Name/v", "route and variant names must match"),
+    ("bad-variant-name", "routes/r/V1", "route and variant names must match"),
+    ("bad-template-name", "templates/../x", "key is outside"),
+    ("status-too-deep", "status/a/b", "key is outside"),
+]
+
+
+@pytest.mark.parametrize(("key", "message"), [c[1:] for c in STRAY], ids=[c[0] for c in STRAY])
+def test_keys_outside_the_contract_are_reported_not_used(key: str, message: str) -> None:
+    desired = desired_from_kv(P, kv((key, b"1"), ("routes/ok/live", GOOD), ("routes/ok/active", b"live")))
+    assert [r.name for r in desired.routes] == ["ok"]
+    (problem,) = desired.stray
+    assert problem.key == P + key and problem.message.startswith(message)
+
+
+def test_status_folders_and_templates_are_not_routes() -> None:
+    desired = desired_from_kv(P, kv(("status/node-1", b"{}"), ("", b""), ("routes/", b""),
+                                    ("templates/t1", b"backend {{ backend.name }}")))
+    assert desired.routes == () and desired.stray == ()
+    assert desired.templates == {"t1": "backend {{ backend.name }}"}
+
+
+def test_active_services_only_counts_valid_active_intents() -> None:
+    desired = desired_from_kv(P, kv(
+        ("routes/a/live", GOOD), ("routes/a/active", b"live"),
+        ("routes/b/live", b'{"service": "other", "paths": ["/b"]}'),  # staged, not active
+        ("routes/c/live", b'{"service": "broken"}'), ("routes/c/active", b"live"),  # invalid
+    ))
+    assert desired.active_services() == ("go-demo",)

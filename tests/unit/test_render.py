@@ -1,0 +1,79 @@
+"""The renderer against golden files, and the guards on custom templates.
+
+Regenerate the golden files after an intended change: FLOWPROXY_UPDATE_GOLDEN=1 pytest tests/unit/test_render.py
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from flowproxy.kv import desired_from_kv
+from flowproxy.plan import make_plan
+from flowproxy.render import Templates, render
+from flowproxy.settings import REPO_TEMPLATES
+from tests.scenarios import CUSTOM_TEMPLATE, P, SCENARIOS, routes
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+
+
+def render_scenario(name: str) -> dict[str, bytes]:
+    entries, health = SCENARIOS[name]
+    desired = desired_from_kv(P, entries)
+    bundle, _ = render(make_plan(desired, health), Templates(REPO_TEMPLATES, desired.templates))
+    return dict(bundle.files)
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_golden(name: str) -> None:
+    files = render_scenario(name)
+    folder = GOLDEN / name
+    if os.environ.get("FLOWPROXY_UPDATE_GOLDEN") == "1":
+        for rel, data in files.items():
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            (folder / rel).write_bytes(data)
+    expected = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    assert files == expected
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_render_is_deterministic_whatever_the_input_order(name: str) -> None:
+    entries, health = SCENARIOS[name]
+    shuffled_health = {k: v[::-1] for k, v in reversed(list(health.items()))}
+    desired = desired_from_kv(P, entries[::-1])
+    bundle, _ = render(make_plan(desired, shuffled_health), Templates(REPO_TEMPLATES, desired.templates))
+    assert dict(bundle.files) == render_scenario(name)
+
+
+BAD_TEMPLATES = [
+    ("undefined-variable", "backend {{ backend.name }}\n  server a {{ nothing }}\n", "is undefined"),
+    ("syntax-error", "backend {{ backend.name \n", "template:"),
+    ("other-section", "backend {{ backend.name }}\nfrontend evil\n  bind :81\n", "opens another section"),
+    ("wrong-backend", "backend other\n", "must start with 'backend api:live'"),
+    ("crlf-injection", 'backend {{ backend.name }}{{ "\\r" }}\n    {{ "\\x00" }}\n', "CR or NUL"),
+    ("sandbox-escape", "backend {{ backend.name }}\n# {{ ''.__class__.__mro__ }}\n", "unsafe"),
+    ("missing", None, "is in neither KV templates/missing"),
+]
+
+
+@pytest.mark.parametrize(("body", "message"), [c[1:] for c in BAD_TEMPLATES], ids=[c[0] for c in BAD_TEMPLATES])
+def test_bad_template_rejects_only_its_route(body: str | None, message: str) -> None:
+    name = "missing" if body is None else "t"
+    entries = routes({"api": {"service": "s1", "paths": ["/api"], "template": name},
+                      "web": {"service": "s1", "paths": ["/web"]}}, {} if body is None else {"t": body})
+    desired = desired_from_kv(P, entries)
+    bundle, plan = render(make_plan(desired, {}), Templates(REPO_TEMPLATES, desired.templates))
+    states = {s.route: s for s in plan.states}
+    assert states["web"].state == "serving"
+    assert states["api"].state == "rejected"
+    assert states["api"].reasons[0].startswith(f"{P}routes/api/live: template:")
+    assert message in states["api"].reasons[0]
+    assert b"backend api:live" not in bundle.config and b"api:live" not in b"".join(bundle.files.values())
+
+
+def test_kv_template_receives_the_default_data() -> None:
+    files = render_scenario("templates")
+    assert b"http-response set-header X-Custom kv-tpl" in files["haproxy.cfg"]
+    assert CUSTOM_TEMPLATE  # the scenario's template, rendered above
