@@ -97,7 +97,7 @@ def start_node(spec: NodeSpec) -> ProxyNode:
     node = Node(spec)
     try:
         node.start()
-        node.wait_consul()
+        node.arm_watches()
     except BaseException:
         node.stop()
         raise

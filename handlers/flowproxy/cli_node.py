@@ -54,7 +54,7 @@ def up(ctx: click.Context, /, *, join: tuple[str, ...], dev: bool, **opts: str |
     running = Node(spec)
     try:
         running.start()
-        running.wait_consul()
+        running.arm_watches()
         click.echo(f"node {spec.settings.node} up: proxy http://{spec.settings.http_bind}  "
                    f"consul http://{running.http_addr()}  data {spec.settings.data_dir}  (Ctrl-C stops)")
         running.supervise()

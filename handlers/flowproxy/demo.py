@@ -114,7 +114,7 @@ def run_demo(spec: NodeSpec, keep_running: bool) -> None:
     backends: list[subprocess.Popen[str]] = []
     try:
         node.start()
-        node.wait_consul()
+        node.arm_watches()
         ports = []
         for i in range(1, 4):
             proc, port = start_backend(f"go-demo-{i}")
