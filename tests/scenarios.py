@@ -66,7 +66,8 @@ CUSTOM_TEMPLATE = "backend {{ backend.name }}\n    http-response set-header X-Cu
 SCENARIOS: dict[str, tuple[list[KVEntry], dict[str, list[Instance]]]] = {
     "empty": ([], {}),
     "walkthrough": (routes({"go-demo": {"service": "go-demo", "paths": ["/demo/hello", "/demo/person"]}}),
-                    {"go-demo": [Instance("10.0.0.3", 31002), Instance("10.0.0.1", 31000), Instance("10.0.0.2", 31001)]}),
+                    {"go-demo": [Instance("10.0.0.3", 31002), Instance("10.0.0.1", 31000),
+                                 Instance("10.0.0.2", 31001)]}),
     "precedence": (routes(PRECEDENCE), PRECEDENCE_HEALTH),
     "options": (routes({"api": {"service": "api", "paths": ["/api"], "balance": "leastconn", "check": False},
                         "down": {"service": "nobody", "paths": ["/down"]}}),

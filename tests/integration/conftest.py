@@ -31,3 +31,11 @@ def instances(proxy: ProxyNode, backends: Callable[[str], IdentityServer]) -> It
 
     yield add
     reset(proxy, ids)
+
+
+@pytest.fixture(autouse=True)
+def clean_kv(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Tests on the shared node start from an empty route table."""
+    yield
+    if "proxy" in request.fixturenames:
+        reset(request.getfixturevalue("proxy"), [])

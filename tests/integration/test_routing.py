@@ -19,7 +19,7 @@ from tests.scenarios import PRECEDENCE, PRECEDENCE_EXPECT, P, routes
 
 
 @pytest.fixture(scope="module")
-def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def proxy_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     servers = {route: IdentityServer(route).start() for route in PRECEDENCE}
     health = {str(intent["service"]): [Instance("127.0.0.1", servers[route].port)]
               for route, intent in PRECEDENCE.items()}
@@ -35,8 +35,8 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.mark.parametrize(("host", "path", "route"), [c[1:] for c in PRECEDENCE_EXPECT],
                          ids=[c[0] for c in PRECEDENCE_EXPECT])
-def test_most_specific_route_answers(proxy: str, host: str, path: str, route: str | None) -> None:
-    reply = fetch(proxy + path, host)
+def test_most_specific_route_answers(proxy_url: str, host: str, path: str, route: str | None) -> None:
+    reply = fetch(proxy_url + path, host)
     if route is None:
         assert reply.status == 404 and "no route" in reply.body
     else:

@@ -80,7 +80,8 @@ def test_step6_domains_exact_and_wildcard(proxy: ProxyNode, instances: Callable[
     assert proxy.get("/demo/hello").status == 404  # Host is the proxy's own address
 
 
-def test_step7_deactivate_keeps_variants_then_remove(proxy: ProxyNode, instances: Callable[..., IdentityServer]) -> None:
+def test_step7_deactivate_keeps_variants_then_remove(
+        proxy: ProxyNode, instances: Callable[..., IdentityServer]) -> None:
     instances("go-demo", "go-demo-1")
     put(proxy, "routes/go-demo/live", INTENT)
     put(proxy, "routes/go-demo/active", "live")

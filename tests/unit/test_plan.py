@@ -23,7 +23,8 @@ def desired(routes: dict[str, tuple[int, dict[str, object]]]) -> list[KVEntry]:
 
 
 def test_conflict_goes_to_the_oldest_active_key_whatever_the_names() -> None:
-    entries = desired({"aaa": (20, {"service": "s", "paths": ["/x"]}), "zzz": (10, {"service": "s", "paths": ["/x"]})})
+    same: dict[str, object] = {"service": "s", "paths": ["/x"]}
+    entries = desired({"aaa": (20, same), "zzz": (10, same)})
     plan = make_plan(desired_from_kv(P, entries), {})
     states = {s.route: s for s in plan.states}
     assert states["zzz"].state == "serving"
@@ -33,7 +34,8 @@ def test_conflict_goes_to_the_oldest_active_key_whatever_the_names() -> None:
 
 
 def test_conflict_outcome_does_not_depend_on_entry_order() -> None:
-    entries = desired({"a": (5, {"service": "s", "domains": ["x.io"]}), "b": (7, {"service": "s", "domains": ["x.io"]})})
+    same: dict[str, object] = {"service": "s", "domains": ["x.io"]}
+    entries = desired({"a": (5, same), "b": (7, same)})
     assert make_plan(desired_from_kv(P, entries), {}) == make_plan(desired_from_kv(P, entries[::-1]), {})
 
 

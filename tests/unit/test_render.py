@@ -14,7 +14,7 @@ from flowproxy.kv import desired_from_kv
 from flowproxy.plan import make_plan
 from flowproxy.render import Templates, render
 from flowproxy.settings import REPO_TEMPLATES
-from tests.scenarios import CUSTOM_TEMPLATE, P, SCENARIOS, routes
+from tests.scenarios import CUSTOM_TEMPLATE, SCENARIOS, P, routes
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 
