@@ -71,6 +71,11 @@ class ProxyNode:
     def config(self) -> bytes:
         return (self.settings.current / "haproxy.cfg").read_bytes()
 
+    def public_routes(self) -> str:
+        """What the public listener routes on: every map file except the preview ones."""
+        maps = sorted((self.settings.current / "maps").glob("*.map"))
+        return "".join(p.read_text() for p in maps if not p.name.startswith("preview_"))
+
     def wait(self, check: Callable[[], bool], what: str, timeout: float = 20) -> None:
         wait_for(check, timeout, what)
 
@@ -104,10 +109,11 @@ def start_node(spec: NodeSpec) -> ProxyNode:
     return ProxyNode(node)
 
 
-def serve_bundle(data_dir: Path, bundle: Bundle) -> tuple[Node, str]:
+def serve_bundle(data_dir: Path, bundle: Bundle, preview: str | None = None) -> tuple[Node, str]:
     """HAProxy alone, serving a rendered bundle; returns the node (for stop()) and the proxy URL."""
     need("haproxy")
-    settings = Settings(node="solo", data_dir=data_dir, http_bind=f"127.0.0.1:{free_port()}").checked()
+    settings = Settings(node="solo", data_dir=data_dir, http_bind=f"127.0.0.1:{free_port()}",
+                        preview_bind=preview).checked()
     release.activate(settings.current, release.stage(settings.haproxy_dir, bundle))
     node = Node(replace(NodeSpec(settings=settings)))
     node.settings.data_dir.joinpath("logs").mkdir(parents=True, exist_ok=True)

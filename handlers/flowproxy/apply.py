@@ -43,7 +43,7 @@ def gather(settings: Settings, store: ConsulStore) -> tuple[Desired, dict[str, l
     """Read everything the render depends on from Consul. Any failed read raises: never render on less."""
     index, entries = store.read_prefix(settings.prefix)
     desired = desired_from_kv(settings.prefix, entries, index)
-    health = {service: store.healthy(service) for service in desired.active_services()}
+    health = {service: store.healthy(service) for service in desired.services()}
     fingerprint = runstate.kv_fingerprint(settings.prefix, [(e.key, e.value) for e in entries])
     return desired, health, fingerprint
 
@@ -83,7 +83,7 @@ def converge(settings: Settings) -> Outcome:
         bundle, plan = build(settings, desired, health)
         started = time.monotonic()
         reloaded = deploy(settings, bundle)
-        watches.sync(settings.watch_dir, store, desired.active_services())
+        watches.sync(settings.watch_dir, store, desired.services())
     except FlowproxyError as exc:
         _publish_failure(settings, store, str(exc))
         raise

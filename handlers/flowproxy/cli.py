@@ -77,15 +77,21 @@ def render(ctx: click.Context, maps: bool) -> None:
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
     """Show every proxy node: applied index, config hash, rejected routes."""
+    import dataclasses
+
     from flowproxy.apply import store_for
-    from flowproxy.fleet import fleet_report, read_statuses
+    from flowproxy.fleet import fleet_report, fleet_view, latest_index, read_statuses
+    from flowproxy.selfcheck import SERVICE
 
     settings = settings_of(ctx)
-    docs = read_statuses(store_for(settings), settings.prefix)
+    store = store_for(settings)
+    docs = read_statuses(store, settings.prefix)
+    latest = latest_index(store, settings.prefix)
+    rows = fleet_view(docs, store.service_health(SERVICE), latest)
     if as_json:
-        echo_json(docs)
+        echo_json({"latest_index": latest, "nodes": [dataclasses.asdict(r) for r in rows], "status": docs})
         return
-    click.echo(fleet_report(docs), nl=False)
+    click.echo(fleet_report(rows, docs, latest), nl=False)
 
 
 def main() -> None:

@@ -18,6 +18,8 @@ def node_options(fn: click.decorators.FC) -> click.decorators.FC:
         click.option("--bind", default="127.0.0.1", show_default=True, help="Address the Consul agent binds."),
         click.option("--http", "http_bind", envvar="FLOWPROXY_HTTP_BIND", default="127.0.0.1:8080",
                      show_default=True, help="Where HAProxy listens for users (address:port)."),
+        click.option("--preview", "preview_bind", envvar="FLOWPROXY_PREVIEW_BIND", default=None,
+                     help="Open the preview listener here (address:port); off: a unix socket in the data folder."),
         click.option("--consul-http-port", default=8500, show_default=True, type=int),
         click.option("--serf-port", default=8301, show_default=True, type=int),
         click.option("--server-port", default=8300, show_default=True, type=int),
@@ -28,9 +30,10 @@ def node_options(fn: click.decorators.FC) -> click.decorators.FC:
     return fn
 
 
-def make_spec(settings: Settings, *, bind: str, http_bind: str, consul_http_port: int, serf_port: int,
-              server_port: int, consul_bin: str, join: tuple[str, ...], dev: bool) -> NodeSpec:
-    settings = dataclasses.replace(settings, http_bind=http_bind, consul_addr=f"{bind}:{consul_http_port}")
+def make_spec(settings: Settings, *, bind: str, http_bind: str, preview_bind: str | None, consul_http_port: int,
+              serf_port: int, server_port: int, consul_bin: str, join: tuple[str, ...], dev: bool) -> NodeSpec:
+    settings = dataclasses.replace(settings, http_bind=http_bind, preview_bind=preview_bind,
+                                   consul_addr=f"{bind}:{consul_http_port}")
     return NodeSpec(settings=settings, bind=bind, http_port=consul_http_port, serf_port=serf_port,
                     server_port=server_port, join=join, dev=dev, consul_bin=consul_bin)
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
@@ -11,6 +12,32 @@ from flowproxy.errors import IntentRejected, UsageError
 from flowproxy.intent import BALANCES, NAME_RE, PATH_TYPES, intent_to_json, parse_intent
 from flowproxy.kv import desired_from_kv
 from flowproxy.model import Intent
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def wait_options(fn: F) -> F:
+    fn = click.option("--timeout", default=30.0, show_default=True, help="Seconds --wait may take.")(fn)
+    return click.option("--wait", is_flag=True, help="Return only when every passing proxy node applied it.")(fn)
+
+
+def settle(ctx: click.Context, index: int, wait: bool, timeout: float) -> None:
+    """With --wait: block until every passing node applied `index`, with a progress line meanwhile."""
+    if not wait:
+        return
+    from flowproxy.apply import store_for
+    from flowproxy.fleet import wait_converged
+
+    shown: set[str] = set()
+
+    def progress(line: str) -> None:
+        if line not in shown:
+            shown.add(line)
+            click.echo(line, err=True)
+
+    settings = settings_of(ctx)
+    wait_converged(store_for(settings), settings.prefix, index, timeout, progress)
+    click.echo(f"every passing proxy node applied KV index {index}")
 
 
 def _name(value: str, what: str) -> str:
@@ -36,10 +63,11 @@ def route() -> None:
 @click.option("--no-check", is_flag=True, help="No HAProxy health checks on top of Consul's.")
 @click.option("--template", default=None, help="Custom template name for this route's backend.")
 @click.option("--activate", is_flag=True, help="Also make this variant the serving one, in the same write.")
+@wait_options
 @click.pass_context
 def put(ctx: click.Context, /, *, name: str, variant: str, service: str, paths: tuple[str, ...],
         domains: tuple[str, ...], tags: tuple[str, ...], path_type: str, balance: str, no_check: bool,
-        template: str | None, activate: bool) -> None:
+        template: str | None, activate: bool, wait: bool, timeout: float) -> None:
     """Stage (and optionally activate) the intent routes/NAME/VARIANT."""
     from flowproxy.apply import store_for
 
@@ -61,13 +89,16 @@ def put(ctx: click.Context, /, *, name: str, variant: str, service: str, paths: 
         ops.append(("cas", active_key, variant.encode(), current.modify_index if current else 0))
     store.txn(ops)
     click.echo(f"{key} = {body}" + ("  (active)" if activate else ""))
+    written = store.get(key)
+    settle(ctx, written.modify_index if written else 0, wait, timeout)
 
 
 @route.command("activate")
 @click.argument("name")
 @click.argument("variant")
+@wait_options
 @click.pass_context
-def activate(ctx: click.Context, name: str, variant: str) -> None:
+def activate(ctx: click.Context, /, *, name: str, variant: str, wait: bool, timeout: float) -> None:
     """Make VARIANT the serving variant of route NAME (one CAS write)."""
     from flowproxy.apply import store_for
 
@@ -83,12 +114,15 @@ def activate(ctx: click.Context, name: str, variant: str) -> None:
     current = store.get(base + "active")
     store.put(base + "active", variant, cas=current.modify_index if current else 0)
     click.echo(f"{base}active = {variant}")
+    written = store.get(base + "active")
+    settle(ctx, written.modify_index if written else 0, wait, timeout)
 
 
 @route.command("deactivate")
 @click.argument("name")
+@wait_options
 @click.pass_context
-def deactivate(ctx: click.Context, name: str) -> None:
+def deactivate(ctx: click.Context, /, *, name: str, wait: bool, timeout: float) -> None:
     """Switch route NAME off; its variants stay in KV."""
     from flowproxy.apply import store_for
 
@@ -101,19 +135,23 @@ def deactivate(ctx: click.Context, name: str) -> None:
         return
     store.delete(key, cas=current.modify_index)
     click.echo(f"deleted {key}")
+    settle(ctx, store.read_prefix(key)[0], wait, timeout)  # the delete's tombstone index
 
 
 @route.command("remove")
 @click.argument("name")
+@wait_options
 @click.pass_context
-def remove(ctx: click.Context, name: str) -> None:
+def remove(ctx: click.Context, /, *, name: str, wait: bool, timeout: float) -> None:
     """Delete route NAME with all its variants."""
     from flowproxy.apply import store_for
 
     settings = settings_of(ctx)
     key = f"{settings.prefix}routes/{_name(name, 'route')}/"
-    store_for(settings).delete(key, recurse=True)
+    store = store_for(settings)
+    store.delete(key, recurse=True)
     click.echo(f"deleted {key}")
+    settle(ctx, store.read_prefix(key)[0], wait, timeout)
 
 
 @route.command("list")

@@ -83,6 +83,25 @@ class ConsulStore:
                                 lambda: self.client.health.service(service, passing=True))
         return [_instance(e) for e in entries]
 
+    def service_health(self, service: str) -> dict[str, tuple[str, dict[str, str]]]:
+        """Every instance of a service, passing or not: node name -> (worst check status, service meta)."""
+        _, entries = self._call(f"to list instances of {service}", lambda: self.client.health.service(service))
+        rank = {"passing": 0, "warning": 1, "critical": 2}
+        out: dict[str, tuple[str, dict[str, str]]] = {}
+        for e in entries:
+            statuses = [c.get("Status", "critical") for c in e.get("Checks") or []]
+            worst = max(statuses or ["critical"], key=lambda s: rank.get(s, 2))
+            out[str((e.get("Node") or {}).get("Node", ""))] = (worst, dict((e.get("Service") or {}).get("Meta") or {}))
+        return out
+
+    def update_check(self, check_id: str, status: str, output: str) -> None:
+        self._call(f"to update check {check_id}", lambda: self.client.http.put(
+            consul.base.CB.bool(), f"/v1/agent/check/update/{check_id}", params=self._token_params(),
+            data=json.dumps({"Status": status, "Output": output[:4000]})))
+
+    def deregister_service(self, service_id: str) -> None:
+        self._call(f"to deregister {service_id}", lambda: self.client.agent.service.deregister(service_id))
+
     def reload_agent(self) -> None:
         self._call("to reload the agent", lambda: self.client.http.put(
             consul.base.CB.bool(), "/v1/agent/reload", params=self._token_params()))

@@ -25,9 +25,10 @@ class Reply:
     instance: str
 
 
-def fetch(url: str, host: str | None = None, timeout: float = 5) -> Reply:
+def fetch(url: str, host: str | None = None, timeout: float = 5, variant: str | None = None) -> Reply:
     """One real HTTP request; error statuses are answers too."""
-    req = urllib.request.Request(url, headers={"Host": host} if host else {})
+    headers = ({"Host": host} if host else {}) | ({"X-Flowproxy-Variant": variant} if variant else {})
+    req = urllib.request.Request(url, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return Reply(resp.status, resp.read().decode(), resp.headers.get("X-Instance", ""))

@@ -1,40 +1,81 @@
-"""Read and summarise the status keys every proxy node writes."""
+"""The fleet as Consul sees it: every node's status key and health check, and waiting for convergence."""
 
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from flowproxy.consul_io import ConsulStore
+from flowproxy.errors import NotConverged
+from flowproxy.selfcheck import SERVICE
+
+
+@dataclass(frozen=True)
+class NodeView:
+    node: str
+    health: str  # passing | warning | critical | unregistered
+    kv_index: int
+    config_sha256: str | None
+    ok: bool
+    last_error: str | None
+    time: str
+    current: bool  # has applied the latest routes/templates write
+    same: bool  # config equal to most nodes'
 
 
 def read_statuses(store: ConsulStore, prefix: str) -> dict[str, dict[str, Any]]:
     _, entries = store.read_prefix(prefix + "status/")
     docs: dict[str, dict[str, Any]] = {}
     for entry in entries:
-        node = entry.key.rsplit("/", 1)[-1]
         try:
             doc = json.loads(entry.value)
         except ValueError:
             doc = {"ok": False, "last_error": "status key is not JSON"}
-        docs[node] = doc if isinstance(doc, dict) else {"ok": False, "last_error": "status is not an object"}
+        docs[entry.key.rsplit("/", 1)[-1]] = doc if isinstance(doc, dict) else {"ok": False}
     return docs
 
 
-def fleet_report(docs: dict[str, dict[str, Any]]) -> str:
+def latest_index(store: ConsulStore, prefix: str) -> int:
+    """The index of the newest write that a node's config depends on (routes/ and templates/)."""
+    found = [store.read_prefix(prefix + folder) for folder in ("routes/", "templates/")]
+    # An empty folder answers with the whole KV table's index (status writes included): not ours.
+    return max([index for index, entries in found if entries] or [0])
+
+
+def fleet_view(docs: dict[str, dict[str, Any]], health: dict[str, tuple[str, dict[str, str]]],
+               latest: int) -> list[NodeView]:
+    """Pure: one row per node known from a status key or from the catalog."""
+    names = sorted(set(docs) | {meta.get("node", n) for n, (_, meta) in health.items()})
+    by_node = {meta.get("node", n): status for n, (status, meta) in health.items()}
+    hashes = Counter(d.get("config_sha256") for d in docs.values() if d.get("config_sha256"))
+    common = hashes.most_common(1)[0][0] if hashes else None
+    rows = []
+    for name in names:
+        d = docs.get(name, {})
+        rows.append(NodeView(
+            node=name, health=by_node.get(name, "unregistered"), kv_index=int(d.get("kv_index") or 0),
+            config_sha256=d.get("config_sha256"), ok=bool(d.get("ok")), last_error=d.get("last_error"),
+            time=str(d.get("time", "-")), current=int(d.get("kv_index") or 0) >= latest,
+            same=d.get("config_sha256") == common))
+    return rows
+
+
+def fleet_report(rows: list[NodeView], docs: dict[str, dict[str, Any]], latest: int) -> str:
     """A table of nodes, then every rejected route with its reasons. Pure."""
-    if not docs:
-        return "no proxy node has reported yet (no status keys)\n"
-    hashes = Counter(d.get("config_sha256") for d in docs.values())
-    common = hashes.most_common(1)[0][0]
-    lines = [f"{'NODE':<20} {'OK':<4} {'KV INDEX':>9}  {'CONFIG':<12} {'SAME':<5} {'UPDATED':<20} LAST ERROR"]
-    for node in sorted(docs):
-        d = docs[node]
-        sha = str(d.get("config_sha256") or "-")[:12]
-        same = "yes" if d.get("config_sha256") == common else "NO"
-        lines.append(f"{node:<20} {'yes' if d.get('ok') else 'NO':<4} {d.get('kv_index', '-'):>9}  {sha:<12} "
-                     f"{same:<5} {d.get('time', '-'):<20} {d.get('last_error') or ''}")
+    if not rows:
+        return "no proxy node has reported yet (no status keys, no `flowproxy` service)\n"
+    converged = all(r.current and r.same and r.ok for r in rows if r.health == "passing")
+    lines = [f"latest write: KV index {latest}; fleet {'converged' if converged else 'NOT converged'}",
+             f"{'NODE':<18} {'HEALTH':<12} {'APPLIED':>8} {'STATE':<7} {'CONFIG':<12} {'SAME':<5} "
+             f"{'UPDATED':<20} ERROR"]
+    for r in rows:
+        state = "current" if r.current else "STALE"
+        lines.append(f"{r.node:<18} {r.health:<12} {r.kv_index:>8} {state:<7} {str(r.config_sha256 or '-')[:12]:<12} "
+                     f"{'yes' if r.same else 'NO':<5} {r.time:<20} {r.last_error or ''}")
     rejected = sorted({(route, reason) for d in docs.values()
                        for route, st in (d.get("routes") or {}).items() if st.get("state") == "rejected"
                        for reason in st.get("reasons", [])})
@@ -44,3 +85,31 @@ def fleet_report(docs: dict[str, dict[str, Any]]) -> str:
     if problems:
         lines += ["", "ignored keys:"] + [f"  {p}" for p in problems]
     return "\n".join(lines) + "\n"
+
+
+def behind(store: ConsulStore, prefix: str, index: int) -> list[str]:
+    """Passing nodes that have not applied `index` yet, each with what it last reported."""
+    docs = read_statuses(store, prefix)
+    out = []
+    for node, (status, meta) in sorted(store.service_health(SERVICE).items()):
+        name = meta.get("node", node)
+        doc = docs.get(name, {})
+        applied = int(doc.get("kv_index") or 0)
+        if status == "passing" and applied < index:
+            error = f", last error: {doc['last_error']}" if doc.get("last_error") else ""
+            out.append(f"{name} (applied {applied}{error})")
+    return out
+
+
+def wait_converged(store: ConsulStore, prefix: str, index: int, timeout: float,
+                   progress: Callable[[str], None]) -> None:
+    """Return when every passing proxy node has applied `index`; raise NotConverged naming the others."""
+    deadline = time.monotonic() + timeout
+    while True:
+        waiting = behind(store, prefix, index)
+        if not waiting:
+            return
+        if time.monotonic() >= deadline:
+            raise NotConverged(f"not applied within {timeout:.0f}s (KV index {index}): {'; '.join(waiting)}")
+        progress(f"waiting for {len(waiting)} node(s) to apply KV index {index}: {', '.join(waiting)}")
+        time.sleep(0.2)

@@ -87,6 +87,7 @@ class Desired:
     stray: tuple[Problem, ...] = ()
     index: int = 0
 
-    def active_services(self) -> tuple[str, ...]:
-        names = {v.intent.service for r in self.routes if (v := r.serving_intent()) and v.intent}
+    def services(self) -> tuple[str, ...]:
+        """Services named by any valid intent, active or staged: previews and flips need them warm."""
+        names = {v.intent.service for r in self.routes for v in r.variants if v.intent is not None}
         return tuple(sorted(names))

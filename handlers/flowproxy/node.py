@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from flowproxy import release
+from flowproxy import release, selfcheck
+from flowproxy.consul_io import ConsulStore
 from flowproxy.errors import FlowproxyError, UsageError
 from flowproxy.settings import Settings
 from flowproxy.watches import prefix_watch
@@ -65,7 +66,10 @@ class Node:
         for binary in (self.settings.haproxy_bin, self.spec.consul_bin):
             if shutil.which(binary) is None:
                 raise UsageError(f"{binary} is not installed or not on PATH; run `bash .ci/install`")
-        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (self.settings.data_dir, self.settings.haproxy_dir):
+            # Sockets (master, stats, the preview listener when off) live here: owner only.
+            folder.mkdir(parents=True, exist_ok=True)
+            folder.chmod(0o700)
         (self.settings.data_dir / "logs").mkdir(exist_ok=True)
         ensure_bootstrap_config(self.settings)
         self.start_haproxy()
@@ -79,9 +83,20 @@ class Node:
         """
         self.wait_consul(timeout)
         install_watches(self.spec)
-        from flowproxy.consul_io import ConsulStore
+        store = self.store()
+        store.reload_agent()
+        selfcheck.register(store, self.settings)
+        self.beat()
 
-        ConsulStore(self.http_addr(), self.settings.consul_token).reload_agent()
+    def store(self) -> ConsulStore:
+        return ConsulStore(self.http_addr(), self.settings.consul_token)
+
+    def beat(self) -> None:
+        """Refresh this node's TTL check; an unreachable agent is logged, never fatal."""
+        try:
+            selfcheck.beat(self.store(), self.settings)
+        except FlowproxyError as exc:
+            log.warning("could not update this node's health check: %s", exc)
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         logfile = open(self.settings.data_dir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - lives with the child
@@ -108,7 +123,7 @@ class Node:
         url = f"http://{self.http_addr()}/v1/status/leader"
         wait_for(lambda: _http_ok(url, want_body=True), timeout, f"Consul agent at {self.http_addr()} with a leader")
 
-    def supervise(self, poll: float = 0.5) -> None:
+    def supervise(self, poll: float = 2.0) -> None:
         """Restart HAProxy (with the last good config) or the agent when either dies; return on signal."""
         stop = {"now": False}
 
@@ -118,6 +133,7 @@ class Node:
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
         while not stop["now"]:
+            self.beat()
             for name, proc in list(self.procs.items()):
                 if proc.poll() is not None:
                     log.error("%s exited with %s; restarting it (see %s/logs/%s.log)", name, proc.returncode,
@@ -129,7 +145,13 @@ class Node:
             time.sleep(poll)
 
     def stop(self) -> None:
-        # Agent first (a graceful leave), then HAProxy with a soft stop (SIGUSR1 lets connections finish).
+        # Leave the catalog, then stop the agent (a graceful leave), then HAProxy with a soft stop (SIGUSR1
+        # lets connections finish).
+        if "consul" in self.procs and self.procs["consul"].poll() is None:
+            try:
+                self.store().deregister_service(selfcheck.service_id(self.settings))
+            except FlowproxyError as exc:
+                log.warning("could not deregister this node: %s", exc)
         for name, sig in (("consul", signal.SIGINT), ("haproxy", signal.SIGUSR1)):
             proc = self.procs.pop(name, None)
             if proc is None or proc.poll() is not None:

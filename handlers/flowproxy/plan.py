@@ -41,12 +41,20 @@ class Backend:
 
 @dataclass(frozen=True)
 class Claim:
-    """One (host, path) a backend answers for. host "" = any host; "*.x.y" = one-label wildcard."""
+    """One (host, path) a backend answers for. host "" = any host; "*.x.y" = one-label wildcard.
+
+    `variant` is set on preview claims only: they answer requests that name the variant in a header.
+    """
 
     host: str
     path_type: str
     path: str
     backend: str
+    variant: str = ""
+
+    @property
+    def slot(self) -> tuple[str, str, str, str]:
+        return (self.variant, self.host, self.path_type, self.path)
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,7 @@ class Plan:
     claims: tuple[Claim, ...]
     states: tuple[RouteState, ...]
     stray: tuple[Problem, ...] = ()
+    preview: tuple[Claim, ...] = ()
 
 
 def backend_name(route: str, variant: str) -> str:
@@ -72,12 +81,12 @@ def backend_name(route: str, variant: str) -> str:
     return f"{route}:{variant}"
 
 
-def claims_for(intent: Intent, backend: str) -> list[Claim]:
+def claims_for(intent: Intent, backend: str, variant: str = "") -> list[Claim]:
     if not intent.domains:
-        return [Claim("", intent.path_type, p, backend) for p in intent.paths]
+        return [Claim("", intent.path_type, p, backend, variant) for p in intent.paths]
     paths = intent.paths or ("/",)
     path_type = intent.path_type if intent.paths else "prefix"
-    return [Claim(d, path_type, p, backend) for d in intent.domains for p in paths]
+    return [Claim(d, path_type, p, backend, variant) for d in intent.domains for p in paths]
 
 
 def select_servers(intent: Intent, instances: list[Instance]) -> tuple[tuple[Server, ...], list[str]]:
@@ -105,35 +114,44 @@ def _address_ok(address: str) -> bool:
 
 
 def make_plan(desired: Desired, health: Mapping[str, list[Instance]]) -> Plan:
-    backends: list[Backend] = []
-    claims: dict[tuple[str, str, str], Claim] = {}
+    """Every valid variant gets a backend (warm for previews and flips); only active ones get public claims."""
+    backends: dict[str, Backend] = {}
+    notes: dict[str, list[str]] = {}
+    for route in desired.routes:
+        for v in route.variants:
+            if v.intent is not None:
+                servers, notes[v.key] = select_servers(v.intent, health.get(v.intent.service, []))
+                name = backend_name(route.name, v.name)
+                backends[name] = Backend(name, route.name, v.name, v.key, v.intent, servers)
+    claims: dict[tuple[str, str, str, str], Claim] = {}
+    preview: dict[tuple[str, str, str, str], Claim] = {}
     owners: dict[str, str] = {}
     states: dict[str, RouteState] = {}
     for route in sorted(desired.routes, key=lambda r: (r.active_since, r.name)):
+        for b in (b for b in backends.values() if b.route == route.name):
+            for c in claims_for(b.intent, b.name, b.variant):
+                preview.setdefault(c.slot, c)  # same variant name, same slot: the older route keeps it
         state = _inactive_state(route)
         if state is not None:
             states[route.name] = state
             continue
         chosen = route.serving_intent()
         assert chosen is not None and chosen.intent is not None
-        name = backend_name(route.name, chosen.name)
-        mine = claims_for(chosen.intent, name)
-        clashes = sorted({owners[c.backend] for c in claims.values() for m in mine
-                          if (c.host, c.path_type, c.path) == (m.host, m.path_type, m.path)})
+        mine = claims_for(chosen.intent, backend_name(route.name, chosen.name))
+        clashes = sorted({owners[claims[m.slot].backend] for m in mine if m.slot in claims})
         if clashes:
             states[route.name] = _conflict_state(route, chosen.name, clashes, desired.prefix)
             continue
-        servers, notes = select_servers(chosen.intent, health.get(chosen.intent.service, []))
-        backends.append(Backend(name, route.name, chosen.name, chosen.key, chosen.intent, servers))
-        for c in mine:
-            claims[(c.host, c.path_type, c.path)] = c
-        owners[name] = route.name
-        states[route.name] = RouteState(route.name, "serving", chosen.name, (), len(servers), tuple(notes))
+        claims.update((c.slot, c) for c in mine)
+        owners[backend_name(route.name, chosen.name)] = route.name
+        count = len(backends[backend_name(route.name, chosen.name)].servers)
+        states[route.name] = RouteState(route.name, "serving", chosen.name, (), count, tuple(notes[chosen.key]))
     return Plan(
-        backends=tuple(sorted(backends, key=lambda b: b.name)),
-        claims=tuple(sorted(claims.values(), key=lambda c: (c.host, c.path_type, c.path))),
+        backends=tuple(backends[k] for k in sorted(backends)),
+        claims=tuple(sorted(claims.values(), key=lambda c: c.slot)),
         states=tuple(states[k] for k in sorted(states)),
         stray=desired.stray,
+        preview=tuple(sorted(preview.values(), key=lambda c: c.slot)),
     )
 
 

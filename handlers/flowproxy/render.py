@@ -17,9 +17,10 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from flowproxy import __version__
-from flowproxy.plan import Backend, Claim, Plan, RouteState
+from flowproxy.plan import Backend, Claim, Plan, RouteState, backend_name
 
-MAP_FILES = ("host_exact", "host_reg", "host_beg", "path_exact", "path_reg", "path_beg")
+PUBLIC_MAPS = ("host_exact", "host_reg", "host_beg", "path_exact", "path_reg", "path_beg")
+MAP_FILES = PUBLIC_MAPS + tuple(f"preview_{name}" for name in PUBLIC_MAPS)
 SECTION_KEYWORDS = frozenset({"global", "defaults", "frontend", "listen", "backend", "peers", "resolvers",
                               "userlist", "program", "cache", "ring", "http-errors", "mailers", "crt-store"})
 
@@ -75,10 +76,10 @@ def render(plan: Plan, templates: Templates) -> tuple[Bundle, Plan]:
         try:
             fragments.append(render_backend(env, backend, templates))
         except (jinja2.TemplateError, ValueError) as exc:
-            failed[backend.route] = f"{backend.key}: template: {exc}"
+            failed[backend.name] = f"{backend.key}: template: {exc}"
     if failed:
         plan = _drop_failed(plan, failed)
-    maps = render_maps(plan.claims)
+    maps = render_maps(plan.claims) | render_maps(plan.preview, "preview_")
     cfg = env.get_template("haproxy.cfg.j2").render(
         version=__version__, fragments=fragments, maps={name: f"maps/{name}.map" for name in MAP_FILES})
     files = {"haproxy.cfg": cfg.encode()} | {f"maps/{n}.map": body.encode() for n, body in maps.items()}
@@ -128,33 +129,41 @@ def check_fragment(text: str, name: str) -> None:
 
 
 def _drop_failed(plan: Plan, failed: Mapping[str, str]) -> Plan:
-    kept = tuple(b for b in plan.backends if b.route not in failed)
-    names = {b.name for b in kept}
-    states = tuple(
-        RouteState(s.route, "rejected", s.variant, (failed[s.route],)) if s.route in failed else s
-        for s in plan.states
+    """Remove backends whose template failed; a route whose serving backend failed is rejected."""
+    def state(s: RouteState) -> RouteState:
+        name = backend_name(s.route, s.variant or "")
+        if s.state == "serving" and name in failed:
+            return RouteState(s.route, "rejected", s.variant, (failed[name],))
+        return s
+
+    return dataclasses.replace(
+        plan,
+        backends=tuple(b for b in plan.backends if b.name not in failed),
+        claims=tuple(c for c in plan.claims if c.backend not in failed),
+        preview=tuple(c for c in plan.preview if c.backend not in failed),
+        states=tuple(state(s) for s in plan.states),
     )
-    claims = tuple(c for c in plan.claims if c.backend in names)
-    return dataclasses.replace(plan, backends=kept, claims=claims, states=states)
 
 
-def host_regex(host: str, path_regex: str) -> str:
-    """A regex over host+path: the literal host, then the path regex (a leading ^ anchors at the path)."""
-    literal = "".join(f"[{ch}]" if ch in ".*" else ch for ch in host)
+def key_regex(literal_prefix: str, path_regex: str) -> str:
+    """A regex over prefix+path: the literal prefix, then the path regex (a leading ^ anchors at the path)."""
+    literal = "".join(f"[{ch}]" if ch in ".*~" else ch for ch in literal_prefix)
     if path_regex.startswith("^"):
         return f"^{literal}(?:{path_regex[1:]})"
     return f"^{literal}(?=/).*?(?:{path_regex})"
 
 
-def render_maps(claims: tuple[Claim, ...]) -> dict[str, str]:
-    rows: dict[str, list[tuple[str, str]]] = {name: [] for name in MAP_FILES}
+def render_maps(claims: tuple[Claim, ...], prefix: str = "") -> dict[str, str]:
+    """Map files keyed host+path (or path); preview keys start with `<variant>~` (no name holds a `~`)."""
+    rows: dict[str, list[tuple[str, str]]] = {prefix + name: [] for name in PUBLIC_MAPS}
     for c in claims:
         scope = "host" if c.host else "path"
         kind = {"exact": "exact", "prefix": "beg", "regex": "reg"}[c.path_type]
-        key = c.host + c.path
-        if c.path_type == "regex" and c.host:
-            key = host_regex(c.host, c.path)
-        rows[f"{scope}_{kind}"].append((key, c.backend))
+        literal = f"{c.variant}~{c.host}" if c.variant else c.host
+        key = literal + c.path
+        if c.path_type == "regex" and literal:
+            key = key_regex(literal, c.path)
+        rows[f"{prefix}{scope}_{kind}"].append((key, c.backend))
     out = {}
     for name, entries in rows.items():
         # map_reg takes the first match in file order: longer (more specific) patterns first.

@@ -26,6 +26,7 @@ class Settings:
     consul_addr: str = "127.0.0.1:8500"
     consul_token: str | None = None
     http_bind: str = "127.0.0.1:8080"
+    preview_bind: str | None = None
     haproxy_bin: str = "haproxy"
     templates: Path = REPO_TEMPLATES
 
@@ -39,6 +40,7 @@ class Settings:
             "consul_addr": env.get("CONSUL_HTTP_ADDR", "127.0.0.1:8500"),
             "consul_token": env.get("CONSUL_HTTP_TOKEN") or None,
             "http_bind": env.get("FLOWPROXY_HTTP_BIND", "127.0.0.1:8080"),
+            "preview_bind": env.get("FLOWPROXY_PREVIEW_BIND") or None,
             "haproxy_bin": env.get("FLOWPROXY_HAPROXY", "haproxy"),
             "templates": Path(env.get("FLOWPROXY_TEMPLATES", str(REPO_TEMPLATES))),
         }
@@ -69,10 +71,15 @@ class Settings:
         }
         if self.consul_token:
             out["CONSUL_HTTP_TOKEN"] = self.consul_token
+        if self.preview_bind:
+            out["FLOWPROXY_PREVIEW_BIND"] = self.preview_bind
         return out | self.haproxy_env()
 
     def haproxy_env(self) -> dict[str, str]:
-        return {"FP_HTTP_BIND": self.http_bind, "FP_STATS_SOCKET": str(self.stats_socket)}
+        # Preview off: the listener still exists (the config is the same on every node) but only as a
+        # unix socket inside the node's own 0700 folder.
+        preview = self.preview_bind or f"unix@{self.haproxy_dir / 'preview.sock'}"
+        return {"FP_HTTP_BIND": self.http_bind, "FP_PREVIEW_BIND": preview, "FP_STATS_SOCKET": str(self.stats_socket)}
 
     @property
     def haproxy_dir(self) -> Path:

@@ -10,11 +10,11 @@ import pytest
 from flowproxy.backend import IdentityServer
 from flowproxy.demo import fetch
 from flowproxy.kv import desired_from_kv
-from flowproxy.model import Instance
+from flowproxy.model import Instance, KVEntry
 from flowproxy.plan import make_plan
 from flowproxy.render import Templates, render
 from flowproxy.settings import REPO_TEMPLATES
-from tests.harness import serve_bundle
+from tests.harness import free_port, serve_bundle
 from tests.scenarios import PRECEDENCE, PRECEDENCE_EXPECT, P, routes
 
 
@@ -50,5 +50,30 @@ def test_backend_without_instances_answers_503(tmp_path: Path, backends: Callabl
     try:
         assert fetch(url + "/e").status == 503
         assert fetch(url + "/other").status == 404
+    finally:
+        node.stop()
+
+
+def test_preview_listener_selects_any_variant_and_public_never_does(
+        tmp_path: Path, backends: Callable[[str], IdentityServer]) -> None:
+    blue, green = backends("blue-1"), backends("green-1")
+    entries = [
+        KVEntry(f"{P}routes/go-demo/blue", b'{"service": "go-demo", "tags": ["blue"], "paths": ["/demo"]}', 1, 1),
+        KVEntry(f"{P}routes/go-demo/green", b'{"service": "go-demo", "tags": ["green"], "paths": ["/demo"]}', 2, 2),
+        KVEntry(f"{P}routes/go-demo/active", b"blue", 3, 3),
+    ]
+    health = {"go-demo": [Instance("127.0.0.1", blue.port, tags=("blue",)),
+                          Instance("127.0.0.1", green.port, tags=("green",))]}
+    bundle, _ = render(make_plan(desired_from_kv(P, entries), health), Templates(REPO_TEMPLATES))
+    preview_port = free_port()
+    node, url = serve_bundle(tmp_path, bundle, preview=f"127.0.0.1:{preview_port}")
+    preview = f"http://127.0.0.1:{preview_port}"
+    try:
+        assert fetch(preview + "/demo/x", variant="green").instance == "green-1"
+        assert fetch(preview + "/demo/x", variant="blue").instance == "blue-1"
+        assert fetch(preview + "/demo/x").instance == "blue-1"  # no header: like the public listener
+        assert fetch(preview + "/demo/x", variant="purple").status == 404  # never a silent fallback
+        assert fetch(url + "/demo/x", variant="green").instance == "blue-1"  # the public listener ignores it
+        assert all(fetch(url + "/demo/x", variant="green").instance == "blue-1" for _ in range(20))
     finally:
         node.stop()

@@ -63,10 +63,10 @@ def test_status_folders_and_templates_are_not_routes() -> None:
     assert desired.templates == {"t1": "backend {{ backend.name }}"}
 
 
-def test_active_services_only_counts_valid_active_intents() -> None:
+def test_services_counts_every_valid_intent_active_or_staged() -> None:
     desired = desired_from_kv(P, kv(
         ("routes/a/live", GOOD), ("routes/a/active", b"live"),
         ("routes/b/live", b'{"service": "other", "paths": ["/b"]}'),  # staged, not active
         ("routes/c/live", b'{"service": "broken"}'), ("routes/c/active", b"live"),  # invalid
     ))
-    assert desired.active_services() == ("go-demo",)
+    assert desired.services() == ("go-demo", "other")

@@ -1,0 +1,55 @@
+"""A proxy node in the catalog: service `flowproxy` with a TTL check its supervisor keeps fresh.
+
+The check passes only while HAProxy answers on the master socket and the last apply succeeded; if the
+supervisor itself dies, the TTL runs out and the node turns critical on its own.
+"""
+
+from __future__ import annotations
+
+from flowproxy import __version__, runstate
+from flowproxy.consul_io import ConsulStore
+from flowproxy.errors import HAProxyError
+from flowproxy.haproxy import MasterSocket
+from flowproxy.settings import Settings
+
+SERVICE = "flowproxy"
+TTL = "10s"
+
+
+def service_id(settings: Settings) -> str:
+    return f"flowproxy-{settings.node}"
+
+
+def check_id(settings: Settings) -> str:
+    return f"flowproxy-{settings.node}-health"
+
+
+def register(store: ConsulStore, settings: Settings) -> None:
+    host, _, port = settings.http_bind.rpartition(":")
+    store.register_service({
+        "Name": SERVICE, "ID": service_id(settings), "Address": host if host not in ("", "*", "0.0.0.0") else "",
+        "Port": int(port) if port.isdigit() else 0,
+        "Meta": {"node": settings.node, "version": __version__},
+        "Check": {"CheckID": check_id(settings), "Name": "HAProxy up and last apply ok", "TTL": TTL,
+                  "Status": "critical"},
+    })
+
+
+def health(settings: Settings) -> tuple[str, str]:
+    """(status, output) for the node's check, from HAProxy itself and the last apply's record."""
+    try:
+        info = MasterSocket(settings.master_socket, timeout=2).show_proc()
+    except HAProxyError as exc:
+        return "critical", f"HAProxy is down: {exc}"
+    if not info.workers:
+        return "critical", "HAProxy master runs but has no current worker"
+    last = runstate.load(settings.run_dir, "last-status.json")
+    if last and not last.get("ok", False):
+        return "critical", f"last apply failed: {last.get('last_error')}"
+    return "passing", f"HAProxy worker {info.workers[0]} serving config {str(last.get('config_sha256'))[:12]}"
+
+
+def beat(store: ConsulStore, settings: Settings) -> str:
+    status, output = health(settings)
+    store.update_check(check_id(settings), status, output)
+    return status
