@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -36,19 +37,32 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def node_spec(data_dir: Path, name: str, *, dev: bool, join: tuple[str, ...] = ()) -> NodeSpec:
+def node_spec(data_dir: Path, name: str, *, dev: bool, join: tuple[str, ...] = (), proxy: bool = True,
+              preview: bool = False) -> NodeSpec:
     http_port = free_port()
     settings = Settings(node=name, data_dir=data_dir, consul_addr=f"127.0.0.1:{http_port}",
-                        http_bind=f"127.0.0.1:{free_port()}").checked()
+                        http_bind=f"127.0.0.1:{free_port()}",
+                        preview_bind=f"127.0.0.1:{free_port()}" if preview else None).checked()
     return NodeSpec(settings=settings, http_port=http_port, serf_port=free_port(), server_port=free_port(),
-                    join=join, dev=dev)
+                    join=join, dev=dev, proxy=proxy)
 
 
 @dataclass
 class ProxyNode:
-    """A running proxy node (Consul agent + HAProxy) and the ways a test talks to it."""
+    """A running proxy node (Consul agent + HAProxy) and the ways a test talks to it.
+
+    A thread calls `tick()` every second, as `node up`'s supervisor does: health check, stranded applies.
+    """
 
     node: Node
+    ticking: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        def run() -> None:
+            while not self.ticking.wait(1.0):
+                self.node.tick()
+
+        threading.Thread(target=run, daemon=True, name=f"tick-{self.settings.node}").start()
 
     @property
     def settings(self) -> Settings:
@@ -93,12 +107,14 @@ class ProxyNode:
         return seen[0]
 
     def stop(self) -> None:
+        self.ticking.set()
         self.node.stop()
 
 
 def start_node(spec: NodeSpec) -> ProxyNode:
     need("consul")
-    need("haproxy")
+    if spec.proxy:
+        need("haproxy")
     node = Node(spec)
     try:
         node.start()

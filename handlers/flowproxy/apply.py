@@ -16,15 +16,13 @@ from flowproxy.consul_io import ConsulStore
 from flowproxy.errors import FlowproxyError, HAProxyError
 from flowproxy.haproxy import MasterSocket, check_config
 from flowproxy.kv import desired_from_kv
-from flowproxy.model import Desired, Instance
+from flowproxy.model import Desired, Instance, KVEntry
 from flowproxy.plan import Plan, make_plan
 from flowproxy.render import Bundle, Templates, render
 from flowproxy.settings import Settings
 from flowproxy.status import applied_doc, failed_doc
 
 log = logging.getLogger(__name__)
-LAST_APPLY = "last-apply.json"
-LAST_STATUS = "last-status.json"
 
 
 @dataclass(frozen=True)
@@ -39,9 +37,24 @@ def store_for(settings: Settings) -> ConsulStore:
     return ConsulStore(settings.consul_addr, settings.consul_token)
 
 
+def read_config_kv(store: ConsulStore, prefix: str) -> tuple[int, list[KVEntry]]:
+    """The keys a config depends on, and their index: the same on every node that reads the same state.
+
+    Consul indexes a subtree by its newest entry or tombstone, so status writes (elsewhere under the
+    prefix) do not move it; an empty subtree without tombstones answers with the whole table's index,
+    hence an empty templates/ is left out. Keys outside the contract come as names only, to be reported.
+    """
+    routes_index, routes = store.read_prefix(prefix + "routes/")
+    templates_index, templates = store.read_prefix(prefix + "templates/")
+    known = tuple(prefix + folder for folder in ("routes/", "templates/", "status/"))
+    others = [KVEntry(key, b"?") for key in store.keys(prefix) if not key.startswith(known) and key != prefix]
+    index = max([routes_index] + ([templates_index] if templates else []))
+    return index, routes + templates + others
+
+
 def gather(settings: Settings, store: ConsulStore) -> tuple[Desired, dict[str, list[Instance]], str]:
     """Read everything the render depends on from Consul. Any failed read raises: never render on less."""
-    index, entries = store.read_prefix(settings.prefix)
+    index, entries = read_config_kv(store, settings.prefix)
     desired = desired_from_kv(settings.prefix, entries, index)
     health = {service: store.healthy(service) for service in desired.services()}
     fingerprint = runstate.kv_fingerprint(settings.prefix, [(e.key, e.value) for e in entries])
@@ -75,7 +88,7 @@ def deploy(settings: Settings, bundle: Bundle) -> bool:
     return True
 
 
-def converge(settings: Settings) -> Outcome:
+def converge(settings: Settings, generation: int = 0) -> Outcome:
     """Apply Consul's current state to this node's HAProxy and publish the node's status."""
     store = store_for(settings)
     try:
@@ -97,22 +110,23 @@ def converge(settings: Settings) -> Outcome:
                  (time.monotonic() - started) * 1000)
     doc = applied_doc(settings.node, desired.index, bundle.config_sha256, bundle.digest, plan)
     _publish(settings, store, doc)
-    runstate.save(settings.run_dir, LAST_APPLY, {"fingerprint": fingerprint, "kv_index": desired.index})
+    runstate.save(settings.run_dir, runstate.LAST_APPLY,
+                  {"fingerprint": fingerprint, "kv_index": desired.index, "generation": generation})
     return Outcome(desired.index, bundle, plan, reloaded)
 
 
 def _publish(settings: Settings, store: ConsulStore, doc: dict[str, Any]) -> None:
     """Write the status key when its content changed; the timestamp alone never triggers a write."""
-    last = runstate.load(settings.run_dir, LAST_STATUS)
+    last = runstate.load(settings.run_dir, runstate.LAST_STATUS)
     if {k: v for k, v in last.items() if k != "time"} == doc:
         return
     stamped = doc | {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     store.put(settings.status_key, json.dumps(stamped, sort_keys=True))
-    runstate.save(settings.run_dir, LAST_STATUS, stamped)
+    runstate.save(settings.run_dir, runstate.LAST_STATUS, stamped)
 
 
 def _publish_failure(settings: Settings, store: ConsulStore, error: str) -> None:
-    last = runstate.load(settings.run_dir, LAST_STATUS)
+    last = runstate.load(settings.run_dir, runstate.LAST_STATUS)
     good = {k: v for k, v in last.items() if k not in ("time", "ok", "last_error")}
     try:
         _publish(settings, store, failed_doc(good, settings.node, error))

@@ -47,6 +47,10 @@ class ConsulStore:
         index, data = self._call(f"to list {prefix}", lambda: self.client.kv.get(prefix, recurse=True))
         return int(index), [_entry(d) for d in data or []]
 
+    def keys(self, prefix: str) -> list[str]:
+        _, data = self._call(f"to list keys of {prefix}", lambda: self.client.kv.get(prefix, keys=True))
+        return [str(k) for k in data or []]
+
     def get(self, key: str) -> KVEntry | None:
         _, data = self._call(f"to read {key}", lambda: self.client.kv.get(key))
         return _entry(data) if data else None

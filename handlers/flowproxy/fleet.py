@@ -40,10 +40,10 @@ def read_statuses(store: ConsulStore, prefix: str) -> dict[str, dict[str, Any]]:
 
 
 def latest_index(store: ConsulStore, prefix: str) -> int:
-    """The index of the newest write that a node's config depends on (routes/ and templates/)."""
-    found = [store.read_prefix(prefix + folder) for folder in ("routes/", "templates/")]
-    # An empty folder answers with the whole KV table's index (status writes included): not ours.
-    return max([index for index, entries in found if entries] or [0])
+    """The index of the newest write that a node's config depends on, as the nodes themselves compute it."""
+    from flowproxy.apply import read_config_kv
+
+    return read_config_kv(store, prefix)[0]
 
 
 def fleet_view(docs: dict[str, dict[str, Any]], health: dict[str, tuple[str, dict[str, str]]],

@@ -42,16 +42,18 @@ def handle(kind: str, payload: str, settings: Settings) -> int:
     first = coalesce.bump(settings.run_dir)
     skip = runstate.payload_fingerprint(settings.prefix, payload) if kind == "keyprefix" else None
 
-    def work(_generation: int) -> None:
+    def work(generation: int) -> None:
         nonlocal skip
-        last = runstate.load(settings.run_dir, "last-apply.json").get("fingerprint")
-        if skip is not None and skip == last:
+        last = runstate.load(settings.run_dir, runstate.LAST_APPLY)
+        if skip is not None and skip == last.get("fingerprint"):
             skip = None
-            return  # a status write or an unchanged payload: the applied config already reflects it
+            # A status write or an unchanged payload: the applied config already reflects it.
+            runstate.save(settings.run_dir, runstate.LAST_APPLY, last | {"generation": generation})
+            return
         skip = None
         from flowproxy.apply import converge  # the heavy imports start here
 
-        converge(settings)
+        converge(settings, generation)
 
     try:
         coalesce.drain(settings.run_dir, work, first)
@@ -74,3 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(settings)
     return handle(args.kind, payload, settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from flowproxy import release, selfcheck
+from flowproxy import coalesce, release, runstate, selfcheck
 from flowproxy.consul_io import ConsulStore
 from flowproxy.errors import FlowproxyError, UsageError
 from flowproxy.settings import Settings
@@ -30,6 +30,7 @@ from flowproxy.watches import prefix_watch
 log = logging.getLogger(__name__)
 REPO_CONSUL_D = Path(__file__).resolve().parents[2] / "consul.d"
 DEFAULT_PREFIX = "flowproxy/"
+RETRY_EVERY = 5.0
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class NodeSpec:
     dev: bool = False
     consul_bin: str = "consul"
     consul_d: Path = REPO_CONSUL_D
+    proxy: bool = True  # False: a bare Consul agent (a cluster's server), no HAProxy, no watches
 
 
 @dataclass
@@ -52,6 +54,8 @@ class Node:
     spec: NodeSpec
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     logs: dict[str, IO[bytes]] = field(default_factory=dict)
+    retry: subprocess.Popen[bytes] | None = None
+    last_retry: float = 0.0
 
     @property
     def settings(self) -> Settings:
@@ -63,7 +67,8 @@ class Node:
         return {**os.environ, **self.settings.env(), "PATH": path}
 
     def start(self) -> None:
-        for binary in (self.settings.haproxy_bin, self.spec.consul_bin):
+        needed = (self.settings.haproxy_bin, self.spec.consul_bin) if self.spec.proxy else (self.spec.consul_bin,)
+        for binary in needed:
             if shutil.which(binary) is None:
                 raise UsageError(f"{binary} is not installed or not on PATH; run `bash .ci/install`")
         for folder in (self.settings.data_dir, self.settings.haproxy_dir):
@@ -71,32 +76,45 @@ class Node:
             folder.mkdir(parents=True, exist_ok=True)
             folder.chmod(0o700)
         (self.settings.data_dir / "logs").mkdir(exist_ok=True)
-        ensure_bootstrap_config(self.settings)
-        self.start_haproxy()
+        if self.spec.proxy:
+            ensure_bootstrap_config(self.settings)
+            self.start_haproxy()
         self.start_consul()
 
     def arm_watches(self, timeout: float = 30) -> None:
-        """Install the watch config once the agent knows a leader, then reload it.
+        """Install the watch config once the agent knows a leader, then reload it, and join the catalog.
 
         Field notes: watches that start before the agent has joined fail and back off 5 s x failures^2;
-        installing them only after the join took a fresh node from ~30 s to ~3 s to serve.
+        installing them only after the join took a fresh node from ~30 s to ~0.4 s to serve.
         """
         self.wait_consul(timeout)
+        if not self.spec.proxy:
+            return
         install_watches(self.spec)
         store = self.store()
         store.reload_agent()
         selfcheck.register(store, self.settings)
-        self.beat()
+        self.tick()
 
     def store(self) -> ConsulStore:
         return ConsulStore(self.http_addr(), self.settings.consul_token)
 
-    def beat(self) -> None:
-        """Refresh this node's TTL check; an unreachable agent is logged, never fatal."""
+    def tick(self) -> None:
+        """Periodic duty: refresh the health check, and apply again what is stranded or failed."""
+        if not self.spec.proxy:
+            return
         try:
             selfcheck.beat(self.store(), self.settings)
         except FlowproxyError as exc:
             log.warning("could not update this node's health check: %s", exc)
+        if self.retry is not None and self.retry.poll() is None:
+            return
+        if needs_apply(self.settings) and time.monotonic() - self.last_retry >= RETRY_EVERY:
+            self.last_retry = time.monotonic()
+            log.info("an apply is due (last one failed, or a change found the lock taken); running the handler")
+            self.retry = subprocess.Popen([sys.executable, "-m", "flowproxy.handler"], env=self.env(),
+                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL)
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         logfile = open(self.settings.data_dir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - lives with the child
@@ -116,6 +134,14 @@ class Node:
     def start_consul(self) -> None:
         self._spawn("consul", consul_argv(self.spec))
 
+    def restart(self, name: str) -> None:
+        """Start a dead child again: HAProxy with the last good config; the agent with its watches re-armed."""
+        if name == "haproxy":
+            self.start_haproxy()
+        else:
+            self.start_consul()
+            self.arm_watches()
+
     def http_addr(self) -> str:
         return f"{self.spec.bind}:{self.spec.http_port}"
 
@@ -124,7 +150,7 @@ class Node:
         wait_for(lambda: _http_ok(url, want_body=True), timeout, f"Consul agent at {self.http_addr()} with a leader")
 
     def supervise(self, poll: float = 2.0) -> None:
-        """Restart HAProxy (with the last good config) or the agent when either dies; return on signal."""
+        """Restart HAProxy or the agent when either dies, keep the health check fresh; return on signal."""
         stop = {"now": False}
 
         def on_signal(_sig: int, _frame: object) -> None:
@@ -133,38 +159,45 @@ class Node:
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
         while not stop["now"]:
-            self.beat()
+            self.tick()
             for name, proc in list(self.procs.items()):
                 if proc.poll() is not None:
                     log.error("%s exited with %s; restarting it (see %s/logs/%s.log)", name, proc.returncode,
                               self.settings.data_dir, name)
-                    if name == "haproxy":
-                        self.start_haproxy()
-                    else:
-                        self.start_consul()
+                    try:
+                        self.restart(name)
+                    except FlowproxyError as exc:
+                        log.error("restarting %s failed: %s; trying again in %.0fs", name, exc, poll)
             time.sleep(poll)
 
     def stop(self) -> None:
-        # Leave the catalog, then stop the agent (a graceful leave), then HAProxy with a soft stop (SIGUSR1
-        # lets connections finish).
-        if "consul" in self.procs and self.procs["consul"].poll() is None:
+        """Leave the catalog, stop the agent (a graceful leave), then HAProxy with a soft stop."""
+        if self.spec.proxy and "consul" in self.procs and self.procs["consul"].poll() is None:
             try:
                 self.store().deregister_service(selfcheck.service_id(self.settings))
             except FlowproxyError as exc:
                 log.warning("could not deregister this node: %s", exc)
         for name, sig in (("consul", signal.SIGINT), ("haproxy", signal.SIGUSR1)):
             proc = self.procs.pop(name, None)
-            if proc is None or proc.poll() is not None:
-                continue
-            proc.send_signal(sig)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(sig)  # SIGUSR1: HAProxy lets open connections finish
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        if self.retry is not None and self.retry.poll() is None:
+            self.retry.kill()
         for logfile in self.logs.values():
             logfile.close()
         self.logs.clear()
+
+
+def needs_apply(settings: Settings) -> bool:
+    """True when the last apply failed, or a change arrived that no apply has taken in yet."""
+    last = runstate.load(settings.run_dir, runstate.LAST_APPLY)
+    failed = not runstate.load(settings.run_dir, runstate.LAST_STATUS).get("ok", True)
+    return failed or coalesce.generation(settings.run_dir) > int(last.get("generation", 0))
 
 
 def consul_argv(spec: NodeSpec) -> list[str]:

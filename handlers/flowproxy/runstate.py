@@ -13,13 +13,16 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+LAST_APPLY = "last-apply.json"  # fingerprint, KV index and change generation of the last good apply
+LAST_STATUS = "last-status.json"  # the status document this node last published
+
 
 def kv_fingerprint(prefix: str, pairs: Iterable[tuple[str, bytes]]) -> str:
-    """A digest of every key under the prefix except status/ (nodes write those; they drive nothing)."""
+    """A digest of the keys a config depends on (routes/, templates/); status/ and stray keys drive nothing."""
     h = hashlib.sha256()
-    skip = prefix + "status/"
+    used = (prefix + "routes/", prefix + "templates/")
     for key, value in sorted(pairs):
-        if not key.startswith(skip):
+        if key.startswith(used):
             h.update(key.encode() + b"\0" + hashlib.sha256(value).digest())
     return h.hexdigest()
 

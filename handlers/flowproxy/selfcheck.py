@@ -43,7 +43,7 @@ def health(settings: Settings) -> tuple[str, str]:
         return "critical", f"HAProxy is down: {exc}"
     if not info.workers:
         return "critical", "HAProxy master runs but has no current worker"
-    last = runstate.load(settings.run_dir, "last-status.json")
+    last = runstate.load(settings.run_dir, runstate.LAST_STATUS)
     if last and not last.get("ok", False):
         return "critical", f"last apply failed: {last.get('last_error')}"
     return "passing", f"HAProxy worker {info.workers[0]} serving config {str(last.get('config_sha256'))[:12]}"

@@ -34,7 +34,7 @@ def payload(pairs: dict[str, bytes]) -> str:
 
 def test_unchanged_routes_take_the_lean_path(tmp_path: Path) -> None:
     routes = {"flowproxy/routes/a/live": b'{"service": "a", "paths": ["/a"]}', "flowproxy/routes/a/active": b"live"}
-    runstate.save(tmp_path / "run", "last-apply.json",
+    runstate.save(tmp_path / "run", runstate.LAST_APPLY,
                   {"fingerprint": runstate.kv_fingerprint("flowproxy/", list(routes.items()))})
     # Another node's status write changes the payload but not what the config depends on.
     done = run_handle(tmp_path, payload(routes | {"flowproxy/status/other": b'{"ok": true}'}))
@@ -43,7 +43,7 @@ def test_unchanged_routes_take_the_lean_path(tmp_path: Path) -> None:
 
 
 def test_changed_routes_do_the_work(tmp_path: Path) -> None:
-    runstate.save(tmp_path / "run", "last-apply.json", {"fingerprint": "something-else"})
+    runstate.save(tmp_path / "run", runstate.LAST_APPLY, {"fingerprint": "something-else"})
     done = run_handle(tmp_path, payload({"flowproxy/routes/a/active": b"live"}))
     assert done.returncode == 3  # it went to Consul (unreachable here) and said so
     assert {"consul", "jinja2"} <= imported(done.stderr)
