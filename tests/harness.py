@@ -56,11 +56,13 @@ class ProxyNode:
 
     node: Node
     ticking: threading.Event = field(default_factory=threading.Event)
+    paused: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
         def run() -> None:
             while not self.ticking.wait(1.0):
-                self.node.tick()
+                if not self.paused.is_set():
+                    self.node.tick()
 
         threading.Thread(target=run, daemon=True, name=f"tick-{self.settings.node}").start()
 

@@ -11,14 +11,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from flowproxy import release, runstate, watches
+from flowproxy import fragments, release, runstate, watches
 from flowproxy.consul_io import ConsulStore
-from flowproxy.errors import FlowproxyError, HAProxyError
+from flowproxy.errors import EmptyRefused, FlowproxyError, HAProxyError
 from flowproxy.haproxy import MasterSocket, check_config
 from flowproxy.kv import desired_from_kv
 from flowproxy.model import Desired, Instance, KVEntry
 from flowproxy.plan import Plan, make_plan
-from flowproxy.render import Bundle, Templates, render
+from flowproxy.render import Bundle, Templates, custom_fragments, drop_backends, render
 from flowproxy.settings import Settings
 from flowproxy.status import applied_doc, failed_doc
 
@@ -66,6 +66,33 @@ def build(settings: Settings, desired: Desired, health: dict[str, list[Instance]
     return render(plan, Templates(settings.templates, desired.templates))
 
 
+def vet_fragments(settings: Settings, desired: Desired, bundle: Bundle, plan: Plan) -> tuple[Bundle, Plan]:
+    """Drop custom-template backends that HAProxy refuses on their own, then render again without them."""
+    templates = Templates(settings.templates, desired.templates)
+    bad = fragments.refused(settings, custom_fragments(plan, templates))
+    if not bad:
+        return bundle, plan
+    keys = {b.name: b.key for b in plan.backends}
+    reasons = {name: f"{keys[name]}: template: {reason}" for name, reason in bad.items()}
+    return render(drop_backends(plan, reasons), templates)
+
+
+def guard_empty(settings: Settings, desired: Desired, accept_empty: bool) -> None:
+    """Refuse an empty route table that is not newer than what runs (an election or a restore, not a delete).
+
+    Deleting every route leaves tombstones at a newer index, which passes. Peers lost whole sites to empty
+    answers during Consul elections; here the last good config keeps serving and the tick retries.
+    """
+    last = runstate.load(settings.run_dir, runstate.LAST_APPLY)
+    if desired.routes or accept_empty or not last.get("routes"):
+        return
+    if desired.index <= int(last.get("kv_index", 0)):
+        raise EmptyRefused(
+            f"Consul answered no routes at KV index {desired.index}, not newer than the applied index "
+            f"{last.get('kv_index')} with {last.get('routes')} routes; keeping the running config. If the "
+            "KV store was restored on purpose, run `flowproxy handle --accept-empty` on this node.")
+
+
 def deploy(settings: Settings, bundle: Bundle) -> bool:
     """Make `bundle` the running config; False when it already is (no reload for equal bytes)."""
     current = release.read_bundle(settings.current)
@@ -88,12 +115,13 @@ def deploy(settings: Settings, bundle: Bundle) -> bool:
     return True
 
 
-def converge(settings: Settings, generation: int = 0) -> Outcome:
+def converge(settings: Settings, generation: int = 0, accept_empty: bool = False) -> Outcome:
     """Apply Consul's current state to this node's HAProxy and publish the node's status."""
     store = store_for(settings)
     try:
         desired, health, fingerprint = gather(settings, store)
-        bundle, plan = build(settings, desired, health)
+        guard_empty(settings, desired, accept_empty)
+        bundle, plan = vet_fragments(settings, desired, *build(settings, desired, health))
         started = time.monotonic()
         reloaded = deploy(settings, bundle)
         watches.sync(settings.watch_dir, store, desired.services())
@@ -110,8 +138,8 @@ def converge(settings: Settings, generation: int = 0) -> Outcome:
                  (time.monotonic() - started) * 1000)
     doc = applied_doc(settings.node, desired.index, bundle.config_sha256, bundle.digest, plan)
     _publish(settings, store, doc)
-    runstate.save(settings.run_dir, runstate.LAST_APPLY,
-                  {"fingerprint": fingerprint, "kv_index": desired.index, "generation": generation})
+    runstate.save(settings.run_dir, runstate.LAST_APPLY, {"fingerprint": fingerprint, "kv_index": desired.index,
+                                                          "generation": generation, "routes": len(desired.routes)})
     return Outcome(desired.index, bundle, plan, reloaded)
 
 

@@ -44,11 +44,12 @@ def echo_json(doc: Any) -> None:
 
 @cli.command(context_settings={"ignore_unknown_options": True})
 @click.option("--kind", type=click.Choice(["keyprefix", "service", "manual"]), default="manual", show_default=True)
-def handle(kind: str) -> None:
+@click.option("--accept-empty", is_flag=True, help="Apply an empty route table even if not newer than the running one.")
+def handle(kind: str, accept_empty: bool) -> None:
     """Apply Consul's state to this node (the entry Consul watches call)."""
     from flowproxy.handler import main as handle_main
 
-    sys.exit(handle_main(["--kind", kind]))
+    sys.exit(handle_main(["--kind", kind] + (["--accept-empty"] if accept_empty else [])))
 
 
 @cli.command()

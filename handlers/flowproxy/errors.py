@@ -47,6 +47,12 @@ class ApplyIOError(FlowproxyError):
     exit_code = 6
 
 
+class EmptyRefused(FlowproxyError):
+    """Consul answered with no routes at an index no newer than what runs: refused, kept, retried."""
+
+    exit_code = 8
+
+
 class NotConverged(FlowproxyError):
     """`--wait` timed out before every proxy node applied a write."""
 

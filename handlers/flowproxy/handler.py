@@ -36,7 +36,7 @@ def setup_logging(settings: Settings) -> None:
     root.addHandler(log_file)
 
 
-def handle(kind: str, payload: str, settings: Settings) -> int:
+def handle(kind: str, payload: str, settings: Settings, accept_empty: bool = False) -> int:
     from flowproxy.errors import FlowproxyError
 
     first = coalesce.bump(settings.run_dir)
@@ -53,7 +53,7 @@ def handle(kind: str, payload: str, settings: Settings) -> int:
         skip = None
         from flowproxy.apply import converge  # the heavy imports start here
 
-        converge(settings, generation)
+        converge(settings, generation, accept_empty)
 
     try:
         coalesce.drain(settings.run_dir, work, first)
@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flowproxy handle",
                                      description="Apply Consul's state to this node (called by Consul watches).")
     parser.add_argument("--kind", choices=KINDS, default="manual", help="which watch called (default: manual)")
+    parser.add_argument("--accept-empty", action="store_true",
+                        help="apply an empty route table even if it is not newer than the running one")
     args = parser.parse_args(argv)
     payload = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
     try:
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flowproxy handle: bad settings: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings)
-    return handle(args.kind, payload, settings)
+    return handle(args.kind, payload, settings, args.accept_empty)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def check_config(haproxy_bin: str, cfg: Path, env: Mapping[str, str]) -> None:
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise HAProxyError(f"cannot run {haproxy_bin} -c: {exc}; is HAProxy installed?") from exc
     if proc.returncode != 0:
-        detail = (proc.stdout + proc.stderr).strip()[-2000:]
+        detail = (proc.stdout + proc.stderr).strip()[-2000:] or f"exit code {proc.returncode}, no message"
         raise HAProxyError(f"haproxy -c refused {cfg}: {detail}")
 
 

@@ -100,14 +100,33 @@ class Node:
         return ConsulStore(self.http_addr(), self.settings.consul_token)
 
     def tick(self) -> None:
-        """Periodic duty: refresh the health check, and apply again what is stranded or failed."""
+        """Periodic duty: report health (before any repair, so an outage shows), revive, retry."""
+        self.beat()
+        self.revive()
+        self.retry_apply()
+
+    def beat(self) -> None:
         if not self.spec.proxy:
             return
         try:
             selfcheck.beat(self.store(), self.settings)
         except FlowproxyError as exc:
             log.warning("could not update this node's health check: %s", exc)
-        if self.retry is not None and self.retry.poll() is None:
+
+    def revive(self) -> None:
+        """Restart HAProxy (with the last good config) or the agent when either died."""
+        for name, proc in list(self.procs.items()):
+            if proc.poll() is not None:
+                log.error("%s exited with %s; restarting it (see %s/logs/%s.log)", name, proc.returncode,
+                          self.settings.data_dir, name)
+                try:
+                    self.restart(name)
+                except FlowproxyError as exc:
+                    log.error("restarting %s failed: %s; trying again on the next tick", name, exc)
+
+    def retry_apply(self) -> None:
+        """Run the handler when the last apply failed or a change found the lock taken and left."""
+        if not self.spec.proxy or (self.retry is not None and self.retry.poll() is None):
             return
         if needs_apply(self.settings) and time.monotonic() - self.last_retry >= RETRY_EVERY:
             self.last_retry = time.monotonic()
@@ -150,7 +169,7 @@ class Node:
         wait_for(lambda: _http_ok(url, want_body=True), timeout, f"Consul agent at {self.http_addr()} with a leader")
 
     def supervise(self, poll: float = 2.0) -> None:
-        """Restart HAProxy or the agent when either dies, keep the health check fresh; return on signal."""
+        """Tick until SIGINT or SIGTERM."""
         stop = {"now": False}
 
         def on_signal(_sig: int, _frame: object) -> None:
@@ -160,14 +179,6 @@ class Node:
         signal.signal(signal.SIGTERM, on_signal)
         while not stop["now"]:
             self.tick()
-            for name, proc in list(self.procs.items()):
-                if proc.poll() is not None:
-                    log.error("%s exited with %s; restarting it (see %s/logs/%s.log)", name, proc.returncode,
-                              self.settings.data_dir, name)
-                    try:
-                        self.restart(name)
-                    except FlowproxyError as exc:
-                        log.error("restarting %s failed: %s; trying again in %.0fs", name, exc, poll)
             time.sleep(poll)
 
     def stop(self) -> None:

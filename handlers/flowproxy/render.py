@@ -128,6 +128,23 @@ def check_fragment(text: str, name: str) -> None:
             raise ValueError(f"rendered text opens another section: {line[:80]!r}")
 
 
+def custom_fragments(plan: Plan, templates: Templates) -> dict[str, str]:
+    """The rendered text of every backend that uses a custom template (they need their own check)."""
+    env = environment(templates.folder)
+    out = {}
+    for backend in plan.backends:
+        if backend.intent.template is not None:
+            try:
+                out[backend.name] = render_backend(env, backend, templates)
+            except (jinja2.TemplateError, ValueError):
+                continue  # render() has already rejected it
+    return out
+
+
+def drop_backends(plan: Plan, failed: Mapping[str, str]) -> Plan:
+    return _drop_failed(plan, failed)
+
+
 def _drop_failed(plan: Plan, failed: Mapping[str, str]) -> Plan:
     """Remove backends whose template failed; a route whose serving backend failed is rejected."""
     def state(s: RouteState) -> RouteState:
