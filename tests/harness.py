@@ -79,7 +79,7 @@ class ProxyNode:
         return f"127.0.0.1:{self.node.spec.serf_port}"
 
     def store(self) -> ConsulStore:
-        return ConsulStore(self.node.http_addr())
+        return self.node.store()
 
     def get(self, path: str, host: str | None = None) -> Reply:
         return fetch(self.url + path, host)

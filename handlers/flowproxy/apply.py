@@ -127,6 +127,7 @@ def converge(settings: Settings, generation: int = 0, accept_empty: bool = False
         watches.sync(settings.watch_dir, store, desired.services())
     except FlowproxyError as exc:
         _publish_failure(settings, store, str(exc))
+        store.close()
         raise
     for state in plan.states:
         for reason in state.reasons:
@@ -140,6 +141,7 @@ def converge(settings: Settings, generation: int = 0, accept_empty: bool = False
     _publish(settings, store, doc)
     runstate.save(settings.run_dir, runstate.LAST_APPLY, {"fingerprint": fingerprint, "kv_index": desired.index,
                                                           "generation": generation, "routes": len(desired.routes)})
+    store.close()
     return Outcome(desired.index, bundle, plan, reloaded)
 
 

@@ -159,23 +159,26 @@ def remove(ctx: click.Context, /, *, name: str, wait: bool, timeout: float) -> N
 @click.pass_context
 def list_routes(ctx: click.Context, as_json: bool) -> None:
     """Every route with its variants, the active one, and what the nodes report."""
-    from flowproxy.apply import store_for
+    from flowproxy.apply import read_config_kv, store_for
     from flowproxy.fleet import read_statuses
 
     settings = settings_of(ctx)
     store = store_for(settings)
-    index, entries = store.read_prefix(settings.prefix + "routes/")
+    index, entries = read_config_kv(store, settings.prefix)
     desired = desired_from_kv(settings.prefix, entries, index)
     statuses = read_statuses(store, settings.prefix)
     rows = [_route_row(r.name, r, statuses) for r in desired.routes]
+    ignored = [str(p) for p in desired.stray]
     if as_json:
-        echo_json(rows)
+        echo_json({"routes": rows, "ignored": ignored})
         return
     for row in rows:
         click.echo(f"{row['route']:<24} active={row['active'] or '-':<12} variants={','.join(row['variants'])}"
                    f"  nodes: {row['summary']}")
         for reason in row["reasons"]:
             click.echo(f"    rejected: {reason}")
+    for problem in ignored:
+        click.echo(f"ignored: {problem}")
 
 
 def _route_row(name: str, r: Any, statuses: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import time
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
@@ -33,9 +34,20 @@ class ConsulStore:
         self.client.http = self.client.http_connect(host, int(port), scheme or "http", timeout=timeout)
         self.client.token = token
 
+    def close(self) -> None:
+        """Close the pooled connection now. python-consul2's client holds reference cycles, so a dropped
+        store keeps its socket until the cyclic GC runs, and Consul caps connections per client IP (200)."""
+        self.client.http.session.close()
+
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         try:
-            return fn()
+            try:
+                return fn()
+            except requests.ConnectionError:
+                # The agent closes idle keep-alive connections (a `consul reload` does, too); a request on
+                # such a stale connection dies with a reset. One more try on a fresh connection.
+                time.sleep(0.1)
+                return fn()
         except consul.ACLPermissionDenied as exc:
             raise ConsulUnavailable(f"Consul at {self.addr} denied {what}: {exc}. "
                                     "Check the ACL token (CONSUL_HTTP_TOKEN or --token).") from exc

@@ -121,7 +121,7 @@ def run_demo(spec: NodeSpec, keep_running: bool) -> None:
             proc, port = start_backend(f"go-demo-{i}")
             backends.append(proc)
             ports.append(port)
-        store = ConsulStore(node.http_addr())
+        store = node.store()
         proxy = f"http://{spec.settings.http_bind}"
         walkthrough(store, proxy, ports)
         click.secho(f"\nThe walkthrough worked. Proxy: {proxy}   Consul: http://{node.http_addr()}", fg="green")

@@ -56,6 +56,7 @@ class Node:
     logs: dict[str, IO[bytes]] = field(default_factory=dict)
     retry: subprocess.Popen[bytes] | None = None
     last_retry: float = 0.0
+    _store: ConsulStore | None = None
 
     @property
     def settings(self) -> Settings:
@@ -97,7 +98,10 @@ class Node:
         self.tick()
 
     def store(self) -> ConsulStore:
-        return ConsulStore(self.http_addr(), self.settings.consul_token)
+        """One client for the node's lifetime: the supervisor calls Consul every tick."""
+        if self._store is None:
+            self._store = ConsulStore(self.http_addr(), self.settings.consul_token)
+        return self._store
 
     def tick(self) -> None:
         """Periodic duty: report health (before any repair, so an outage shows), revive, retry."""
@@ -202,6 +206,9 @@ class Node:
         for logfile in self.logs.values():
             logfile.close()
         self.logs.clear()
+        if self._store is not None:
+            self._store.close()
+            self._store = None
 
 
 def needs_apply(settings: Settings) -> bool:
@@ -216,7 +223,10 @@ def consul_argv(spec: NodeSpec) -> list[str]:
     ports = {"http": spec.http_port, "serf_lan": spec.serf_port, "serf_wan": -1, "server": spec.server_port,
              "dns": -1, "grpc": -1}
     agent_file = s.data_dir / "consul-agent.json"
+    # Every local client shares 127.0.0.1: watches, handlers, the CLI, the supervisor. Consul's default
+    # of 200 connections per client IP is too tight for a proxy node.
     agent_file.write_text(json.dumps({"ports": ports, "performance": {"raft_multiplier": 1},
+                                      "limits": {"http_max_conns_per_client": 4096},
                                       "disable_update_check": True}, indent=2))
     s.watch_dir.mkdir(parents=True, exist_ok=True)
     for old in s.watch_dir.glob("*.json"):

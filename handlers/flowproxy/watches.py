@@ -25,18 +25,26 @@ def prefix_watch(prefix: str) -> str:
     return json.dumps({"watches": [watch]}, indent=2, sort_keys=True) + "\n"
 
 
-def sync(watch_dir: Path, store: ConsulStore, services: Iterable[str]) -> bool:
-    """Rewrite the service watches when the set changed and reload the agent; True if it did.
-
-    The reload re-fires every watch; the handlers it starts coalesce behind the apply lock.
-    """
-    wanted = service_watches(services)
-    path = watch_dir / SERVICES_FILE
+def watched(path: Path) -> set[str]:
     try:
-        if path.read_text() == wanted:
-            return False
-    except OSError:
-        pass
+        return {w["service"] for w in json.loads(path.read_text())["watches"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+
+
+def sync(watch_dir: Path, store: ConsulStore, services: Iterable[str]) -> bool:
+    """Make sure every routed service has a watch; reload the agent only when one is missing.
+
+    A reload re-fires every watch (the handlers coalesce behind the apply lock), and Consul 1.8 keeps the
+    replaced watches' HTTP connections open for ~90 s: a reload per route change filled the agent's 200
+    connections per client within a minute. So the set only grows between reloads, and watches no route
+    needs any more are dropped when a reload happens anyway. An idle extra watch fires nothing.
+    """
+    needed = set(services)
+    path = watch_dir / SERVICES_FILE
+    if needed <= watched(path) and path.exists():
+        return False
+    wanted = service_watches(needed)
     watch_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(wanted)

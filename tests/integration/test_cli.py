@@ -44,7 +44,7 @@ def test_put_activate_list_status_render_deactivate_remove(
 
     listed = run(proxy, "route", "list", "--json")
     assert listed.returncode == 0, listed.stderr
-    (row,) = json.loads(listed.stdout)
+    (row,) = json.loads(listed.stdout)["routes"]
     assert (row["route"], row["active"], row["variants"], row["nodes"]) == (
         "go-demo", "live", ["live"], {"serving": ["edge-1"]})
 

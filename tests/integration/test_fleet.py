@@ -241,6 +241,7 @@ def test_a_node_without_its_agent_keeps_serving_shows_stale_then_catches_up(flee
     fleet.put("routes/go-demo/active", "blue")
     fleet.converge(set())
     lonely = fleet.nodes[1]
+    lonely.paused.set()  # its supervisor would revive the agent within a second; keep it down for now
     agent = lonely.node.procs["consul"]
     agent.kill()
     agent.wait()
@@ -259,6 +260,6 @@ def test_a_node_without_its_agent_keeps_serving_shows_stale_then_catches_up(flee
     assert re.search(r"edge-2\s+\S+\s+\d+\s+STALE", table), table
     assert "NOT converged" not in table  # only passing nodes count towards convergence
 
-    lonely.node.restart("consul")
+    lonely.paused.clear()  # the supervisor's next tick restarts the agent, which re-arms its watches
     lonely.wait_reply("/next", 200, timeout=30)
     wait_for(lambda: "fleet converged" in fleet.cli("status").stdout, 30, "the fleet to converge again")
