@@ -38,11 +38,13 @@ def free_port() -> int:
 
 
 def node_spec(data_dir: Path, name: str, *, dev: bool, join: tuple[str, ...] = (), proxy: bool = True,
-              preview: bool = False) -> NodeSpec:
+              preview: bool = False, templates: Path | None = None) -> NodeSpec:
     http_port = free_port()
     settings = Settings(node=name, data_dir=data_dir, consul_addr=f"127.0.0.1:{http_port}",
                         http_bind=f"127.0.0.1:{free_port()}",
                         preview_bind=f"127.0.0.1:{free_port()}" if preview else None).checked()
+    if templates is not None:
+        settings = replace(settings, templates=templates)
     return NodeSpec(settings=settings, http_port=http_port, serf_port=free_port(), server_port=free_port(),
                     join=join, dev=dev, proxy=proxy)
 
@@ -99,7 +101,10 @@ class ProxyNode:
         seen: list[Reply] = []
 
         def ok() -> bool:
-            seen[:] = [self.get(path, host)]
+            try:
+                seen[:] = [self.get(path, host)]
+            except OSError:
+                return False  # not listening (yet): a restart in progress
             return seen[0].status == status
 
         try:
@@ -140,9 +145,15 @@ def serve_bundle(data_dir: Path, bundle: Bundle, preview: str | None = None) -> 
 
 
 def status_of(proxy: ProxyNode) -> dict[str, object]:
+    """The node's status document; {} while there is none or its agent is down (waits poll this)."""
     import json
 
-    entry = proxy.store().get(proxy.settings.status_key)
+    from flowproxy.errors import ConsulUnavailable
+
+    try:
+        entry = proxy.store().get(proxy.settings.status_key)
+    except ConsulUnavailable:
+        return {}
     return json.loads(entry.value) if entry else {}
 
 

@@ -51,15 +51,16 @@ def try_lock(run_dir: Path, wait: bool = False) -> Iterator[bool]:
         os.close(fd)
 
 
-def drain(run_dir: Path, work: Callable[[int], None], first: int) -> bool:
+def drain(run_dir: Path, work: Callable[[int], None], first: int, wait: bool = False) -> bool:
     """Run `work` until no change arrived during the last run; returns False if another process took over.
 
     After releasing the lock the counter is read once more: a change that arrived between our last look
-    and the release found the lock taken and left, so it is ours to handle.
+    and the release found the lock taken and left, so it is ours to handle. With `wait`, the first try
+    blocks instead of leaving (a person at a terminal wants the outcome of a real apply).
     """
     seen = first
     while True:
-        with try_lock(run_dir) as held:
+        with try_lock(run_dir, wait=wait) as held:
             if not held:
                 return False
             while True:
@@ -71,3 +72,4 @@ def drain(run_dir: Path, work: Callable[[int], None], first: int) -> bool:
         if generation(run_dir) == seen:
             return True
         seen = generation(run_dir)
+        wait = False

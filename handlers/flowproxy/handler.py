@@ -56,7 +56,7 @@ def handle(kind: str, payload: str, settings: Settings, accept_empty: bool = Fal
         converge(settings, generation, accept_empty)
 
     try:
-        coalesce.drain(settings.run_dir, work, first)
+        coalesce.drain(settings.run_dir, work, first, wait=kind == "manual")
     except FlowproxyError as exc:
         log.error("%s watch: apply failed: %s", kind, exc)
         return exc.exit_code

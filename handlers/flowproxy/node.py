@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 REPO_CONSUL_D = Path(__file__).resolve().parents[2] / "consul.d"
 DEFAULT_PREFIX = "flowproxy/"
 RETRY_EVERY = 5.0
+RESYNC_EVERY = 10.0
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class Node:
     logs: dict[str, IO[bytes]] = field(default_factory=dict)
     retry: subprocess.Popen[bytes] | None = None
     last_retry: float = 0.0
+    last_resync: float = 0.0
     _store: ConsulStore | None = None
 
     @property
@@ -132,12 +134,33 @@ class Node:
         """Run the handler when the last apply failed or a change found the lock taken and left."""
         if not self.spec.proxy or (self.retry is not None and self.retry.poll() is None):
             return
-        if needs_apply(self.settings) and time.monotonic() - self.last_retry >= RETRY_EVERY:
+        if (needs_apply(self.settings) or self.out_of_sync()) and time.monotonic() - self.last_retry >= RETRY_EVERY:
             self.last_retry = time.monotonic()
             log.info("an apply is due (last one failed, or a change found the lock taken); running the handler")
             self.retry = subprocess.Popen([sys.executable, "-m", "flowproxy.handler"], env=self.env(),
                                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                           stderr=subprocess.DEVNULL)
+
+    def out_of_sync(self) -> bool:
+        """Anti-entropy, every RESYNC_EVERY seconds: does Consul's config index differ from the applied one?
+
+        Watches can miss an event: a snapshot restore 0.3 s after a write left a node on the old routes
+        with no watch firing. Any difference, forwards or backwards, means the node must apply again.
+        """
+        if time.monotonic() - self.last_resync < RESYNC_EVERY:
+            return False
+        self.last_resync = time.monotonic()
+        from flowproxy.apply import read_config_kv
+
+        try:
+            index, entries = read_config_kv(self.store(), self.settings.prefix)
+        except FlowproxyError:
+            return False  # the agent is away; beat() has said so
+        last = runstate.load(self.settings.run_dir, runstate.LAST_APPLY)
+        if not entries:
+            # An empty routes/ may answer with the whole table's index: compare contents, not indexes.
+            return bool(last.get("routes"))
+        return bool(last.get("kv_index") != index)
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         logfile = open(self.settings.data_dir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - lives with the child

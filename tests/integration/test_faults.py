@@ -1,0 +1,251 @@
+"""Faults, each on a fresh node: the last good config keeps serving, the reason is reported, and the node
+recovers by itself. Real Consul, real HAProxy, real backends."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import random
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from flowproxy import release
+from flowproxy.apply import deploy
+from flowproxy.backend import IdentityServer
+from flowproxy.demo import register_instance
+from flowproxy.errors import HAProxyError
+from flowproxy.haproxy import MasterSocket, ProcInfo, check_config
+from flowproxy.node import wait_for
+from flowproxy.render import Bundle
+from flowproxy.settings import REPO_TEMPLATES
+from tests.harness import ProxyNode, free_port, node_spec, start_node, status_of, wait_applied
+
+FLOWPROXY = str(Path(sys.executable).parent / "flowproxy")
+
+
+def route(paths: list[str]) -> str:
+    return json.dumps({"service": "go-demo", "paths": paths})
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[ProxyNode]:
+    """A fresh dev node (its own Consul server) serving /demo from go-demo-1, with a private templates copy."""
+    shutil.copytree(REPO_TEMPLATES, tmp_path / "templates")
+    proxy = start_node(node_spec(tmp_path / "node", "faulty", dev=True, templates=tmp_path / "templates"))
+    backend = IdentityServer("go-demo-1").start()
+    register_instance(proxy.store(), "go-demo", "go-demo-1", backend.port)
+    proxy.store().put("flowproxy/routes/go-demo/live", route(["/demo"]))
+    proxy.store().put("flowproxy/routes/go-demo/active", "live")
+    proxy.wait_reply("/demo", 200)
+    yield proxy
+    proxy.stop()
+    backend.stop()
+
+
+def handle(proxy: ProxyNode, *args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **proxy.settings.env()}
+    done: subprocess.CompletedProcess[str] = subprocess.run(  # type: ignore[call-overload]
+        [FLOWPROXY, "handle", *args], env=env, capture_output=True, text=True, timeout=60, check=False, **kwargs)
+    return done
+
+
+def serving_hash(proxy: ProxyNode) -> str:
+    bundle = release.read_bundle(proxy.settings.current)
+    assert bundle is not None
+    return bundle.digest
+
+
+def test_consul_unreachable_during_a_run_keeps_the_config_then_recovers(node: ProxyNode) -> None:
+    before = serving_hash(node)
+    node.paused.set()
+    agent = node.node.procs["consul"]
+    agent.kill()
+    agent.wait()
+    done = handle(node)
+    assert done.returncode == 3
+    assert "apply failed: Consul at" in (node.settings.data_dir / "handler.log").read_text()
+    assert node.get("/demo").status == 200 and serving_hash(node) == before
+    node.paused.clear()  # the supervisor revives the agent; its watches fire and the node converges
+    node.wait(lambda: status_of(node).get("ok") is True, "the node to report ok again", timeout=30)
+    node.store().put("flowproxy/routes/go-demo/live", route(["/demo", "/more"]))
+    node.wait_reply("/more", 200, timeout=30)
+
+
+def snapshot(proxy: ProxyNode, verb: str, path: Path) -> None:
+    env = {**os.environ, "CONSUL_HTTP_ADDR": proxy.node.http_addr()}
+    subprocess.run(["consul", "snapshot", verb, str(path)], env=env, check=True, capture_output=True, timeout=60)
+
+
+def test_an_empty_answer_never_drops_the_routes(node: ProxyNode, tmp_path: Path) -> None:
+    store = node.store()
+    store.delete("flowproxy/routes/go-demo/active")
+    node.wait_reply("/demo", 404)
+    store.delete("flowproxy/routes/", recurse=True)
+    snapshot(node, "save", tmp_path / "empty.snap")  # a KV store without routes
+    store.put("flowproxy/routes/go-demo/live", route(["/demo"]))
+    store.put("flowproxy/routes/go-demo/active", "live")
+    node.wait_reply("/demo", 200)
+    before = serving_hash(node)
+
+    snapshot(node, "restore", tmp_path / "empty.snap")  # Consul now answers: no routes, at an older index
+    node.wait(lambda: "Consul answered no routes" in str(status_of(node).get("last_error")), "the refusal")
+    assert node.get("/demo").status == 200 and serving_hash(node) == before
+    assert handle(node).returncode == 8  # refused again, with its own exit code
+
+    done = handle(node, "--accept-empty")  # the operator says the restore was meant
+    assert done.returncode == 0, done.stderr
+    node.wait_reply("/demo", 404)
+
+
+def test_the_index_going_backwards_is_applied_not_deduplicated(node: ProxyNode, tmp_path: Path) -> None:
+    snapshot(node, "save", tmp_path / "demo.snap")
+    node.store().put("flowproxy/routes/go-demo/live", route(["/other"]))
+    node.wait_reply("/other", 200)
+    newer = int(str(wait_applied(node)["kv_index"]))
+    snapshot(node, "restore", tmp_path / "demo.snap")
+    node.wait_reply("/demo", 200, timeout=30)  # by the watch, or by the supervisor's anti-entropy check
+    assert node.get("/other").status == 404
+    node.wait(lambda: int(str(status_of(node).get("kv_index", newer))) < newer, "the older index reported")
+
+
+def test_haproxy_refusing_the_candidate_keeps_the_old_config(node: ProxyNode) -> None:
+    template = node.settings.templates / "haproxy.cfg.j2"
+    good = template.read_text()
+    template.write_text(good.replace("    hard-stop-after 30s\n", "    hard-stop-after 30s\n    no-such-directive\n"))
+    before = serving_hash(node)
+    node.store().put("flowproxy/routes/go-demo/live", route(["/demo", "/next"]))
+    node.wait(lambda: "haproxy -c refused" in str(status_of(node).get("last_error")), "the refusal")
+    assert node.get("/demo").status == 200 and node.get("/next").status == 404
+    assert serving_hash(node) == before
+    template.write_text(good)  # fixed: the supervisor retries the failed apply by itself
+    node.wait_reply("/next", 200, timeout=30)
+    node.wait(lambda: status_of(node).get("ok") is True, "the node to report ok")
+
+
+def test_a_failed_reload_rolls_the_files_back(node: ProxyNode) -> None:
+    blocker = socket.socket()
+    port = free_port()
+    blocker.bind(("127.0.0.1", port))
+    blocker.listen()
+    try:
+        current = release.read_bundle(node.settings.current)
+        assert current is not None
+        extra = f"\nfrontend fp_extra\n    bind 127.0.0.1:{port}\n    default_backend fp_no_route\n"
+        bad = Bundle(dict(current.files) | {"haproxy.cfg": current.config + extra.encode()})
+        check_config("haproxy", write_tmp(node, bad), node.settings.haproxy_env())  # -c cannot see it
+        failed = MasterSocket(node.settings.master_socket).show_proc().failed
+        with pytest.raises(HAProxyError, match="could not load the new configuration"):
+            deploy(node.settings, bad)
+        assert MasterSocket(node.settings.master_socket).show_proc().failed == failed + 1
+        assert serving_hash(node) == current.digest  # the files on disk match what runs
+        assert node.get("/demo").status == 200
+    finally:
+        blocker.close()
+    node.store().put("flowproxy/routes/go-demo/live", route(["/demo", "/after"]))
+    node.wait_reply("/after", 200)
+
+
+def write_tmp(proxy: ProxyNode, bundle: Bundle) -> Path:
+    return release.stage(proxy.settings.data_dir / "scratch", bundle) / "haproxy.cfg"
+
+
+def test_a_handler_killed_mid_apply_never_leaves_a_half_written_config(node: ProxyNode) -> None:
+    rng = random.Random(7)
+    env = {**os.environ, **node.settings.env()}
+    for i in range(20):
+        node.store().put("flowproxy/routes/go-demo/live", route(["/demo", f"/k{i}"]))
+        proc = subprocess.Popen([FLOWPROXY, "handle"], env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.0, 0.3))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        bundle = release.read_bundle(node.settings.current)  # old or new, never a mix
+        assert bundle is not None
+        check_config("haproxy", node.settings.current / "haproxy.cfg", node.settings.haproxy_env())
+        assert node.get("/demo").status == 200
+    assert handle(node).returncode == 0
+    node.wait_reply("/k19", 200)
+
+
+def test_a_storm_of_writes_and_an_agent_reload_lose_no_change(node: ProxyNode) -> None:
+    before = proc_info(node)
+    store = node.store()
+    started = time.monotonic()
+    for i in range(50):
+        store.put("flowproxy/routes/go-demo/live", route(["/demo", f"/s{i}"]))
+    store.reload_agent()  # re-fires every watch at once
+    took = time.monotonic() - started
+    node.wait_reply("/s49", 200)
+    node.wait(lambda: status_of(node).get("kv_index") == store.read_prefix("flowproxy/routes/")[0], "final index")
+    after = proc_info(node)
+    assert node.get("/s48").status == 404
+    assert after.failed == before.failed
+    reloads = after.reloads - before.reloads
+    assert 1 <= reloads <= 51, reloads  # coalesced, and never more than one a change
+    print(f"storm: 50 writes in {took:.2f}s -> {reloads} reloads")
+
+
+def proc_info(proxy: ProxyNode) -> ProcInfo:
+    """`show proc`, retried while the master re-executes itself during a reload (its socket blinks)."""
+    seen: list[ProcInfo] = []
+
+    def answered() -> bool:
+        try:
+            seen[:] = [MasterSocket(proxy.settings.master_socket).show_proc()]
+        except HAProxyError:
+            return False
+        return True
+
+    wait_for(answered, 10, "the HAProxy master socket")
+    return seen[0]
+
+
+def test_the_haproxy_master_dying_shows_critical_then_comes_back(node: ProxyNode) -> None:
+    before = serving_hash(node)
+    node.paused.set()
+    master = node.node.procs["haproxy"]
+    master.kill()
+    master.wait()
+    node.node.beat()
+    env = {**os.environ, "CONSUL_HTTP_ADDR": node.node.http_addr()}
+    report = subprocess.run([FLOWPROXY, "status"], env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert "faulty" in report.stdout and "critical" in report.stdout, report.stdout
+    node.paused.clear()  # the supervisor restarts HAProxy with the last good config
+    node.wait_reply("/demo", 200)
+    assert serving_hash(node) == before
+    node.wait(lambda: "critical" not in subprocess.run([FLOWPROXY, "status"], env=env, capture_output=True,
+                                                       text=True, check=False).stdout, "passing again")
+
+
+def limit_file_size() -> None:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, like ENOSPC
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
+
+
+def test_a_failed_disk_write_keeps_the_old_config(node: ProxyNode) -> None:
+    before = serving_hash(node)
+    node.paused.set()
+    lock = os.open(node.settings.run_dir / "apply.lock", os.O_RDWR)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # the watch handlers find the lock taken and leave it to us
+    try:
+        node.store().put("flowproxy/routes/go-demo/live", route(["/demo", "/disk"]))
+        time.sleep(1)
+    finally:
+        os.close(lock)
+    done = handle(node, preexec_fn=limit_file_size)
+    assert done.returncode == 6, done.stderr
+    assert "cannot write release" in done.stderr
+    assert node.get("/demo").status == 200 and node.get("/disk").status == 404
+    assert serving_hash(node) == before
+    node.paused.clear()  # the supervisor retries without the limit
+    node.wait_reply("/disk", 200, timeout=30)
