@@ -38,15 +38,17 @@ def free_port() -> int:
 
 
 def node_spec(data_dir: Path, name: str, *, dev: bool, join: tuple[str, ...] = (), proxy: bool = True,
-              preview: bool = False, templates: Path | None = None) -> NodeSpec:
+              preview: bool = False, templates: Path | None = None, token: str | None = None,
+              acl_master: str | None = None) -> NodeSpec:
     http_port = free_port()
     settings = Settings(node=name, data_dir=data_dir, consul_addr=f"127.0.0.1:{http_port}",
                         http_bind=f"127.0.0.1:{free_port()}",
                         preview_bind=f"127.0.0.1:{free_port()}" if preview else None).checked()
     if templates is not None:
         settings = replace(settings, templates=templates)
+    settings = replace(settings, consul_token=token)
     return NodeSpec(settings=settings, http_port=http_port, serf_port=free_port(), server_port=free_port(),
-                    join=join, dev=dev, proxy=proxy)
+                    join=join, dev=dev, proxy=proxy, acl=bool(token or acl_master), acl_master=acl_master)
 
 
 @dataclass

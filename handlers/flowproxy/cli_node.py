@@ -47,13 +47,14 @@ def node() -> None:
 @node_options
 @click.option("--join", multiple=True, help="Serf address of an existing Consul agent to join (repeatable).")
 @click.option("--dev", is_flag=True, help="Run the agent as a one-node Consul server (no cluster needed).")
+@click.option("--acl", is_flag=True, help="Consul ACLs on (default deny); the node's --token runs its watches.")
 @click.pass_context
-def up(ctx: click.Context, /, *, join: tuple[str, ...], dev: bool, **opts: str | int) -> None:
+def up(ctx: click.Context, /, *, join: tuple[str, ...], dev: bool, acl: bool, **opts: str | int) -> None:
     """Start Consul agent + HAProxy for this node; Ctrl-C stops both."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not dev and not join:
         raise click.UsageError("give --join ADDR to join an existing Consul, or --dev to run one here")
-    spec = make_spec(settings_of(ctx), join=join, dev=dev, **opts)  # type: ignore[arg-type]
+    spec = dataclasses.replace(make_spec(settings_of(ctx), join=join, dev=dev, **opts), acl=acl)  # type: ignore[arg-type]
     running = Node(spec)
     try:
         running.start()

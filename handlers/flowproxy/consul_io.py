@@ -90,6 +90,9 @@ class ConsulStore:
         try:
             self._call("a KV transaction", lambda: self.client.txn.put(payload))
         except ConsulUnavailable as exc:
+            if "permission denied" in str(exc).lower():  # Consul answers a denied txn with 409 as well
+                raise ConsulUnavailable(f"Consul at {self.addr} denied a KV transaction: {exc}. "
+                                        "Check the ACL token (CONSUL_HTTP_TOKEN or --token).") from exc
             if "409" in str(exc) or "cas" in str(exc).lower() or "index" in str(exc).lower():
                 raise CasConflict(f"a key changed while this command ran (check-and-set failed): {exc}") from exc
             raise

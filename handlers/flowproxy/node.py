@@ -46,6 +46,8 @@ class NodeSpec:
     consul_bin: str = "consul"
     consul_d: Path = REPO_CONSUL_D
     proxy: bool = True  # False: a bare Consul agent (a cluster's server), no HAProxy, no watches
+    acl: bool = False  # ACLs on, default deny; the node's token serves its watches and the agent itself
+    acl_master: str | None = None  # a server's initial management token (bootstrap)
 
 
 @dataclass
@@ -248,9 +250,15 @@ def consul_argv(spec: NodeSpec) -> list[str]:
     agent_file = s.data_dir / "consul-agent.json"
     # Every local client shares 127.0.0.1: watches, handlers, the CLI, the supervisor. Consul's default
     # of 200 connections per client IP is too tight for a proxy node.
-    agent_file.write_text(json.dumps({"ports": ports, "performance": {"raft_multiplier": 1},
-                                      "limits": {"http_max_conns_per_client": 4096},
-                                      "disable_update_check": True}, indent=2))
+    config: dict[str, object] = {"ports": ports, "performance": {"raft_multiplier": 1},
+                                 "limits": {"http_max_conns_per_client": 4096}, "disable_update_check": True}
+    if spec.acl:
+        tokens = {k: v for k, v in (("default", s.consul_token), ("agent", s.consul_token),
+                                    ("master", spec.acl_master)) if v}
+        config["acl"] = {"enabled": True, "default_policy": "deny", "down_policy": "extend-cache",
+                         "tokens": tokens}
+    agent_file.write_text(json.dumps(config, indent=2))
+    agent_file.chmod(0o600)  # it may hold tokens
     s.watch_dir.mkdir(parents=True, exist_ok=True)
     for old in s.watch_dir.glob("*.json"):
         old.unlink()  # armed again after the join, see Node.arm_watches

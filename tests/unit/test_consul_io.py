@@ -88,3 +88,11 @@ def test_health_uses_service_address_then_node_address(store: ConsulStore) -> No
 def test_bad_address_is_a_usage_problem() -> None:
     with pytest.raises(ConsulUnavailable, match="is not host:port"):
         ConsulStore("localhost")
+
+
+@responses.activate
+def test_txn_permission_denied_is_a_denial_not_a_conflict(store: ConsulStore) -> None:
+    responses.add(responses.PUT, f"{BASE}/v1/txn", status=409,
+                  json={"Results": None, "Errors": [{"OpIndex": 0, "What": "Permission denied"}]})
+    with pytest.raises(ConsulUnavailable, match="denied a KV transaction"):
+        store.txn([("cas", "flowproxy/routes/a/live", b"{}", 0)])
