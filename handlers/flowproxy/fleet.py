@@ -87,18 +87,20 @@ def fleet_report(rows: list[NodeView], docs: dict[str, dict[str, Any]], latest: 
     return "\n".join(lines) + "\n"
 
 
-def behind(store: ConsulStore, prefix: str, index: int) -> list[str]:
-    """Passing nodes that have not applied `index` yet, each with what it last reported."""
+def behind(store: ConsulStore, prefix: str, index: int) -> tuple[list[str], list[str]]:
+    """(passing nodes that have not applied `index`, with what they last reported; nodes not passing)."""
     docs = read_statuses(store, prefix)
-    out = []
+    waiting, ignored = [], []
     for node, (status, meta) in sorted(store.service_health(SERVICE).items()):
         name = meta.get("node", node)
         doc = docs.get(name, {})
         applied = int(doc.get("kv_index") or 0)
-        if status == "passing" and applied < index:
+        if status != "passing":
+            ignored.append(f"{name} {status}")
+        elif applied < index:
             error = f", last error: {doc['last_error']}" if doc.get("last_error") else ""
-            out.append(f"{name} (applied {applied}{error})")
-    return out
+            waiting.append(f"{name} (applied {applied}{error})")
+    return waiting, ignored
 
 
 def wait_converged(store: ConsulStore, prefix: str, index: int, timeout: float,
@@ -106,10 +108,13 @@ def wait_converged(store: ConsulStore, prefix: str, index: int, timeout: float,
     """Return when every passing proxy node has applied `index`; raise NotConverged naming the others."""
     deadline = time.monotonic() + timeout
     while True:
-        waiting = behind(store, prefix, index)
+        waiting, ignored = behind(store, prefix, index)
+        skipped = f" (not waited for, not passing: {', '.join(ignored)})" if ignored else ""
         if not waiting:
+            if ignored:
+                progress(f"applied by every passing node{skipped}")
             return
         if time.monotonic() >= deadline:
-            raise NotConverged(f"not applied within {timeout:.0f}s (KV index {index}): {'; '.join(waiting)}")
-        progress(f"waiting for {len(waiting)} node(s) to apply KV index {index}: {', '.join(waiting)}")
+            raise NotConverged(f"not applied within {timeout:.0f}s (KV index {index}): {'; '.join(waiting)}{skipped}")
+        progress(f"waiting for {len(waiting)} node(s) to apply KV index {index}: {', '.join(waiting)}{skipped}")
         time.sleep(0.2)

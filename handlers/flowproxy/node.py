@@ -7,7 +7,6 @@ handler reloads the agent whenever the set of routed services changes.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -22,14 +21,13 @@ from pathlib import Path
 from typing import IO
 
 from flowproxy import coalesce, release, runstate, selfcheck
+from flowproxy.agent import consul_argv, install_watches
 from flowproxy.consul_io import ConsulStore
 from flowproxy.errors import FlowproxyError, UsageError
 from flowproxy.settings import Settings
-from flowproxy.watches import prefix_watch
 
 log = logging.getLogger(__name__)
 REPO_CONSUL_D = Path(__file__).resolve().parents[2] / "consul.d"
-DEFAULT_PREFIX = "flowproxy/"
 RETRY_EVERY = 5.0
 RESYNC_EVERY = 10.0
 
@@ -241,45 +239,6 @@ def needs_apply(settings: Settings) -> bool:
     last = runstate.load(settings.run_dir, runstate.LAST_APPLY)
     failed = not runstate.load(settings.run_dir, runstate.LAST_STATUS).get("ok", True)
     return failed or coalesce.generation(settings.run_dir) > int(last.get("generation", 0))
-
-
-def consul_argv(spec: NodeSpec) -> list[str]:
-    s = spec.settings
-    ports = {"http": spec.http_port, "serf_lan": spec.serf_port, "serf_wan": -1, "server": spec.server_port,
-             "dns": -1, "grpc": -1}
-    agent_file = s.data_dir / "consul-agent.json"
-    # Every local client shares 127.0.0.1: watches, handlers, the CLI, the supervisor. Consul's default
-    # of 200 connections per client IP is too tight for a proxy node.
-    config: dict[str, object] = {"ports": ports, "performance": {"raft_multiplier": 1},
-                                 "limits": {"http_max_conns_per_client": 4096}, "disable_update_check": True}
-    if spec.acl:
-        tokens = {k: v for k, v in (("default", s.consul_token), ("agent", s.consul_token),
-                                    ("master", spec.acl_master)) if v}
-        config["acl"] = {"enabled": True, "default_policy": "deny", "down_policy": "extend-cache",
-                         "tokens": tokens}
-    agent_file.write_text(json.dumps(config, indent=2))
-    agent_file.chmod(0o600)  # it may hold tokens
-    s.watch_dir.mkdir(parents=True, exist_ok=True)
-    for old in s.watch_dir.glob("*.json"):
-        old.unlink()  # armed again after the join, see Node.arm_watches
-    argv = [spec.consul_bin, "agent", "-node", s.node, "-data-dir", str(s.data_dir / "consul"),
-            "-bind", spec.bind, "-advertise", spec.bind, "-client", spec.bind,
-            "-config-file", str(agent_file), "-config-dir", str(s.watch_dir)]
-    if spec.dev:
-        argv += ["-server", "-bootstrap-expect", "1"]
-    for addr in spec.join:
-        argv += ["-retry-join", addr]
-    return argv
-
-
-def install_watches(spec: NodeSpec) -> None:
-    """Copy the shipped consul.d watches into the node's config folder (another prefix: its own watch)."""
-    s = spec.settings
-    if s.prefix == DEFAULT_PREFIX:
-        for path in sorted(spec.consul_d.glob("*.json")):
-            shutil.copyfile(path, s.watch_dir / path.name)
-    else:
-        (s.watch_dir / "flowproxy-prefix.json").write_text(prefix_watch(s.prefix))
 
 
 def ensure_bootstrap_config(settings: Settings) -> None:

@@ -13,7 +13,7 @@ from flowproxy.haproxy import MasterSocket
 from flowproxy.settings import Settings
 
 SERVICE = "flowproxy"
-TTL = "10s"
+TTL = "30s"  # the supervisor beats every 2 s; a loaded machine can stall it for a few
 
 
 def service_id(settings: Settings) -> str:
@@ -41,12 +41,14 @@ def health(settings: Settings) -> tuple[str, str]:
         info = MasterSocket(settings.master_socket, timeout=2).show_proc()
     except HAProxyError as exc:
         return "critical", f"HAProxy is down: {exc}"
-    if not info.workers:
-        return "critical", "HAProxy master runs but has no current worker"
+    # No `if not info.workers` here: during a reload `show proc` can list no current worker for a moment
+    # while the old one still serves, and a one-second critical made `--wait` skip a healthy node.
     last = runstate.load(settings.run_dir, runstate.LAST_STATUS)
     if last and not last.get("ok", False):
         return "critical", f"last apply failed: {last.get('last_error')}"
-    return "passing", f"HAProxy worker {info.workers[0]} serving config {str(last.get('config_sha256'))[:12]}"
+    workers = ", ".join(str(pid) for pid in info.workers) or "reloading"
+    config = str(last.get("config_sha256"))[:12]
+    return "passing", f"HAProxy master {info.master_pid} (workers: {workers}), config {config}"
 
 
 def beat(store: ConsulStore, settings: Settings) -> str:

@@ -59,6 +59,14 @@ def handle(proxy: ProxyNode, *args: str, **kwargs: object) -> subprocess.Complet
     return done
 
 
+def kill_child(proxy: ProxyNode, name: str) -> None:
+    """SIGKILL the node's agent or HAProxy, with its supervisor paused so the death stays visible."""
+    proxy.paused.set()
+    child = proxy.node.procs[name]
+    child.kill()
+    child.wait()
+
+
 def serving_hash(proxy: ProxyNode) -> str:
     bundle = release.read_bundle(proxy.settings.current)
     assert bundle is not None
@@ -67,10 +75,7 @@ def serving_hash(proxy: ProxyNode) -> str:
 
 def test_consul_unreachable_during_a_run_keeps_the_config_then_recovers(node: ProxyNode) -> None:
     before = serving_hash(node)
-    node.paused.set()
-    agent = node.node.procs["consul"]
-    agent.kill()
-    agent.wait()
+    kill_child(node, "consul")
     done = handle(node)
     assert done.returncode == 3
     assert "apply failed: Consul at" in (node.settings.data_dir / "handler.log").read_text()
@@ -212,10 +217,7 @@ def proc_info(proxy: ProxyNode) -> ProcInfo:
 
 def test_the_haproxy_master_dying_shows_critical_then_comes_back(node: ProxyNode) -> None:
     before = serving_hash(node)
-    node.paused.set()
-    master = node.node.procs["haproxy"]
-    master.kill()
-    master.wait()
+    kill_child(node, "haproxy")
     node.node.beat()
     env = {**os.environ, "CONSUL_HTTP_ADDR": node.node.http_addr()}
     report = subprocess.run([FLOWPROXY, "status"], env=env, capture_output=True, text=True, timeout=60, check=False)

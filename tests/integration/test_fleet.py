@@ -74,6 +74,15 @@ class Fleet:
         assert len(configs) == 1, "haproxy.cfg bytes differ between nodes"
         return digest
 
+    def blue_green(self) -> None:
+        """go-demo with a blue and a green instance and variant, blue active, applied everywhere."""
+        self.instance("blue-1", ("blue",))
+        self.instance("green-1", ("green",))
+        self.put("routes/go-demo/blue", BLUE)
+        self.put("routes/go-demo/green", GREEN)
+        self.put("routes/go-demo/active", "blue")
+        self.converge(set())
+
     def answers(self, path: str, n: int = 12) -> list[tuple[int, frozenset[str]]]:
         """What each node answers: status and the set of instances seen over n requests."""
         out = []
@@ -137,12 +146,7 @@ def test_scripted_sequence_converges_everywhere(fleet: Fleet) -> None:
 
 
 def test_preview_reaches_any_variant_and_the_public_listener_never_does(fleet: Fleet) -> None:
-    fleet.instance("blue-1", ("blue",))
-    fleet.instance("green-1", ("green",))
-    fleet.put("routes/go-demo/blue", BLUE)
-    fleet.put("routes/go-demo/green", GREEN)
-    fleet.put("routes/go-demo/active", "blue")
-    fleet.converge(set())
+    fleet.blue_green()
     edge = fleet.nodes[0]
     preview = f"http://{edge.settings.preview_bind}"
     wait_for(lambda: fetch(preview + "/demo/x", variant="green").instance == "green-1", 20, "green in preview")
@@ -189,12 +193,7 @@ def run_wrk(url: str, seconds: int, close: bool) -> dict[str, int]:
 
 @pytest.mark.parametrize("close", [False, True], ids=["keep-alive", "connection-close"])
 def test_flip_and_rollback_under_load_fail_no_request(fleet: Fleet, close: bool) -> None:
-    fleet.instance("blue-1", ("blue",))
-    fleet.instance("green-1", ("green",))
-    fleet.put("routes/go-demo/blue", BLUE)
-    fleet.put("routes/go-demo/green", GREEN)
-    fleet.put("routes/go-demo/active", "blue")
-    fleet.converge(set())
+    fleet.blue_green()
     edge = fleet.nodes[0]
     result: dict[str, int] = {}
     load = threading.Thread(target=lambda: result.update(run_wrk(edge.url + "/demo/x", 8, close)))
@@ -220,6 +219,11 @@ def test_wait_returns_zero_after_convergence_and_names_a_held_back_node(fleet: F
     assert "every passing proxy node applied" in done.stdout
     assert all(n.get("/demo/x").status == 200 for n in fleet.nodes)
 
+    def all_passing() -> bool:
+        rows = json.loads(fleet.cli("status", "--json").stdout)["nodes"]
+        return sorted(r["node"] for r in rows if r["health"] == "passing") == ["edge-1", "edge-2", "edge-3"]
+
+    wait_for(all_passing, 30, "all three nodes passing")
     held = fleet.nodes[2]
     lock = os.open(held.settings.run_dir / "apply.lock", os.O_RDWR)
     fcntl.flock(lock, fcntl.LOCK_EX)  # its handlers find the lock taken: the node holds back
