@@ -186,7 +186,7 @@ def _route_row(name: str, r: Any, statuses: dict[str, dict[str, Any]]) -> dict[s
     states: dict[str, list[str]] = {}
     reasons = list(lint)
     for node, doc in sorted(statuses.items()):
-        st = (doc.get("routes") or {}).get(name, {})
+        st = (doc.get("routes") or {}).get(name) or ({"state": "serving"} if doc.get("serving_omitted") else {})
         states.setdefault(st.get("state", "unknown"), []).append(node)
         reasons += [x for x in st.get("reasons", []) if x not in reasons]
     summary = "; ".join(f"{state}: {', '.join(nodes)}" for state, nodes in sorted(states.items())) or "none"

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from typing import Any
 
 from flowproxy import __version__
 from flowproxy.plan import Plan
+
+# Consul refuses KV values over 512 KiB; at 10,000 routes the full document is ~940 KB.
+BUDGET = 256 * 1024
 
 
 def route_states(plan: Plan) -> dict[str, dict[str, Any]]:
@@ -17,7 +22,7 @@ def route_states(plan: Plan) -> dict[str, dict[str, Any]]:
 
 
 def applied_doc(node: str, kv_index: int, config_sha256: str, bundle_sha256: str, plan: Plan) -> dict[str, Any]:
-    return {
+    return fit({
         "node": node,
         "version": __version__,
         "ok": True,
@@ -27,7 +32,17 @@ def applied_doc(node: str, kv_index: int, config_sha256: str, bundle_sha256: str
         "routes": route_states(plan),
         "problems": [str(p) for p in plan.stray],
         "last_error": None,
-    }
+    })
+
+
+def fit(doc: dict[str, Any]) -> dict[str, Any]:
+    """Over the budget, leave serving routes out (counted); rejected and off routes keep every detail."""
+    if len(json.dumps(doc)) <= BUDGET:
+        return doc
+    routes = doc["routes"]
+    counts = Counter(st["state"] for st in routes.values())
+    kept = {name: st for name, st in routes.items() if st["state"] != "serving"}
+    return doc | {"routes": kept, "serving_omitted": counts["serving"], "counts": dict(counts)}
 
 
 def failed_doc(previous: dict[str, Any], node: str, error: str) -> dict[str, Any]:

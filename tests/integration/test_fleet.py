@@ -59,7 +59,7 @@ class Fleet:
                     and all(s["ok"] for s in seen))
 
         try:
-            wait_for(same, 30, "every node to apply the same config")
+            wait_for(same, 45, "every node to apply the same config")  # watches, else the 20 s full resync
         except Exception:
             import difflib
 

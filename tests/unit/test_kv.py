@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from flowproxy.kv import desired_from_kv
@@ -70,3 +72,18 @@ def test_services_counts_every_valid_intent_active_or_staged() -> None:
         ("routes/c/live", b'{"service": "broken"}'), ("routes/c/active", b"live"),  # invalid
     ))
     assert desired.services() == ("go-demo", "other")
+
+
+def test_a_large_status_leaves_serving_routes_out_but_keeps_every_rejection() -> None:
+    from flowproxy.plan import make_plan
+    from flowproxy.status import BUDGET, applied_doc
+
+    own = [b'{"service": "s", "paths": ["/r%d"]}' % i for i in range(10_000)]
+    entries = [KVEntry(f"{P}routes/r{i}/live", own[i], 1, 1) for i in range(10_000)]
+    entries += [KVEntry(f"{P}routes/r{i}/active", b"live", 2, 2) for i in range(10_000)]
+    entries += [KVEntry(f"{P}routes/bad/live", b"{}", 1, 1), KVEntry(f"{P}routes/bad/active", b"live", 3, 3)]
+    doc = applied_doc("n1", 5, "c" * 64, "b" * 64, make_plan(desired_from_kv(P, entries), {}))
+    assert len(json.dumps(doc)) <= BUDGET
+    assert doc["serving_omitted"] == 10_000
+    assert doc["routes"]["bad"]["state"] == "rejected" and doc["routes"]["bad"]["reasons"]
+    assert doc["counts"] == {"serving": 10_000, "rejected": 1}

@@ -1,0 +1,281 @@
+"""Measurements that need a live node: a real Consul agent, HAProxy, handlers run by real watches."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from bench.run import Row, fast_backend, free_port, pct, wrk
+from flowproxy.backend import IdentityServer
+from flowproxy.consul_io import ConsulStore
+from flowproxy.demo import fetch, register_instance
+from flowproxy.haproxy import MasterSocket
+from flowproxy.node import Node, NodeSpec, wait_for
+from flowproxy.settings import Settings
+
+FLOWPROXY = str(Path(sys.executable).parent / "flowproxy")
+P = "flowproxy/"
+
+
+def spec(folder: Path, name: str, dev: bool, join: tuple[str, ...] = ()) -> NodeSpec:
+    http = free_port()
+    settings = Settings(node=name, data_dir=folder, consul_addr=f"127.0.0.1:{http}",
+                        http_bind=f"127.0.0.1:{free_port()}").checked()
+    return NodeSpec(settings=settings, http_port=http, serf_port=free_port(), server_port=free_port(), dev=dev,
+                    join=join)
+
+
+@contextmanager
+def live_node(folder: Path, name: str = "bench", dev: bool = True, join: tuple[str, ...] = ()) -> Iterator[Node]:
+    node = Node(spec(folder, name, dev, join))
+    try:
+        node.start()
+        node.arm_watches()
+        yield node
+    finally:
+        node.stop()
+
+
+def url(node: Node) -> str:
+    return f"http://{node.settings.http_bind}"
+
+
+def reloads(node: Node) -> int:
+    box: list[int] = []
+
+    def ok() -> bool:
+        try:
+            box[:] = [MasterSocket(node.settings.master_socket).show_proc().reloads]
+        except Exception:
+            return False
+        return True
+
+    wait_for(ok, 10, "show proc")
+    return box[0]
+
+
+def applied(node: Node) -> int:
+    entry = node.store().get(node.settings.status_key)
+    return int(json.loads(entry.value).get("kv_index", 0)) if entry else 0
+
+
+def settle(node: Node, timeout: float = 120) -> None:
+    latest = node.store().read_prefix(P + "routes/")[0]
+    wait_for(lambda: applied(node) >= latest, timeout, f"the node to apply index {latest}")
+
+
+def until(check: str, probe: object, timeout: float = 10) -> float:
+    """Seconds until `probe()` is true, polling every millisecond."""
+    started = time.perf_counter()
+    deadline = started + timeout
+    while time.perf_counter() < deadline:
+        try:
+            if probe():  # type: ignore[operator]
+                return time.perf_counter() - started
+        except OSError:
+            pass
+        time.sleep(0.001)
+    raise TimeoutError(check)
+
+
+def bulk_routes(store: ConsulStore, names: list[str], service: str) -> None:
+    ops: list[tuple[str, str, bytes | None, int | None]] = []
+    for name in names:
+        ops.append(("set", f"{P}routes/{name}/live", json.dumps({"service": service, "paths": [f"/{name}"]}).encode(),
+                    None))
+        ops.append(("set", f"{P}routes/{name}/active", b"live", None))
+    for start in range(0, len(ops), 64):  # Consul 1.8 caps a transaction at 64 operations
+        store.txn(ops[start:start + 64])
+
+
+def activation(node: Node, trials: int, tag: str) -> tuple[list[float], float]:
+    store, times, before = node.store(), [], reloads(node)
+    for t in range(trials):
+        store.put(f"{P}routes/{tag}{t}/live", json.dumps({"service": "app", "paths": [f"/{tag}{t}"]}))
+        settle(node)
+        start = time.perf_counter()
+        store.put(f"{P}routes/{tag}{t}/active", "live")
+        times.append(time.perf_counter() - start + until("activation", lambda t=t: fetch(
+            f"{url(node)}/{tag}{t}/x").status == 200))
+    settle(node)
+    return times, (reloads(node) - before) / trials
+
+
+def flips(node: Node, trials: int) -> tuple[list[float], float]:
+    store, times = node.store(), []
+    for color in ("blue", "green"):
+        store.put(f"{P}routes/flip/{color}", json.dumps({"service": "app", "tags": [color], "paths": ["/flip"]}))
+    store.put(f"{P}routes/flip/active", "blue")
+    settle(node)
+    before = reloads(node)
+    for t in range(trials):
+        color = "green" if t % 2 == 0 else "blue"
+        start = time.perf_counter()
+        store.put(f"{P}routes/flip/active", color)
+        times.append(time.perf_counter() - start + until("flip", lambda c=color: fetch(
+            f"{url(node)}/flip").instance == f"{c}-1"))
+    settle(node)
+    return times, (reloads(node) - before) / trials
+
+
+def membership(node: Node, trials: int) -> tuple[list[float], float]:
+    store, times = node.store(), []
+    store.put(f"{P}routes/members/live", json.dumps({"service": "members", "paths": ["/members"]}))
+    store.put(f"{P}routes/members/active", "live")
+    first = IdentityServer("m-0").start()
+    register_instance(store, "members", "m-0", first.port)
+    until("first member", lambda: fetch(f"{url(node)}/members").status == 200, 20)
+    before = reloads(node)
+    for t in range(1, trials + 1):
+        server = IdentityServer(f"m-{t}").start()
+        start = time.perf_counter()
+        register_instance(store, "members", f"m-{t}", server.port)
+        times.append(time.perf_counter() - start + until("member", lambda t=t: any(
+            fetch(f"{url(node)}/members").instance == f"m-{t}" for _ in range(t + 1)), 20))
+        store.client.agent.service.deregister(f"m-{t}")
+        until("member gone", lambda t=t: all(fetch(f"{url(node)}/members").instance != f"m-{t}" for _ in range(3)), 20)
+        server.stop()
+    result = (reloads(node) - before) / trials
+    store.client.agent.service.deregister("m-0")
+    first.stop()
+    return times, result
+
+
+def full_apply(node: Node) -> tuple[float, float]:
+    """One full apply run by hand after a change: wall seconds and the handler's peak RSS in MB."""
+    lock = os.open(node.settings.run_dir / "apply.lock", os.O_RDWR)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # the watch handlers leave the change to us
+    node.store().put(f"{P}routes/r0/live", json.dumps({"service": "app", "paths": ["/r0", f"/x{time.time_ns()}"]}))
+    time.sleep(0.5)
+    os.close(lock)
+    env = {**os.environ, **node.settings.env()}
+    started = time.perf_counter()
+    proc = subprocess.Popen([FLOWPROXY, "handle"], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return time.perf_counter() - started, usage.ru_maxrss / 1024
+
+
+def worker_rss_mb(node: Node) -> float:
+    pid = MasterSocket(node.settings.master_socket).show_proc().workers[0]
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def reconfig_failures(node: Node, port: int, seconds: int) -> dict[str, int]:
+    store = node.store()
+    register_instance(store, "fast", "fast-1", port)
+    store.put(f"{P}routes/hot/live", json.dumps({"service": "fast", "paths": ["/hot"]}))
+    store.put(f"{P}routes/hot/active", "live")
+    until("hot route", lambda: fetch(f"{url(node)}/hot").status == 200, 20)
+    out = {}
+    for close in (False, True):
+        result: dict[str, float] = {}
+
+        def run_load(box: dict[str, float] = result, c: bool = close) -> None:
+            box.update(wrk(f"{url(node)}/hot", seconds + 4, 8, c))
+
+        load = threading.Thread(target=run_load)
+        load.start()
+        time.sleep(1)
+        for i in range(50):  # 50 reconfigurations, each a real config change
+            store.put(f"{P}routes/hot/live", json.dumps({"service": "fast", "paths": ["/hot", f"/extra{i}"]}))
+            time.sleep(seconds / 50)
+        load.join()
+        out["close" if close else "keep-alive"] = int(result["failed"])
+    return out
+
+
+def ms(values: list[float]) -> str:
+    return f"p50 {pct(values, 0.5) * 1000:.0f} ms, p95 {pct(values, 0.95) * 1000:.0f} ms"
+
+
+def verdict(ok: bool) -> str:
+    return "pass" if ok else "FAIL"
+
+
+def live_rows(trials: int, seconds: int) -> list[Row]:
+    base = Path(tempfile.mkdtemp(prefix="fp-live-"))
+    rows: list[Row] = []
+    try:
+        with live_node(base / "a") as node, fast_backend() as port:
+            store = node.store()
+            backend = IdentityServer("app-1").start()
+            blue, green = IdentityServer("blue-1").start(), IdentityServer("green-1").start()
+            register_instance(store, "app", "app-1", backend.port)
+            register_instance(store, "app", "blue-1", blue.port, tags=("blue",))
+            register_instance(store, "app", "green-1", green.port, tags=("green",))
+            rows += latency_rows(node, trials)
+            fails = reconfig_failures(node, port, seconds)
+            rows.append(Row("failed requests, 50 reconfigurations (keep-alive / close)",
+                            f"{fails['keep-alive']} / {fails['close']}", target="0 / 0",
+                            verdict=verdict(not any(fails.values()))))
+            took = fresh_node(base / "b", node)
+            rows.append(Row("fresh node, 1,000 routes: agent start -> all serving", f"{took:.2f} s", target="<= 5 s",
+                            verdict=verdict(took <= 5)))
+            for server in (backend, blue, green):
+                server.stop()
+            rows += scale_rows(base, port)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    return rows
+
+
+def latency_rows(node: Node, trials: int) -> list[Row]:
+    small, small_reloads = activation(node, trials, "a")
+    flip, flip_reloads = flips(node, trials)
+    member, member_reloads = membership(node, min(trials, 20))
+    bulk_routes(node.store(), [f"o{i}" for i in range(1000)], "app")
+    settle(node)
+    large, _ = activation(node, min(trials, 20), "b")
+    return [
+        Row("activation latency, small config", ms(small), target="p50 <= 100, p95 <= 250",
+            verdict=verdict(pct(small, 0.5) <= 0.1 and pct(small, 0.95) <= 0.25)),
+        Row("activation latency, 1,000 other routes", ms(large)),
+        Row("blue-green flip latency", ms(flip), target="p50 <= 30", verdict=verdict(pct(flip, 0.5) <= 0.03)),
+        Row("reloads per flip", f"{flip_reloads:.1f}", target="0", verdict=verdict(flip_reloads == 0)),
+        Row("membership change latency", ms(member), target="p50 <= 50", verdict=verdict(pct(member, 0.5) <= 0.05)),
+        Row("reloads per membership change (add + remove)", f"{member_reloads:.1f}", target="0",
+            verdict=verdict(member_reloads == 0)),
+        Row("reloads per activation", f"{small_reloads:.1f}"),
+    ]
+
+
+def scale_rows(base: Path, port: int) -> list[Row]:
+    """A fresh node per size, each route with one instance: one full apply run by hand after a change."""
+    rows = []
+    for n in (10, 100, 1000, 10_000):
+        with live_node(base / f"scale-{n}", f"scale-{n}") as node:
+            register_instance(node.store(), "app", "app-1", port)
+            bulk_routes(node.store(), [f"r{i}" for i in range(n)], "app")
+            settle(node, timeout=300)
+            wall, rss = full_apply(node)
+            settle(node, timeout=300)
+            ok = wall <= 2 and rss <= 150
+            rows.append(Row(f"full apply, {n:,} routes: time / handler peak RSS / HAProxy worker RSS",
+                            f"{wall:.2f} s / {rss:.0f} MB / {worker_rss_mb(node):.0f} MB",
+                            target="<= 2 s / <= 150 MB" if n == 10_000 else "-",
+                            verdict=verdict(ok) if n == 10_000 else "-"))
+    return rows
+
+
+def fresh_node(folder: Path, server: Node) -> float:
+    """A new node joins the cluster (1,000+ routes in KV) with an empty folder: agent start -> serving all."""
+    started = time.perf_counter()
+    with live_node(folder, "fresh", dev=False, join=(f"127.0.0.1:{server.spec.serf_port}",)) as fresh:
+        latest = fresh.store().read_prefix(P + "routes/")[0]
+        wait_for(lambda: applied(fresh) >= latest and fetch(f"{url(fresh)}/o999/x").status == 200, 60, "fresh node")
+        return time.perf_counter() - started

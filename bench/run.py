@@ -1,0 +1,176 @@
+"""flowproxy benchmark: real Consul, real HAProxy, real load (wrk), all on loopback, bounded, self-stopping.
+
+    .venv/bin/python -m bench.run [--quick]
+
+Prints one table and writes BENCHMARKS.md. A report, never a test: nothing here asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import baseline
+from flowproxy import release
+from flowproxy.kv import desired_from_kv
+from flowproxy.model import Instance, KVEntry
+from flowproxy.node import Node, NodeSpec, wait_for
+from flowproxy.plan import make_plan
+from flowproxy.render import Bundle, Templates, render
+from flowproxy.settings import REPO_TEMPLATES, Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+FLOWPROXY = str(Path(sys.executable).parent / "flowproxy")
+P = "flowproxy/"
+
+
+@dataclass
+class Row:
+    metric: str
+    flowproxy: str
+    baseline: str = "-"
+    target: str = "-"
+    verdict: str = "-"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+@contextmanager
+def haproxy_serving(files: dict[str, bytes]) -> Iterator[tuple[str, Settings]]:
+    """A bare HAProxy master-worker serving these files; yields its URL and settings."""
+    folder = Path(tempfile.mkdtemp(prefix="fp-bench-"))
+    settings = Settings(node="bench", data_dir=folder, http_bind=f"127.0.0.1:{free_port()}").checked()
+    release.activate(settings.current, release.stage(settings.haproxy_dir, Bundle(files)))
+    node = Node(NodeSpec(settings=settings))
+    (folder / "logs").mkdir()
+    node.start_haproxy()
+    try:
+        yield f"http://{settings.http_bind}", settings
+    finally:
+        node.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextmanager
+def fast_backend() -> Iterator[int]:
+    """A real HTTP backend that is never the bottleneck: a second HAProxy answering 200 by itself."""
+    port = free_port()
+    cfg = (f"defaults\n    mode http\n    timeout client 10s\n    timeout server 10s\n    timeout connect 1s\n"
+           f"frontend be\n    bind 127.0.0.1:{port}\n    http-request return status 200 content-type text/plain "
+           f"string ok hdr X-Instance fast\n")
+    folder = Path(tempfile.mkdtemp(prefix="fp-backend-"))
+    (folder / "haproxy.cfg").write_text(cfg)
+    proc = subprocess.Popen(["haproxy", "-f", str(folder / "haproxy.cfg")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: _listening(port), 10, "the fast backend")
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def route_entries(n: int, service: str = "app") -> list[KVEntry]:
+    out = []
+    for i in range(n):
+        body = json.dumps({"service": service, "paths": [f"/r{i}"]}).encode()
+        out.append(KVEntry(f"{P}routes/r{i}/live", body, 1, 1))
+        out.append(KVEntry(f"{P}routes/r{i}/active", b"live", 2 + i, 2 + i))
+    return out
+
+
+def wrk(url: str, seconds: int, connections: int = 16, close: bool = False) -> dict[str, float]:
+    args = ["wrk", "-t", "2", "-c", str(connections), "-d", f"{seconds}s", url]
+    if close:
+        args[1:1] = ["-H", "Connection: close"]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 30, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    failed = (int(non2xx.group(1)) if non2xx else 0) + (sum(int(x) for x in sock.groups()) if sock else 0)
+    return {"rps": rps, "total": total, "failed": failed}
+
+
+def throughput(n: int, port: int, seconds: int) -> tuple[float, float]:
+    """Requests/s through flowproxy's map routing and through the baseline's ACL lines, hitting the last route."""
+    health = {"app": [Instance("127.0.0.1", port)]}
+    bundle, _ = render(make_plan(desired_from_kv(P, route_entries(n)), health), Templates(REPO_TEMPLATES))
+    with haproxy_serving(dict(bundle.files)) as (url, _):
+        ours = wrk(f"{url}/r{n - 1}/x", seconds)["rps"]
+    cfg = baseline.render([(f"r{i}", f"/r{i}", [("127.0.0.1", port)]) for i in range(n)])
+    with haproxy_serving({"haproxy.cfg": cfg}) as (url, _):
+        theirs = wrk(f"{url}/r{n - 1}/x", seconds)["rps"]
+    return ours, theirs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer trials and shorter loads (a smoke run)")
+    args = parser.parse_args()
+    seconds, trials = (3, 15) if args.quick else (8, 50)
+    rows: list[Row] = []
+    with fast_backend() as port:
+        small = throughput(10, port, seconds)
+        large = throughput(10_000, port, seconds)
+    ratio = large[0] / small[0]
+    rows.append(Row("routing throughput, 10 routes (req/s)", f"{small[0]:,.0f}", f"{small[1]:,.0f}"))
+    rows.append(Row("routing throughput, 10,000 routes (req/s)", f"{large[0]:,.0f}", f"{large[1]:,.0f}"))
+    rows.append(Row("throughput at 10,000 / at 10 routes", f"{ratio:.2f}", f"{large[1] / small[1]:.2f}",
+                    ">= 0.90", "pass" if ratio >= 0.9 else "FAIL"))
+    from bench.live import live_rows
+
+    rows += live_rows(trials, seconds)
+    report(rows, args.quick)
+
+
+def report(rows: list[Row], quick: bool) -> None:
+    def first_line(*argv: str) -> str:
+        return subprocess.run(argv, capture_output=True, text=True, check=False).stdout.split("\n")[0]
+
+    versions = {"haproxy": first_line("haproxy", "-v"), "consul": first_line("consul", "version"),
+                "python": platform.python_version()}
+    head = "| metric | flowproxy | baseline | target | verdict |\n| --- | --- | --- | --- | --- |\n"
+    table = head + "".join(f"| {r.metric} | {r.flowproxy} | {r.baseline} | {r.target} | {r.verdict} |\n" for r in rows)
+    print(table)
+    machine = f"{os.cpu_count()} cores, {platform.machine()}, {platform.system()} {platform.release()}"
+    text = (f"# Benchmarks\n\nMeasured by `.venv/bin/python -m bench.run{' --quick' if quick else ''}` on "
+            f"{time.strftime('%Y-%m-%d')}: {machine}; {versions['haproxy']}; {versions['consul']}; "
+            f"Python {versions['python']}.\n\n{table}\n")
+    (ROOT / "BENCHMARKS.md").write_text(text + (ROOT / "bench" / "NOTES.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
+
