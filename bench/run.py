@@ -104,7 +104,8 @@ def _listening(port: int) -> bool:
 def route_entries(n: int, service: str = "app") -> list[KVEntry]:
     out = []
     for i in range(n):
-        body = json.dumps({"service": service, "paths": [f"/r{i}"]}).encode()
+        # A trailing slash: without it `/r9` is a prefix of `/r9999`, and ACL order would pick the wrong route.
+        body = json.dumps({"service": service, "paths": [f"/r{i}/"]}).encode()
         out.append(KVEntry(f"{P}routes/r{i}/live", body, 1, 1))
         out.append(KVEntry(f"{P}routes/r{i}/active", b"live", 2 + i, 2 + i))
     return out
@@ -129,7 +130,7 @@ def throughput(n: int, port: int, seconds: int) -> tuple[float, float]:
     bundle, _ = render(make_plan(desired_from_kv(P, route_entries(n)), health), Templates(REPO_TEMPLATES))
     with haproxy_serving(dict(bundle.files)) as (url, _):
         ours = wrk(f"{url}/r{n - 1}/x", seconds)["rps"]
-    cfg = baseline.render([(f"r{i}", f"/r{i}", [("127.0.0.1", port)]) for i in range(n)])
+    cfg = baseline.render([(f"r{i}", f"/r{i}/", [("127.0.0.1", port)]) for i in range(n)])
     with haproxy_serving({"haproxy.cfg": cfg}) as (url, _):
         theirs = wrk(f"{url}/r{n - 1}/x", seconds)["rps"]
     return ours, theirs
