@@ -68,7 +68,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     server = IdentityServer(args.name, args.host, args.port)
     print(f"{args.name} listening on {args.host}:{server.port}", flush=True)
-    server.serve_forever()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass  # stopped from a terminal: nothing to report
+    finally:
+        server.server_close()
 
 
 if __name__ == "__main__":

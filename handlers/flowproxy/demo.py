@@ -11,6 +11,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 
 import click
 
@@ -61,8 +62,9 @@ def wait_status(url: str, status: int, timeout: float = 15, host: str | None = N
 
 
 def start_backend(name: str) -> tuple[subprocess.Popen[str], int]:
+    # A session of its own: Ctrl-C reaches the demo, which stops its backends in order.
     proc = subprocess.Popen([sys.executable, "-m", "flowproxy.backend", "--name", name],
-                            stdout=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, text=True, start_new_session=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()  # "<name> listening on 127.0.0.1:<port>"
     return proc, int(line.rsplit(":", 1)[1])
@@ -126,10 +128,12 @@ def run_demo(spec: NodeSpec, keep_running: bool) -> None:
         walkthrough(store, proxy, ports)
         click.secho(f"\nThe walkthrough worked. Proxy: {proxy}   Consul: http://{node.http_addr()}", fg="green")
         if keep_running:
+            cli = Path(sys.executable).parent / "flowproxy"
             click.echo(f"Try: curl -i {proxy}/demo/hello   |   CONSUL_HTTP_ADDR={node.http_addr()} "
-                       "flowproxy status   |   Ctrl-C stops everything")
+                       f"{cli} status   |   Ctrl-C stops everything")
             node.supervise()
     finally:
         for proc in backends:
             proc.terminate()
+            proc.wait(timeout=10)
         node.stop()
