@@ -19,7 +19,7 @@ from bench.run import Row, fast_backend, free_port, pct, wrk
 from flowproxy.backend import IdentityServer
 from flowproxy.consul_io import ConsulStore
 from flowproxy.demo import fetch, register_instance
-from flowproxy.haproxy import MasterSocket
+from flowproxy.haproxy import HAProxySocket
 from flowproxy.node import Node, NodeSpec, wait_for
 from flowproxy.settings import Settings
 
@@ -55,7 +55,7 @@ def reloads(node: Node) -> int:
 
     def ok() -> bool:
         try:
-            box[:] = [MasterSocket(node.settings.master_socket).show_proc().reloads]
+            box[:] = [HAProxySocket(node.settings.master_socket).show_proc().reloads]
         except Exception:
             return False
         return True
@@ -168,7 +168,7 @@ def full_apply(node: Node) -> tuple[float, float]:
 
 
 def worker_rss_mb(node: Node) -> float:
-    pid = MasterSocket(node.settings.master_socket).show_proc().workers[0]
+    pid = HAProxySocket(node.settings.master_socket).show_proc().workers[0]
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024

@@ -9,12 +9,13 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from flowproxy import fragments, release, runstate, watches
+from flowproxy import fragments, release, runstate, runtime, watches
 from flowproxy.consul_io import ConsulStore
 from flowproxy.errors import EmptyRefused, FlowproxyError, HAProxyError
-from flowproxy.haproxy import MasterSocket, check_config
+from flowproxy.haproxy import HAProxySocket, check_config
 from flowproxy.kv import desired_from_kv
 from flowproxy.model import Desired, Instance, KVEntry
 from flowproxy.plan import Plan, make_plan
@@ -94,25 +95,48 @@ def guard_empty(settings: Settings, desired: Desired, accept_empty: bool) -> Non
 
 
 def deploy(settings: Settings, bundle: Bundle) -> bool:
-    """Make `bundle` the running config; False when it already is (no reload for equal bytes)."""
+    """Make `bundle` the running config; False when it already is (no reload for equal bytes).
+
+    Map-only changes go through the Runtime API; anything else, or any refusal there, reloads.
+    """
     current = release.read_bundle(settings.current)
     if current is not None and dict(current.files) == dict(bundle.files):
         return False
     folder = release.stage(settings.haproxy_dir, bundle)
-    check_config(settings.haproxy_bin, folder / "haproxy.cfg", settings.haproxy_env())
+    commands = runtime.runtime_commands(current, bundle) if current is not None else None
+    if commands is None:
+        check_config(settings.haproxy_bin, folder / "haproxy.cfg", settings.haproxy_env())
     previous = release.activate(settings.current, folder)
-    master = MasterSocket(settings.master_socket)
     if not settings.master_socket.exists():
         raise HAProxyError(f"HAProxy is not running ({settings.master_socket} is missing); the new config is "
                            "in place and loads when HAProxy starts (`flowproxy node up`)")
+    if commands is not None:
+        try:
+            runtime.send(HAProxySocket(settings.stats_socket), commands)
+            log.info("applied %d map change(s) through the runtime API, no reload", len(commands))
+            release.prune(settings.haproxy_dir)
+            return True
+        except HAProxyError as exc:
+            log.warning("%s; reloading instead", exc)  # the reload reads the files, whatever ran
+            try:
+                check_config(settings.haproxy_bin, folder / "haproxy.cfg", settings.haproxy_env())
+            except HAProxyError:
+                if previous is not None:
+                    release.activate(settings.current, previous)
+                reload_or_roll_back(settings, None)  # part of the commands ran: back to the files
+                raise
+    reload_or_roll_back(settings, previous)
+    release.prune(settings.haproxy_dir)
+    return True
+
+
+def reload_or_roll_back(settings: Settings, previous: Path | None) -> None:
     try:
-        master.reload()
+        HAProxySocket(settings.master_socket).reload()
     except HAProxyError:
         if previous is not None:
             release.activate(settings.current, previous)  # the files on disk must match what runs
         raise
-    release.prune(settings.haproxy_dir)
-    return True
 
 
 def converge(settings: Settings, generation: int = 0, accept_empty: bool = False) -> Outcome:

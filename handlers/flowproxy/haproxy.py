@@ -53,7 +53,9 @@ def check_config(haproxy_bin: str, cfg: Path, env: Mapping[str, str]) -> None:
         raise HAProxyError(f"haproxy -c refused {cfg}: {detail}")
 
 
-class MasterSocket:
+class HAProxySocket:
+    """Any HAProxy CLI socket: the master socket (`show proc`, `reload`) or a stats socket (runtime API)."""
+
     def __init__(self, path: Path, timeout: float = 5.0) -> None:
         self.path = path
         self.timeout = timeout

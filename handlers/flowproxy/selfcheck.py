@@ -9,7 +9,7 @@ from __future__ import annotations
 from flowproxy import __version__, runstate
 from flowproxy.consul_io import ConsulStore
 from flowproxy.errors import HAProxyError
-from flowproxy.haproxy import MasterSocket
+from flowproxy.haproxy import HAProxySocket
 from flowproxy.settings import Settings
 
 SERVICE = "flowproxy"
@@ -38,7 +38,7 @@ def register(store: ConsulStore, settings: Settings) -> None:
 def health(settings: Settings) -> tuple[str, str]:
     """(status, output) for the node's check, from HAProxy itself and the last apply's record."""
     try:
-        info = MasterSocket(settings.master_socket, timeout=2).show_proc()
+        info = HAProxySocket(settings.master_socket, timeout=2).show_proc()
     except HAProxyError as exc:
         return "critical", f"HAProxy is down: {exc}"
     # No `if not info.workers` here: during a reload `show proc` can list no current worker for a moment

@@ -24,7 +24,7 @@ from flowproxy.apply import deploy
 from flowproxy.backend import IdentityServer
 from flowproxy.demo import register_instance
 from flowproxy.errors import HAProxyError
-from flowproxy.haproxy import MasterSocket, ProcInfo, check_config
+from flowproxy.haproxy import HAProxySocket, ProcInfo, check_config
 from flowproxy.node import wait_for
 from flowproxy.render import Bundle
 from flowproxy.settings import REPO_TEMPLATES
@@ -148,10 +148,10 @@ def test_a_failed_reload_rolls_the_files_back(node: ProxyNode) -> None:
         extra = f"\nfrontend fp_extra\n    bind 127.0.0.1:{port}\n    default_backend fp_no_route\n"
         bad = Bundle(dict(current.files) | {"haproxy.cfg": current.config + extra.encode()})
         check_config("haproxy", write_tmp(node, bad), node.settings.haproxy_env())  # -c cannot see it
-        failed = MasterSocket(node.settings.master_socket).show_proc().failed
+        failed = HAProxySocket(node.settings.master_socket).show_proc().failed
         with pytest.raises(HAProxyError, match="could not load the new configuration"):
             deploy(node.settings, bad)
-        assert MasterSocket(node.settings.master_socket).show_proc().failed == failed + 1
+        assert HAProxySocket(node.settings.master_socket).show_proc().failed == failed + 1
         assert serving_hash(node) == current.digest  # the files on disk match what runs
         assert node.get("/demo").status == 200
     finally:
@@ -206,7 +206,7 @@ def proc_info(proxy: ProxyNode) -> ProcInfo:
 
     def answered() -> bool:
         try:
-            seen[:] = [MasterSocket(proxy.settings.master_socket).show_proc()]
+            seen[:] = [HAProxySocket(proxy.settings.master_socket).show_proc()]
         except HAProxyError:
             return False
         return True

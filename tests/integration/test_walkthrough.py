@@ -134,3 +134,25 @@ def test_bad_intent_is_rejected_alone_and_reported(proxy: ProxyNode, instances: 
     assert broken["state"] == "rejected"
     assert broken["reasons"] == ['flowproxy/routes/broken/live: paths[0]: \'nope\' must start with "/"']
     assert status_of(proxy)["ok"] is True
+
+
+def test_activations_flips_and_switching_off_warm_variants_reload_nothing(
+        proxy: ProxyNode, instances: Callable[..., IdentityServer]) -> None:
+    from flowproxy.haproxy import HAProxySocket
+
+    instances("go-demo", "blue-1", ("blue",))
+    instances("go-demo", "green-1", ("green",))
+    put(proxy, "routes/go-demo/blue", json.dumps({"service": "go-demo", "tags": ["blue"], "paths": ["/demo"]}))
+    put(proxy, "routes/go-demo/green", json.dumps({"service": "go-demo", "tags": ["green"], "paths": ["/demo"]}))
+    wait_applied(proxy)
+    before = HAProxySocket(proxy.settings.master_socket).show_proc()
+    for color in ("blue", "green", "blue"):
+        put(proxy, "routes/go-demo/active", color)
+        wanted = f"{color}-1"
+        proxy.wait(lambda: proxy.get("/demo/x").instance == wanted, f"{wanted} to serve")
+    proxy.store().delete("flowproxy/routes/go-demo/active")
+    proxy.wait_reply("/demo/x", 404)
+    wait_applied(proxy)
+    after = HAProxySocket(proxy.settings.master_socket).show_proc()
+    assert (after.reloads, after.workers) == (before.reloads, before.workers)  # same worker all along
+    assert "go-demo" not in proxy.public_routes()  # and the files say what runs
