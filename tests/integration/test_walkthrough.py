@@ -146,10 +146,12 @@ def test_activations_flips_and_switching_off_warm_variants_reload_nothing(
     put(proxy, "routes/go-demo/green", json.dumps({"service": "go-demo", "tags": ["green"], "paths": ["/demo"]}))
     wait_applied(proxy)
     before = HAProxySocket(proxy.settings.master_socket).show_proc()
+    def serves(instance: str) -> Callable[[], bool]:
+        return lambda: proxy.get("/demo/x").instance == instance
+
     for color in ("blue", "green", "blue"):
         put(proxy, "routes/go-demo/active", color)
-        wanted = f"{color}-1"
-        proxy.wait(lambda: proxy.get("/demo/x").instance == wanted, f"{wanted} to serve")
+        proxy.wait(serves(f"{color}-1"), f"{color} to serve")
     proxy.store().delete("flowproxy/routes/go-demo/active")
     proxy.wait_reply("/demo/x", 404)
     wait_applied(proxy)
