@@ -187,13 +187,17 @@ def test_a_storm_of_writes_and_an_agent_reload_lose_no_change(node: ProxyNode) -
     store = node.store()
     started = time.monotonic()
     for i in range(50):
-        store.put("flowproxy/routes/go-demo/live", route(["/demo", f"/s{i}"]))
+        # `balance` changes haproxy.cfg itself, so every write needs a real reload (not a map update).
+        balance = "leastconn" if i % 2 else "roundrobin"
+        store.put("flowproxy/routes/go-demo/live",
+                  json.dumps({"service": "go-demo", "paths": ["/demo", f"/s{i}"], "balance": balance}))
     store.reload_agent()  # re-fires every watch at once
     took = time.monotonic() - started
     node.wait_reply("/s49", 200)
     node.wait(lambda: status_of(node).get("kv_index") == store.read_prefix("flowproxy/routes/")[0], "final index")
     after = proc_info(node)
     assert node.get("/s48").status == 404
+    assert b"balance leastconn" in (node.settings.current / "haproxy.cfg").read_bytes()  # write 49 won
     assert after.failed == before.failed
     reloads = after.reloads - before.reloads
     assert 1 <= reloads <= 51, reloads  # coalesced, and never more than one a change
