@@ -11,7 +11,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -74,18 +74,31 @@ def settle(node: Node, timeout: float = 120) -> None:
     wait_for(lambda: applied(node) >= latest, timeout, f"the node to apply index {latest}")
 
 
-def until(check: str, probe: object, timeout: float = 10) -> float:
+def until(check: str, probe: Callable[[], bool], timeout: float = 10) -> float:
     """Seconds until `probe()` is true, polling every millisecond."""
     started = time.perf_counter()
     deadline = started + timeout
     while time.perf_counter() < deadline:
         try:
-            if probe():  # type: ignore[operator]
+            if probe():
                 return time.perf_counter() - started
         except OSError:
             pass
         time.sleep(0.001)
     raise TimeoutError(check)
+
+
+def answers(address: str, status: int) -> Callable[[], bool]:
+    return lambda: fetch(address).status == status
+
+
+def reaches(address: str, instance: str, tries: int = 1) -> Callable[[], bool]:
+    """True once one of `tries` requests lands on `instance` (round robin spreads them)."""
+    return lambda: any(fetch(address).instance == instance for _ in range(tries))
+
+
+def avoids(address: str, instance: str) -> Callable[[], bool]:
+    return lambda: all(fetch(address).instance != instance for _ in range(3))
 
 
 def bulk_routes(store: ConsulStore, names: list[str], service: str) -> None:
@@ -105,8 +118,7 @@ def activation(node: Node, trials: int, tag: str) -> tuple[list[float], float]:
         settle(node)
         start = time.perf_counter()
         store.put(f"{P}routes/{tag}{t}/active", "live")
-        times.append(time.perf_counter() - start + until("activation", lambda t=t: fetch(
-            f"{url(node)}/{tag}{t}/x").status == 200))
+        times.append(time.perf_counter() - start + until("activation", answers(f"{url(node)}/{tag}{t}/x", 200)))
     settle(node)
     return times, (reloads(node) - before) / trials
 
@@ -122,8 +134,7 @@ def flips(node: Node, trials: int) -> tuple[list[float], float]:
         color = "green" if t % 2 == 0 else "blue"
         start = time.perf_counter()
         store.put(f"{P}routes/flip/active", color)
-        times.append(time.perf_counter() - start + until("flip", lambda c=color: fetch(
-            f"{url(node)}/flip").instance == f"{c}-1"))
+        times.append(time.perf_counter() - start + until("flip", reaches(f"{url(node)}/flip", f"{color}-1")))
     settle(node)
     return times, (reloads(node) - before) / trials
 
@@ -134,16 +145,16 @@ def membership(node: Node, trials: int) -> tuple[list[float], float]:
     store.put(f"{P}routes/members/active", "live")
     first = IdentityServer("m-0").start()
     register_instance(store, "members", "m-0", first.port)
-    until("first member", lambda: fetch(f"{url(node)}/members").status == 200, 20)
+    until("first member", answers(f"{url(node)}/members", 200), 20)
     before = reloads(node)
     for t in range(1, trials + 1):
         server = IdentityServer(f"m-{t}").start()
         start = time.perf_counter()
         register_instance(store, "members", f"m-{t}", server.port)
-        times.append(time.perf_counter() - start + until("member", lambda t=t: any(
-            fetch(f"{url(node)}/members").instance == f"m-{t}" for _ in range(t + 1)), 20))
+        landed = until("member", reaches(f"{url(node)}/members", f"m-{t}", t + 1), 20)
+        times.append(time.perf_counter() - start + landed)
         store.client.agent.service.deregister(f"m-{t}")
-        until("member gone", lambda t=t: all(fetch(f"{url(node)}/members").instance != f"m-{t}" for _ in range(3)), 20)
+        until("member gone", avoids(f"{url(node)}/members", f"m-{t}"), 20)
         server.stop()
     result = (reloads(node) - before) / trials
     store.client.agent.service.deregister("m-0")
@@ -180,7 +191,7 @@ def reconfig_failures(node: Node, port: int, seconds: int) -> dict[str, int]:
     register_instance(store, "fast", "fast-1", port)
     store.put(f"{P}routes/hot/live", json.dumps({"service": "fast", "paths": ["/hot"]}))
     store.put(f"{P}routes/hot/active", "live")
-    until("hot route", lambda: fetch(f"{url(node)}/hot").status == 200, 20)
+    until("hot route", answers(f"{url(node)}/hot", 200), 20)
     out = {}
     for close in (False, True):
         result: dict[str, float] = {}

@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -140,13 +141,13 @@ def serve_bundle(data_dir: Path, bundle: Bundle, preview: str | None = None) -> 
     settings = Settings(node="solo", data_dir=data_dir, http_bind=f"127.0.0.1:{free_port()}",
                         preview_bind=preview).checked()
     release.activate(settings.current, release.stage(settings.haproxy_dir, bundle))
-    node = Node(replace(NodeSpec(settings=settings)))
+    node = Node(NodeSpec(settings=settings))
     node.settings.data_dir.joinpath("logs").mkdir(parents=True, exist_ok=True)
     node.start_haproxy()
     return node, f"http://{settings.http_bind}"
 
 
-def status_of(proxy: ProxyNode) -> dict[str, object]:
+def status_of(proxy: ProxyNode) -> dict[str, Any]:
     """The node's status document; {} while there is none or its agent is down (waits poll this)."""
     import json
 
@@ -159,10 +160,10 @@ def status_of(proxy: ProxyNode) -> dict[str, object]:
     return json.loads(entry.value) if entry else {}
 
 
-def wait_applied(proxy: ProxyNode, timeout: float = 20) -> dict[str, object]:
+def wait_applied(proxy: ProxyNode, timeout: float = 20) -> dict[str, Any]:
     """Wait until the node's status reports a KV index at least as new as every write made so far."""
     index, _ = proxy.store().read_prefix(proxy.settings.prefix + "routes/")
-    seen: list[dict[str, object]] = []
+    seen: list[dict[str, Any]] = []
 
     def applied() -> bool:
         seen[:] = [status_of(proxy)]

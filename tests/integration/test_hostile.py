@@ -206,7 +206,7 @@ def test_very_many_routes_are_served(anchored: ProxyNode, tmp_path: Path) -> Non
         ops.append(("set", f"flowproxy/routes/r{i}/active", b"live", None))
     for start in range(0, len(ops), 64):  # Consul 1.8 caps a transaction at 64 operations
         store.txn(ops[start:start + 64])
-    routes: dict[str, dict[str, Any]] = wait_applied(anchored, timeout=60)["routes"]  # type: ignore[assignment]
+    routes: dict[str, dict[str, Any]] = wait_applied(anchored, timeout=60)["routes"]
     assert sum(1 for st in routes.values() if st["state"] == "serving") == 1500
     for i in (0, 749, 1499):
         assert anchored.get(f"/r{i}/x").instance == "go-demo-1"

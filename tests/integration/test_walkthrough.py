@@ -38,7 +38,7 @@ def test_step3_activate_routes_to_the_service(proxy: ProxyNode, instances: Calla
     assert json.loads(reply.body) == {"instance": "go-demo-1", "path": "/demo/hello", "host": proxy.url[7:]}
     status = wait_applied(proxy)
     assert status["ok"] is True
-    assert status["routes"]["go-demo"]["state"] == "serving"  # type: ignore[index]
+    assert status["routes"]["go-demo"]["state"] == "serving"
 
 
 def test_step4_scaling_is_picked_up_and_critical_instances_get_nothing(
@@ -98,7 +98,7 @@ def test_step7_deactivate_keeps_variants_then_remove(
     proxy.store().delete(proxy.settings.prefix + "routes/go-demo", recurse=True)
     proxy.wait_reply("/demo/hello", 404)
     status = wait_applied(proxy)
-    assert "go-demo" not in status["routes"]  # type: ignore[operator]
+    assert "go-demo" not in status["routes"]
     assert b"go-demo" not in proxy.config()
 
 
@@ -130,7 +130,7 @@ def test_bad_intent_is_rejected_alone_and_reported(proxy: ProxyNode, instances: 
     put(proxy, "routes/broken/active", "live")
     proxy.wait_reply("/demo/hello", 200)
     status = wait_applied(proxy)
-    broken = status["routes"]["broken"]  # type: ignore[index]
+    broken = status["routes"]["broken"]
     assert broken["state"] == "rejected"
     assert broken["reasons"] == ['flowproxy/routes/broken/live: paths[0]: \'nope\' must start with "/"']
     assert status_of(proxy)["ok"] is True
