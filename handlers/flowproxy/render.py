@@ -78,7 +78,7 @@ def render(plan: Plan, templates: Templates) -> tuple[Bundle, Plan]:
         except (jinja2.TemplateError, ValueError) as exc:
             failed[backend.name] = f"{backend.key}: template: {exc}"
     if failed:
-        plan = _drop_failed(plan, failed)
+        plan = drop_backends(plan, failed)
     maps = render_maps(plan.claims) | render_maps(plan.preview, "preview_")
     cfg = env.get_template("haproxy.cfg.j2").render(
         version=__version__, fragments=fragments, maps={name: f"maps/{name}.map" for name in MAP_FILES})
@@ -142,10 +142,6 @@ def custom_fragments(plan: Plan, templates: Templates) -> dict[str, str]:
 
 
 def drop_backends(plan: Plan, failed: Mapping[str, str]) -> Plan:
-    return _drop_failed(plan, failed)
-
-
-def _drop_failed(plan: Plan, failed: Mapping[str, str]) -> Plan:
     """Remove backends whose template failed; a route whose serving backend failed is rejected."""
     def state(s: RouteState) -> RouteState:
         name = backend_name(s.route, s.variant or "")
