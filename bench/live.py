@@ -104,8 +104,8 @@ def avoids(address: str, instance: str) -> Callable[[], bool]:
 def bulk_routes(store: ConsulStore, names: list[str], service: str) -> None:
     ops: list[tuple[str, str, bytes | None, int | None]] = []
     for name in names:
-        ops.append(("set", f"{P}routes/{name}/live", json.dumps({"service": service, "paths": [f"/{name}"]}).encode(),
-                    None))
+        body = json.dumps({"service": service, "paths": [f"/{name}/"]}).encode()
+        ops.append(("set", f"{P}routes/{name}/live", body, None))
         ops.append(("set", f"{P}routes/{name}/active", b"live", None))
     for start in range(0, len(ops), 64):  # Consul 1.8 caps a transaction at 64 operations
         store.txn(ops[start:start + 64])
@@ -114,7 +114,9 @@ def bulk_routes(store: ConsulStore, names: list[str], service: str) -> None:
 def activation(node: Node, trials: int, tag: str) -> tuple[list[float], float]:
     store, times, before = node.store(), [], reloads(node)
     for t in range(trials):
-        store.put(f"{P}routes/{tag}{t}/live", json.dumps({"service": "app", "paths": [f"/{tag}{t}"]}))
+        # The trailing slash matters: `/a1` is a string prefix of `/a10/x`, so an already active route
+        # would answer and the trial would measure nothing.
+        store.put(f"{P}routes/{tag}{t}/live", json.dumps({"service": "app", "paths": [f"/{tag}{t}/"]}))
         settle(node)
         start = time.perf_counter()
         store.put(f"{P}routes/{tag}{t}/active", "live")
