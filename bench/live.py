@@ -51,17 +51,7 @@ def url(node: Node) -> str:
 
 
 def reloads(node: Node) -> int:
-    box: list[int] = []
-
-    def ok() -> bool:
-        try:
-            box[:] = [HAProxySocket(node.settings.master_socket).show_proc().reloads]
-        except Exception:
-            return False
-        return True
-
-    wait_for(ok, 10, "show proc")
-    return box[0]
+    return HAProxySocket(node.settings.master_socket).show_proc_settled().reloads
 
 
 def applied(node: Node) -> int:

@@ -79,9 +79,20 @@ class HAProxySocket:
     def show_proc(self) -> ProcInfo:
         return parse_show_proc(self.command("show proc"))
 
+    def show_proc_settled(self, timeout: float = 10.0) -> ProcInfo:
+        """`show proc`, retried while the master re-executes itself during a reload (its socket blinks)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.show_proc()
+            except HAProxyError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.02)
+
     def reload(self, timeout: float = 30.0) -> ProcInfo:
         """Ask for one reload and wait until `show proc` confirms it loaded (or failed)."""
-        before = self.show_proc()
+        before = self.show_proc_settled()
         self.command("reload")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

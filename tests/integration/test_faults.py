@@ -25,7 +25,6 @@ from flowproxy.backend import IdentityServer
 from flowproxy.demo import register_instance
 from flowproxy.errors import HAProxyError
 from flowproxy.haproxy import HAProxySocket, ProcInfo, check_config
-from flowproxy.node import wait_for
 from flowproxy.render import Bundle
 from flowproxy.settings import REPO_TEMPLATES
 from tests.harness import ProxyNode, free_port, node_spec, start_node, status_of, wait_applied
@@ -205,18 +204,7 @@ def test_a_storm_of_writes_and_an_agent_reload_lose_no_change(node: ProxyNode) -
 
 
 def proc_info(proxy: ProxyNode) -> ProcInfo:
-    """`show proc`, retried while the master re-executes itself during a reload (its socket blinks)."""
-    seen: list[ProcInfo] = []
-
-    def answered() -> bool:
-        try:
-            seen[:] = [HAProxySocket(proxy.settings.master_socket).show_proc()]
-        except HAProxyError:
-            return False
-        return True
-
-    wait_for(answered, 10, "the HAProxy master socket")
-    return seen[0]
+    return HAProxySocket(proxy.settings.master_socket).show_proc_settled()
 
 
 def test_the_haproxy_master_dying_shows_critical_then_comes_back(node: ProxyNode) -> None:
