@@ -15,7 +15,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench.run import Row, fast_backend, free_port, pct, wrk
+from bench.run import Row, fast_backend, free_port, pct
+from bench.wrk import WrkResult, run_wrk
 from flowproxy.backend import IdentityServer
 from flowproxy.consul_io import ConsulStore
 from flowproxy.demo import fetch, register_instance
@@ -186,10 +187,10 @@ def reconfig_failures(node: Node, port: int, seconds: int) -> dict[str, int]:
     until("hot route", answers(f"{url(node)}/hot", 200), 20)
     out = {}
     for close in (False, True):
-        result: dict[str, float] = {}
+        result: list[WrkResult] = []
 
-        def run_load(box: dict[str, float] = result, c: bool = close) -> None:
-            box.update(wrk(f"{url(node)}/hot", seconds + 4, 8, c))
+        def run_load(box: list[WrkResult] = result, c: bool = close) -> None:
+            box.append(run_wrk(f"{url(node)}/hot", seconds + 4, close=c))
 
         load = threading.Thread(target=run_load)
         load.start()
@@ -198,7 +199,7 @@ def reconfig_failures(node: Node, port: int, seconds: int) -> dict[str, int]:
             store.put(f"{P}routes/hot/live", json.dumps({"service": "fast", "paths": ["/hot", f"/extra{i}"]}))
             time.sleep(seconds / 50)
         load.join()
-        out["close" if close else "keep-alive"] = int(result["failed"])
+        out["close" if close else "keep-alive"] = result[0].failed
     return out
 
 

@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
 import socket
 import subprocess
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import baseline
+from bench.wrk import run_wrk
 from flowproxy import release
 from flowproxy.kv import desired_from_kv
 from flowproxy.model import Instance, KVEntry
@@ -111,28 +111,15 @@ def route_entries(n: int, service: str = "app") -> list[KVEntry]:
     return out
 
 
-def wrk(url: str, seconds: int, connections: int = 16, close: bool = False) -> dict[str, float]:
-    args = ["wrk", "-t", "2", "-c", str(connections), "-d", f"{seconds}s", url]
-    if close:
-        args[1:1] = ["-H", "Connection: close"]
-    out = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 30, check=True).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    failed = (int(non2xx.group(1)) if non2xx else 0) + (sum(int(x) for x in sock.groups()) if sock else 0)
-    return {"rps": rps, "total": total, "failed": failed}
-
-
 def throughput(n: int, port: int, seconds: int) -> tuple[float, float]:
     """Requests/s through flowproxy's map routing and through the baseline's ACL lines, hitting the last route."""
     health = {"app": [Instance("127.0.0.1", port)]}
     bundle, _ = render(make_plan(desired_from_kv(P, route_entries(n)), health), Templates(REPO_TEMPLATES))
     with haproxy_serving(dict(bundle.files)) as (url, _):
-        ours = wrk(f"{url}/r{n - 1}/x", seconds)["rps"]
+        ours = run_wrk(f"{url}/r{n - 1}/x", seconds, connections=16).rps
     cfg = baseline.render([(f"r{i}", f"/r{i}/", [("127.0.0.1", port)]) for i in range(n)])
     with haproxy_serving({"haproxy.cfg": cfg}) as (url, _):
-        theirs = wrk(f"{url}/r{n - 1}/x", seconds)["rps"]
+        theirs = run_wrk(f"{url}/r{n - 1}/x", seconds, connections=16).rps
     return ours, theirs
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.wrk import WrkResult, run_wrk
 from flowproxy.backend import IdentityServer
 from flowproxy.demo import fetch, register_instance
 from flowproxy.fleet import latest_index
@@ -176,27 +177,14 @@ class MasterStats:
         return [f"{r[0]}/{r[1]} {r[17]} 2xx={r[40]} 4xx={r[42]} 5xx={r[43]}" for r in rows if len(r) > 43]
 
 
-def run_wrk(url: str, seconds: int, close: bool) -> dict[str, int]:
-    need("wrk")
-    script = Path(__file__).resolve().parents[1] / "load" / "count-status.lua"
-    args = ["wrk", "-t", "2", "-c", "8", "-d", f"{seconds}s", "-s", str(script), url]
-    if close:
-        args[1:1] = ["-H", "Connection: close"]
-    out = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 30, check=True).stdout
-    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    errors = sum(int(x) for x in sock.groups()) if sock else 0
-    codes = {f"http_{code}": int(n) for code, n in re.findall(r"^status (\d+) (\d+)$", out, re.M)}
-    return {"requests": requests, "non2xx": int(non2xx.group(1)) if non2xx else 0, "socket_errors": errors} | codes
-
-
 @pytest.mark.parametrize("close", [False, True], ids=["keep-alive", "connection-close"])
 def test_flip_and_rollback_under_load_fail_no_request(fleet: Fleet, close: bool) -> None:
     fleet.blue_green()
     edge = fleet.nodes[0]
-    result: dict[str, int] = {}
-    load = threading.Thread(target=lambda: result.update(run_wrk(edge.url + "/demo/x", 8, close)))
+    need("wrk")
+    result: list[WrkResult] = []
+    load = threading.Thread(target=lambda: result.append(run_wrk(edge.url + "/demo/x", 8, close=close,
+                                                                 count_status=True)))
     load.start()
     time.sleep(1)
     for color in ("green", "blue", "green", "blue"):
@@ -207,8 +195,8 @@ def test_flip_and_rollback_under_load_fail_no_request(fleet: Fleet, close: bool)
         time.sleep(0.5)
     load.join()
     stats = MasterStats(edge.settings.stats_socket).codes()
-    assert result["requests"] > 100
-    assert (result["non2xx"], result["socket_errors"]) == (0, 0), (result, stats)
+    assert result[0].requests > 100
+    assert (result[0].non2xx, result[0].socket_errors) == (0, 0), (result[0], stats)
 
 
 def test_wait_returns_zero_after_convergence_and_names_a_held_back_node(fleet: Fleet) -> None:
