@@ -10,33 +10,49 @@ import argparse
 import logging
 import logging.handlers
 import sys
+from typing import TYPE_CHECKING
 
 from flowproxy import coalesce, runstate
 from flowproxy.settings import Settings
+
+if TYPE_CHECKING:
+    from flowproxy.consul_io import ConsulStore
 
 log = logging.getLogger(__name__)
 KINDS = ("keyprefix", "service", "manual")
 
 
 def setup_logging(settings: Settings) -> None:
-    fmt = logging.Formatter(f"%(asctime)s {settings.node} %(levelname)s %(name)s: %(message)s")
     root = logging.getLogger()
     root.setLevel(logging.INFO)
     err = logging.StreamHandler(sys.stderr)
-    err.setFormatter(fmt)
+    err.setFormatter(log_format(settings))
     root.addHandler(err)
+    log_file = log_file_handler(settings)
+    if log_file is not None:
+        root.addHandler(log_file)
+
+
+def log_format(settings: Settings) -> logging.Formatter:
+    return logging.Formatter(f"%(asctime)s {settings.node} %(levelname)s %(name)s: %(message)s")
+
+
+def log_file_handler(settings: Settings) -> logging.Handler | None:
+    """`<data>/handler.log`, where every apply reports, whichever process ran it."""
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         log_file = logging.handlers.RotatingFileHandler(settings.data_dir / "handler.log",
                                                         maxBytes=5_000_000, backupCount=2)
     except OSError as exc:
         log.warning("cannot open %s/handler.log (%s); logging to stderr only", settings.data_dir, exc)
-        return
-    log_file.setFormatter(fmt)
-    root.addHandler(log_file)
+        return None
+    log_file.setFormatter(log_format(settings))
+    return log_file
 
 
-def handle(kind: str, payload: str, settings: Settings, accept_empty: bool = False) -> int:
+def handle(kind: str, payload: str, settings: Settings, accept_empty: bool = False,
+           store: ConsulStore | None = None) -> int:
+    """Apply if the event may change the config; `store` is the warm applier's client, if it runs us."""
     from flowproxy.errors import FlowproxyError
 
     first = coalesce.bump(settings.run_dir)
@@ -53,7 +69,7 @@ def handle(kind: str, payload: str, settings: Settings, accept_empty: bool = Fal
         skip = None
         from flowproxy.apply import converge  # the heavy imports start here
 
-        converge(settings, generation, accept_empty)
+        converge(settings, generation, accept_empty, store)
 
     try:
         coalesce.drain(settings.run_dir, work, first, wait=kind == "manual")
@@ -63,14 +79,15 @@ def handle(kind: str, payload: str, settings: Settings, accept_empty: bool = Fal
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, payload: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flowproxy handle",
                                      description="Apply Consul's state to this node (called by Consul watches).")
     parser.add_argument("--kind", choices=KINDS, default="manual", help="which watch called (default: manual)")
     parser.add_argument("--accept-empty", action="store_true",
                         help="apply an empty route table even if it is not newer than the running one")
     args = parser.parse_args(argv)
-    payload = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
+    if payload is None:
+        payload = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
     try:
         settings = Settings.from_env()
     except Exception as exc:  # a broken environment must still be reported, whatever it is

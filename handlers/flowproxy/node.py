@@ -22,6 +22,7 @@ from typing import IO
 
 from flowproxy import coalesce, release, runstate, selfcheck
 from flowproxy.agent import consul_argv, install_watches
+from flowproxy.applier import Applier
 from flowproxy.consul_io import ConsulStore
 from flowproxy.errors import FlowproxyError, UsageError
 from flowproxy.settings import Settings
@@ -63,6 +64,7 @@ class Node:
     last_retry: float = 0.0
     last_resync: float = 0.0
     last_full: float = field(default_factory=time.monotonic)
+    applier: Applier | None = None
     _store: ConsulStore | None = None
 
     @property
@@ -98,6 +100,9 @@ class Node:
         self.wait_consul(timeout)
         if not self.spec.proxy:
             return
+        if self.applier is None:
+            self.applier = Applier(self.settings)
+            self.applier.start()  # before the watches: their first events find it listening
         install_watches(self.spec)
         store = self.store()
         store.reload_agent()
@@ -218,7 +223,10 @@ class Node:
             time.sleep(poll)
 
     def stop(self) -> None:
-        """Leave the catalog, stop the agent (a graceful leave), then HAProxy with a soft stop."""
+        """Stop applying, leave the catalog, stop the agent (a graceful leave), then HAProxy with a soft stop."""
+        if self.applier is not None:
+            self.applier.stop()  # the leave below fires watches that must not apply against a dying agent
+            self.applier = None
         if self.spec.proxy and "consul" in self.procs and self.procs["consul"].poll() is None:
             try:
                 self.store().deregister_service(selfcheck.service_id(self.settings))

@@ -127,8 +127,11 @@ def make_plan(desired: Desired, health: Mapping[str, list[Instance]]) -> Plan:
     preview: dict[tuple[str, str, str, str], Claim] = {}
     owners: dict[str, str] = {}
     states: dict[str, RouteState] = {}
+    by_route: dict[str, list[Backend]] = {}
+    for b in backends.values():
+        by_route.setdefault(b.route, []).append(b)  # a scan per route made 10k routes take 2 s here alone
     for route in sorted(desired.routes, key=lambda r: (r.active_since, r.name)):
-        for b in (b for b in backends.values() if b.route == route.name):
+        for b in by_route.get(route.name, []):
             for c in claims_for(b.intent, b.name, b.variant):
                 preview.setdefault(c.slot, c)  # same variant name, same slot: the older route keeps it
         state = _inactive_state(route)

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from flowproxy.forward import DEFAULT_DATA_DIR
+
 PREFIX_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)*/")
 NODE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 REPO_TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
@@ -22,7 +24,7 @@ REPO_TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 class Settings:
     prefix: str = "flowproxy/"
     node: str = "flowproxy"
-    data_dir: Path = Path("/var/lib/flowproxy")
+    data_dir: Path = Path(DEFAULT_DATA_DIR)
     consul_addr: str = "127.0.0.1:8500"
     consul_token: str | None = None
     http_bind: str = "127.0.0.1:8080"
@@ -36,7 +38,7 @@ class Settings:
         values = {
             "prefix": env.get("FLOWPROXY_PREFIX", "flowproxy/"),
             "node": env.get("FLOWPROXY_NODE") or socket.gethostname().split(".")[0],
-            "data_dir": Path(env.get("FLOWPROXY_DATA_DIR", "/var/lib/flowproxy")),
+            "data_dir": Path(env.get("FLOWPROXY_DATA_DIR", DEFAULT_DATA_DIR)),
             "consul_addr": env.get("CONSUL_HTTP_ADDR", "127.0.0.1:8500"),
             "consul_token": env.get("CONSUL_HTTP_TOKEN") or None,
             "http_bind": env.get("FLOWPROXY_HTTP_BIND", "127.0.0.1:8080"),

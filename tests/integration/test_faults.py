@@ -228,6 +228,10 @@ def limit_file_size() -> None:
 
 def test_a_failed_disk_write_keeps_the_old_config(node: ProxyNode) -> None:
     before = serving_hash(node)
+    # The failed run's status write fires the keyprefix watch, and the warm applier (no file size limit)
+    # would apply within ~15 ms, before the old config could be looked at. Handler processes take longer.
+    assert node.node.applier is not None
+    node.node.applier.stop()
     node.paused.set()
     lock = os.open(node.settings.run_dir / "apply.lock", os.O_RDWR)
     fcntl.flock(lock, fcntl.LOCK_EX)  # the watch handlers find the lock taken and leave it to us
@@ -241,5 +245,6 @@ def test_a_failed_disk_write_keeps_the_old_config(node: ProxyNode) -> None:
     assert "cannot write release" in done.stderr
     assert node.get("/demo").status == 200 and node.get("/disk").status == 404
     assert serving_hash(node) == before
+    node.node.applier.start()
     node.paused.clear()  # the supervisor retries without the limit
     node.wait_reply("/disk", 200, timeout=30)

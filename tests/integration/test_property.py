@@ -76,7 +76,9 @@ ALLOWED_BACKEND_LINES = [
     re.compile(r"backend [a-z0-9][a-z0-9_.-]*:[a-z0-9][a-z0-9_.-]*"),
     re.compile(r"    # flowproxy/routes/[a-z0-9_.-]+/[a-z0-9_.-]+ -> service [A-Za-z0-9_.-]+"),
     re.compile(r"    balance (roundrobin|leastconn|source)"),
-    re.compile(r"    server [0-9.:]+ [0-9.:]+( check)?"),
+    re.compile(r"    # Consistent hashing: the one hash HAProxy allows servers to be added to at run time."),
+    re.compile(r"    hash-type consistent"),
+    re.compile(r"    server [0-9.:]+ [0-9.:]+( check( inter 2s fall 2 rise 1)?)?"),
     re.compile(r"    http-response set-header X-Flowproxy-Route [a-z0-9_.-]+"),  # templates/routes/example.j2
 ]
 BASELINE = set(render(make_plan(desired_from_kv(P, []), {}), Templates(REPO_TEMPLATES))[0].config.decode().splitlines())

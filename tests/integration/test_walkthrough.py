@@ -158,3 +158,29 @@ def test_activations_flips_and_switching_off_warm_variants_reload_nothing(
     after = HAProxySocket(proxy.settings.master_socket).show_proc()
     assert (after.reloads, after.workers) == (before.reloads, before.workers)  # same worker all along
     assert "go-demo" not in proxy.public_routes()  # and the files say what runs
+
+
+def test_instances_coming_and_going_reload_nothing(proxy: ProxyNode,
+                                                  instances: Callable[..., IdentityServer]) -> None:
+    """Membership goes through `add server`/`del server`; the files say what runs, so a reload changes nothing."""
+    from flowproxy.haproxy import HAProxySocket
+
+    first = instances("go-demo", "go-demo-1")
+    put(proxy, "routes/go-demo/live", INTENT)
+    put(proxy, "routes/go-demo/active", "live")
+    proxy.wait_reply("/demo/x", 200)
+    wait_applied(proxy)
+    master = HAProxySocket(proxy.settings.master_socket)
+    before = master.show_proc()
+    second = instances("go-demo", "go-demo-2")
+    proxy.wait(lambda: set(spread(proxy, "/demo/x", 4)) == {"go-demo-1", "go-demo-2"}, "both instances to serve")
+    proxy.store().deregister_service("go-demo-1")
+    proxy.wait(lambda: set(spread(proxy, "/demo/x", 4)) == {"go-demo-2"}, "only the second instance to serve")
+    wait_applied(proxy)
+    after = master.show_proc()
+    assert (after.reloads, after.workers) == (before.reloads, before.workers)
+    running = HAProxySocket(proxy.settings.stats_socket).command("show servers state go-demo:live")
+    assert f"127.0.0.1:{second.port}" in running and f"127.0.0.1:{first.port}" not in running
+    assert f":{first.port}" not in proxy.config().decode() and f":{second.port}" in proxy.config().decode()
+    master.reload()  # what the files say is what ran
+    assert set(spread(proxy, "/demo/x", 4)) == {"go-demo-2"}

@@ -1,11 +1,11 @@
-"""runtime_commands: map-only differences become Runtime API commands; everything else needs a reload."""
+"""runtime_commands: map and server-slot differences become Runtime API commands; the rest needs a reload."""
 
 from __future__ import annotations
 
 import pytest
 
 from flowproxy.render import Bundle
-from flowproxy.runtime import MAX_COMMANDS, runtime_commands
+from flowproxy.runtime import MAX_COMMANDS, accepted, runtime_commands
 
 CFG = b"frontend f\n"
 
@@ -33,3 +33,65 @@ CASES = [
 @pytest.mark.parametrize(("old", "new", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_runtime_commands(old: Bundle, new: Bundle, expected: list[str] | None) -> None:
     assert runtime_commands(old, new) == expected
+
+
+def cfg(*servers: str, extra: str = "", balance: str = "roundrobin") -> bytes:
+    body = "".join(f"    server {s}\n" for s in servers)
+    return f"global\n    daemon\nbackend r:live\n    balance {balance}\n{extra}{body}backend z:live\n".encode()
+
+
+OPTS = "check inter 2s fall 2 rise 1"
+ADD_2 = ["add server r:live/b 10.0.0.2:81 " + OPTS, "set server r:live/b addr 10.0.0.2 port 81",
+         "enable health r:live/b", "set server r:live/b state ready"]
+SERVER_CASES = [
+    ("add", cfg(f"a 10.0.0.1:80 {OPTS}"), cfg(f"a 10.0.0.1:80 {OPTS}", f"b 10.0.0.2:81 {OPTS}"), ADD_2),
+    ("remove", cfg(f"a 10.0.0.1:80 {OPTS}", f"b 10.0.0.2:81 {OPTS}"), cfg(f"a 10.0.0.1:80 {OPTS}"),
+     ["set server r:live/b state maint", "del server r:live/b"]),
+    ("replace-adds-first", cfg(f"a 10.0.0.1:80 {OPTS}"), cfg(f"b 10.0.0.2:81 {OPTS}"),
+     [*ADD_2, "set server r:live/a state maint", "del server r:live/a"]),
+    ("to-empty-and-back", cfg(), cfg("x [::1]:8080"),
+     ["add server r:live/x [::1]:8080", "set server r:live/x addr ::1 port 8080", "set server r:live/x state ready"]),
+    ("hostname-needs-reload", cfg(), cfg(f"d db.internal:80 {OPTS}"), None),
+    ("options-changed", cfg(f"a 10.0.0.1:80 {OPTS}"), cfg("a 10.0.0.1:80"), None),
+    ("other-line-changed", cfg("a 10.0.0.1:80"), cfg("a 10.0.0.1:80", extra="    timeout server 5s\n"), None),
+    ("balance-changed", cfg("a 10.0.0.1:80"), cfg("a 10.0.0.1:80", balance="leastconn"), None),
+    ("backend-added", cfg(), cfg() + b"backend y:live\n", None),
+    ("global-changed", cfg(), cfg().replace(b"daemon", b"quiet"), None),
+    ("server-in-frontend", b"frontend f\n", b"frontend f\n    server a 10.0.0.1:80\n", None),
+    ("duplicate-name", cfg(), cfg("a 10.0.0.1:80", "a 10.0.0.2:80"), None),
+]
+
+
+@pytest.mark.parametrize(("old", "new", "expected"), [c[1:] for c in SERVER_CASES], ids=[c[0] for c in SERVER_CASES])
+def test_server_commands(old: bytes, new: bytes, expected: list[str] | None) -> None:
+    assert runtime_commands(bundle(old), bundle(new)) == expected
+
+
+def test_servers_change_before_maps() -> None:
+    """A route switched to a backend that just got its instance must find it ready."""
+    old, new = bundle(cfg(), path_beg=""), bundle(cfg(f"b 10.0.0.2:81 {OPTS}"), path_beg="/a r:live\n")
+    assert runtime_commands(old, new) == [*ADD_2, "add map maps/path_beg.map /a r:live"]
+
+
+ANSWERS = [
+    ("empty", "set server b/s state ready", "", True),
+    ("addr-changed", "set server b/s addr 10.0.0.1 port 80", "IP changed from '10.0.0.2' to '10.0.0.1', no need "
+     "to change the port by 'stats socket command'", True),
+    ("addr-same", "set server b/s addr 10.0.0.1 port 80", "No need to change the addr, no need to change the port "
+     "by 'stats socket command'", True),
+    ("addr-invalid", "set server b/s addr 10.0.0.1 port 80", "Invalid addr '10.0.0.1' by 'stats socket command'",
+     False),
+    ("added", "add server b/s 10.0.0.1:80", "New server registered.", True),
+    ("left-in-maint", "add server b/s 10.0.0.1:80", "Already exists a server with the same name in backend.", True),
+    ("add-refused", "add server b/s 10.0.0.1:80", "Backend must use a dynamic load balancing to support dynamic "
+     "servers.", False),
+    ("deleted", "del server b/s", "Server deleted.", True),
+    ("busy", "del server b/s", "Server still has connections attached to it, cannot remove it.", True),
+    ("not-in-maint", "del server b/s", "Only servers in maintenance mode can be deleted.", False),
+    ("map-error", "add map maps/x.map k v", "Unknown map identifier.", False),
+]
+
+
+@pytest.mark.parametrize(("command", "answer", "ok"), [c[1:] for c in ANSWERS], ids=[c[0] for c in ANSWERS])
+def test_answers(command: str, answer: str, ok: bool) -> None:
+    assert accepted(command, answer) is ok
