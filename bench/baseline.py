@@ -24,12 +24,13 @@ frontend fp_http
 """
 
 
-def render(routes: Sequence[tuple[str, str, Sequence[tuple[str, int]]]]) -> bytes:
+def render(routes: Sequence[tuple[str, str, Sequence[tuple[str, int]]]], check: bool = True) -> bytes:
     """routes: (name, path prefix, [(address, port)]) -> haproxy.cfg, the way a hand-written template does it."""
     lines = [HEAD]
     lines += [f"    use_backend be_{name} if {{ path_beg {path} }}\n" for name, path, _ in routes]
     lines.append("    default_backend be_none\n\nbackend be_none\n    http-request return status 404\n")
     for name, _, servers in routes:
         lines.append(f"\nbackend be_{name}\n    balance roundrobin\n")
-        lines += [f"    server s{i} {addr}:{port} check\n" for i, (addr, port) in enumerate(servers)]
+        option = " check" if check else ""
+        lines += [f"    server s{i} {addr}:{port}{option}\n" for i, (addr, port) in enumerate(servers)]
     return "".join(lines).encode()

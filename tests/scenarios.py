@@ -63,6 +63,27 @@ PRECEDENCE_EXPECT = [
 CUSTOM_TEMPLATE = "backend {{ backend.name }}\n    http-response set-header X-Custom {{ backend.route }}\n" \
                   "{% for s in backend.servers %}    server {{ s.name }} {{ s.endpoint }}\n{% endfor %}"
 
+HASH = "$6$saltsalt$" + "x" * 86
+EDGE = {
+    "web": {"service": "web", "domains": ["a.example.test"], "https_only": True, "redirect_code": 308,
+            "redirect_from": ["www.a.example.test"]},
+    "api": {"service": "api", "paths": ["/api"], "strip_prefix": "/api", "timeout_server": "30s",
+            "auth": {"realm": "Staff only", "users": {"alice": HASH}}, "health": {"path": "/health", "interval": "5s"}},
+    "old": {"service": "api", "paths": ["/old"], "rewrite": {"search": "^/old/(.*)", "replace": "/new/\\1"}},
+    "db": {"service": "db", "mode": "tcp", "port": 15432, "timeout_tunnel": "1h"},
+    "tls": {"service": "web", "mode": "sni", "domains": ["c.example.test", "*.d.example.test"]},
+    "src": {"service": "api", "paths": ["/src"], "balance": "source"},
+}
+EDGE_KV = [
+    *routes(EDGE),
+    KVEntry(f"{P}routes/can/blue", b'{"service": "web", "tags": ["blue"], "paths": ["/can"]}', 1, 1),
+    KVEntry(f"{P}routes/can/green", b'{"service": "web", "tags": ["green"], "paths": ["/can"]}', 1, 1),
+    KVEntry(f"{P}routes/can/active", b"blue=90,green=10", 200, 200),
+    KVEntry(f"{P}certs/site", b"-----BEGIN CERTIFICATE-----\n(test)\n", 1, 1),
+]
+EDGE_HEALTH = {"web": [Instance("10.0.1.1", 80, tags=("blue",)), Instance("10.0.1.2", 80, tags=("green",))],
+               "api": [Instance("10.0.2.1", 8080)], "db": [Instance("10.0.3.1", 5432)]}
+
 SCENARIOS: dict[str, tuple[list[KVEntry], dict[str, list[Instance]]]] = {
     "empty": ([], {}),
     "walkthrough": (routes({"go-demo": {"service": "go-demo", "paths": ["/demo/hello", "/demo/person"]}}),
@@ -75,4 +96,5 @@ SCENARIOS: dict[str, tuple[list[KVEntry], dict[str, list[Instance]]]] = {
     "templates": (routes({"kv-tpl": {"service": "s1", "paths": ["/k"], "template": "custom"},
                           "file-tpl": {"service": "s1", "paths": ["/f"], "template": "example"}},
                          {"custom": CUSTOM_TEMPLATE}), {"s1": [Instance("127.0.0.1", 9000)]}),
+    "edge": (EDGE_KV, EDGE_HEALTH),
 }

@@ -5,6 +5,7 @@ Only this module strings the pure stages and the edges together; each stage is a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from flowproxy import fragments, release, runstate, runtime, watches
+from flowproxy.certs import vet_certs
 from flowproxy.consul_io import ConsulStore
 from flowproxy.errors import ApplyIOError, EmptyRefused, FlowproxyError, HAProxyError
 from flowproxy.haproxy import HAProxySocket, check_config
@@ -46,11 +48,11 @@ def read_config_kv(store: ConsulStore, prefix: str) -> tuple[int, list[KVEntry]]
     hence an empty templates/ is left out. Keys outside the contract come as names only, to be reported.
     """
     routes_index, routes = store.read_prefix(prefix + "routes/")
-    templates_index, templates = store.read_prefix(prefix + "templates/")
-    known = tuple(prefix + folder for folder in ("routes/", "templates/", "status/"))
+    optional = [store.read_prefix(prefix + folder) for folder in ("templates/", "certs/")]
+    known = tuple(prefix + folder for folder in ("routes/", "templates/", "certs/", "status/"))
     others = [KVEntry(key, b"?") for key in store.keys(prefix) if not key.startswith(known) and key != prefix]
-    index = max([routes_index] + ([templates_index] if templates else []))
-    return index, routes + templates + others
+    index = max([routes_index] + [i for i, entries in optional if entries])
+    return index, routes + [e for _, entries in optional for e in entries] + others
 
 
 def gather(settings: Settings, store: ConsulStore) -> tuple[Desired, dict[str, list[Instance]], str]:
@@ -63,8 +65,9 @@ def gather(settings: Settings, store: ConsulStore) -> tuple[Desired, dict[str, l
 
 
 def build(settings: Settings, desired: Desired, health: dict[str, list[Instance]]) -> tuple[Bundle, Plan]:
-    plan = make_plan(desired, health)
-    return render(plan, Templates(settings.templates, desired.templates))
+    certs, refused = vet_certs(desired.prefix, desired.certs)
+    plan = make_plan(dataclasses.replace(desired, stray=desired.stray + tuple(refused)), health)
+    return render(plan, Templates(settings.templates, desired.templates), certs)
 
 
 def vet_fragments(settings: Settings, desired: Desired, bundle: Bundle, plan: Plan) -> tuple[Bundle, Plan]:
@@ -75,7 +78,8 @@ def vet_fragments(settings: Settings, desired: Desired, bundle: Bundle, plan: Pl
         return bundle, plan
     keys = {b.name: b.key for b in plan.backends}
     reasons = {name: f"{keys[name]}: template: {reason}" for name, reason in bad.items()}
-    return render(drop_backends(plan, reasons), templates)
+    certs = {name[len("certs/"):-len(".pem")]: data for name, data in bundle.files.items() if name.startswith("certs/")}
+    return render(drop_backends(plan, reasons), templates, certs)
 
 
 def guard_empty(settings: Settings, desired: Desired, accept_empty: bool) -> None:

@@ -7,86 +7,45 @@ because `haproxy -c` accepts injected spaces, `#` and newlines (see shared field
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Callable
 from typing import Any
 
-from flowproxy.model import Intent, Problem
+from flowproxy.edge_fields import EDGE_FIELDS, EDGE_LIST_FIELDS, edge_rules
+from flowproxy.fields import (
+    DOMAIN_RE,
+    NAME_RE,
+    SERVICE_RE,
+    TAG_RE,
+    Checker,
+    boolean,
+    enum,
+    path,
+    regex,
+    string,
+)
+from flowproxy.model import Auth, Intent, Problem
 
-NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
-SERVICE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-TAG_RE = re.compile(r"[A-Za-z0-9_.:=/+@-]{1,128}")
-# RFC 3986 path characters minus quotes, `#` and `\`: nothing that HAProxy or a map file would reinterpret.
-PATH_RE = re.compile(r"/[A-Za-z0-9\-._~!$&()*+,;=:@/%]{0,1023}")
-LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
-DOMAIN_RE = re.compile(rf"(?:\*\.)?{LABEL}(?:\.{LABEL})+|{LABEL}")
-REGEX_FORBIDDEN = re.compile(r"[\s#\"'\\\x00-\x1f\x7f]|[^\x00-\x7f]")
+__all__ = ["BALANCES", "NAME_RE", "PATH_TYPES", "intent_to_json", "parse_intent"]
 PATH_TYPES = ("prefix", "exact", "regex")
 BALANCES = ("roundrobin", "leastconn", "source")
 MAX_INTENT_BYTES = 64 * 1024
 MAX_LIST = 256
 
-Checker = Callable[[Any, str], list[str]]
-
-
-def _string(pattern: re.Pattern[str], what: str) -> Checker:
-    def check(value: Any, _field: str) -> list[str]:
-        if not isinstance(value, str):
-            return [f"must be a string, got {type(value).__name__}"]
-        if not value:
-            return ["must not be empty"]
-        if not pattern.fullmatch(value):
-            return [f"{value!r} is not {what}"]
-        return []
-
-    return check
-
-
-def _enum(choices: tuple[str, ...]) -> Checker:
-    def check(value: Any, _field: str) -> list[str]:
-        if value not in choices or not isinstance(value, str):
-            return [f"must be one of {', '.join(choices)}, got {value!r}"]
-        return []
-
-    return check
-
-
-def _boolean(value: Any, _field: str) -> list[str]:
-    return [] if isinstance(value, bool) else [f"must be true or false, got {value!r}"]
-
-
 FIELD_CHECKS: dict[str, Checker] = {
-    "service": _string(SERVICE_RE, "a valid Consul service name"),
-    "path_type": _enum(PATH_TYPES),
-    "balance": _enum(BALANCES),
-    "check": _boolean,
-    "template": _string(NAME_RE, "a valid template name ([a-z0-9][a-z0-9_.-]{0,62})"),
-}
+    "service": string(SERVICE_RE, "a valid Consul service name"),
+    "path_type": enum(PATH_TYPES),
+    "balance": enum(BALANCES),
+    "check": boolean,
+    "template": string(NAME_RE, "a valid template name ([a-z0-9][a-z0-9_.-]{0,62})"),
+} | EDGE_FIELDS
 LIST_FIELDS: dict[str, Checker] = {
-    "tags": _string(TAG_RE, "a valid tag (letters, digits and _.:=/+@-)"),
-    "domains": _string(DOMAIN_RE, "a valid domain name (lowercase, optional leading *.)"),
+    "tags": string(TAG_RE, "a valid tag (letters, digits and _.:=/+@-)"),
+    "domains": string(DOMAIN_RE, "a valid domain name (lowercase, optional leading *.)"),
     "paths": lambda value, _field: [],  # checked against path_type in _check_path
-}
+} | EDGE_LIST_FIELDS
 
 
 def _check_path(value: Any, path_type: str) -> list[str]:
-    if not isinstance(value, str):
-        return [f"must be a string, got {type(value).__name__}"]
-    if not value:
-        return ["must not be empty"]
-    if path_type == "regex":
-        if REGEX_FORBIDDEN.search(value) or len(value) > 1024:
-            return [f"{value!r}: regex must be printable ASCII without spaces, quotes, '#' or '\\'"]
-        try:
-            re.compile(value)
-        except re.error as exc:
-            return [f"{value!r} is not a valid regex: {exc}"]
-        return []
-    if not value.startswith("/"):
-        return [f'{value!r} must start with "/"']
-    if not PATH_RE.fullmatch(value):
-        return [f"{value!r} has characters not allowed in a path (spaces, quotes, '#', '\\', non-ASCII)"]
-    return []
+    return regex(value) if path_type == "regex" else path(value)
 
 
 def _check_list(name: str, value: Any, path_type: str) -> list[tuple[str, str]]:
@@ -131,8 +90,9 @@ def parse_intent(key: str, raw: bytes) -> tuple[Intent | None, list[Problem]]:
     problems += [Problem(key, "unknown field", name) for name in sorted(set(doc) - known)]
     if "service" not in doc:
         problems.append(Problem(key, "is required", "service"))
-    if "paths" not in doc and "domains" not in doc:
+    if "paths" not in doc and "domains" not in doc and doc.get("mode", "http") == "http":
         problems.append(Problem(key, "at least one of paths or domains is required"))
+    problems += [Problem(key, msg, where) for where, msg in edge_rules(doc)]
     for name, check in FIELD_CHECKS.items():
         if name in doc:
             problems += [Problem(key, msg, name) for msg in check(doc[name], name)]
@@ -147,6 +107,7 @@ def parse_intent(key: str, raw: bytes) -> tuple[Intent | None, list[Problem]]:
 
 
 def _build(doc: dict[str, Any]) -> Intent:
+    auth, rewrite, health = doc.get("auth"), doc.get("rewrite"), doc.get("health", {})
     return Intent(
         service=doc["service"],
         paths=tuple(doc.get("paths", ())),
@@ -156,18 +117,38 @@ def _build(doc: dict[str, Any]) -> Intent:
         balance=doc.get("balance", "roundrobin"),
         check=doc.get("check", True),
         template=doc.get("template"),
+        mode=doc.get("mode", "http"),
+        port=doc.get("port"),
+        https_only=doc.get("https_only", False),
+        redirect_code=doc.get("redirect_code", 301),
+        redirect_from=tuple(doc.get("redirect_from", ())),
+        auth=Auth(auth.get("realm", "restricted"), tuple(sorted(auth["users"].items()))) if auth else None,
+        strip_prefix=doc.get("strip_prefix"),
+        rewrite=(rewrite["search"], rewrite["replace"]) if rewrite else None,
+        timeout_server=doc.get("timeout_server"),
+        timeout_tunnel=doc.get("timeout_tunnel"),
+        health_path=health.get("path"),
+        health_interval=health.get("interval"),
     )
+
+
+DEFAULTS = Intent(service="")
+SIMPLE = ("paths", "domains", "tags", "path_type", "balance", "check", "template", "mode", "port", "https_only",
+          "redirect_code", "redirect_from", "strip_prefix", "timeout_server", "timeout_tunnel")
 
 
 def intent_to_json(intent: Intent) -> str:
     """The canonical JSON a CLI writes: only fields that differ from their defaults, sorted."""
     doc: dict[str, Any] = {"service": intent.service}
-    for name, default in (("paths", ()), ("domains", ()), ("tags", ())):
-        if getattr(intent, name) != default:
-            doc[name] = list(getattr(intent, name))
-    for name, default2 in (("path_type", "prefix"), ("balance", "roundrobin"), ("check", True)):
-        if getattr(intent, name) != default2:
-            doc[name] = getattr(intent, name)
-    if intent.template is not None:
-        doc["template"] = intent.template
+    for name in SIMPLE:
+        value = getattr(intent, name)
+        if value != getattr(DEFAULTS, name):
+            doc[name] = list(value) if isinstance(value, tuple) else value
+    if intent.auth is not None:
+        doc["auth"] = {"realm": intent.auth.realm, "users": dict(intent.auth.users)}
+    if intent.rewrite is not None:
+        doc["rewrite"] = {"search": intent.rewrite[0], "replace": intent.rewrite[1]}
+    health = {"path": intent.health_path, "interval": intent.health_interval}
+    if any(health.values()):
+        doc["health"] = {k: v for k, v in health.items() if v}
     return json.dumps(doc, sort_keys=True)

@@ -3,7 +3,9 @@
 Layout under the prefix:
   routes/<route>/<variant>   JSON intent
   routes/<route>/active      plain text: the variant that serves (absent or empty: route off)
+  routes/<route>/active      or weights for a canary: `blue=90,green=10`
   templates/<name>           a Jinja2 template for routes with `"template": "<name>"`
+  certs/<name>               PEM: certificate chain and private key, served by SNI on the HTTPS listener
   status/<node>              written by proxy nodes only
 """
 
@@ -17,12 +19,15 @@ from flowproxy.model import Desired, KVEntry, Problem, Route, Variant
 
 ACTIVE = "active"
 MAX_TEMPLATE_BYTES = 256 * 1024
+MAX_CERT_BYTES = 256 * 1024
+MAX_WEIGHT = 1000
 
 
 def desired_from_kv(prefix: str, entries: Iterable[KVEntry], index: int = 0) -> Desired:
     intents: dict[str, list[KVEntry]] = defaultdict(list)
     actives: dict[str, KVEntry] = {}
     templates: dict[str, str] = {}
+    certs: dict[str, bytes] = {}
     stray: list[Problem] = []
     for entry in sorted(entries, key=lambda e: e.key):
         rel = entry.key[len(prefix):] if entry.key.startswith(prefix) else None
@@ -34,6 +39,9 @@ def desired_from_kv(prefix: str, entries: Iterable[KVEntry], index: int = 0) -> 
         if parts[0] == "templates" and len(parts) == 2:
             problem = _template(entry, parts[1], templates)
             stray += [problem] if problem else []
+        elif parts[0] == "certs" and len(parts) == 2:
+            problem = _cert(entry, parts[1], certs)
+            stray += [problem] if problem else []
         elif parts[0] == "routes" and len(parts) == 3 and _names_ok(parts[1:]):
             if parts[2] == ACTIVE:
                 actives[parts[1]] = entry
@@ -43,7 +51,7 @@ def desired_from_kv(prefix: str, entries: Iterable[KVEntry], index: int = 0) -> 
             stray.append(Problem(entry.key, _stray_reason(parts)))
     names = sorted(set(intents) | set(actives))
     routes = tuple(_route(name, intents.get(name, []), actives.get(name)) for name in names)
-    return Desired(prefix=prefix, routes=routes, templates=templates, stray=tuple(stray), index=index)
+    return Desired(prefix=prefix, routes=routes, templates=templates, certs=certs, stray=tuple(stray), index=index)
 
 
 def _names_ok(names: list[str]) -> bool:
@@ -53,7 +61,8 @@ def _names_ok(names: list[str]) -> bool:
 def _stray_reason(parts: list[str]) -> str:
     if parts[0] == "routes" and len(parts) == 3:
         return "route and variant names must match [a-z0-9][a-z0-9_.-]{0,62}; key ignored"
-    return "key is outside the flowproxy KV contract (routes/<route>/<variant|active>, templates/<name>); ignored"
+    return ("key is outside the flowproxy KV contract (routes/<route>/<variant|active>, templates/<name>, "
+            "certs/<name>); ignored")
 
 
 def _template(entry: KVEntry, name: str, into: dict[str, str]) -> Problem | None:
@@ -68,6 +77,15 @@ def _template(entry: KVEntry, name: str, into: dict[str, str]) -> Problem | None
     return None
 
 
+def _cert(entry: KVEntry, name: str, into: dict[str, bytes]) -> Problem | None:
+    if not NAME_RE.fullmatch(name):
+        return Problem(entry.key, "certificate names must match [a-z0-9][a-z0-9_.-]{0,62}; key ignored")
+    if len(entry.value) > MAX_CERT_BYTES:
+        return Problem(entry.key, f"certificate is {len(entry.value)} bytes, at most {MAX_CERT_BYTES}; ignored")
+    into[name] = entry.value
+    return None
+
+
 def _route(name: str, intent_entries: list[KVEntry], active: KVEntry | None) -> Route:
     variants = []
     for entry in intent_entries:
@@ -77,8 +95,11 @@ def _route(name: str, intent_entries: list[KVEntry], active: KVEntry | None) -> 
     if active is None:
         return Route(name=name, variants=tuple(variants))
     chosen, problems = _active_value(active, {v.name for v in variants})
+    weights: tuple[tuple[str, int], ...] = ()
+    if chosen is not None and "=" in chosen and not problems:
+        weights, problems = _weights(active.key, chosen, {v.name for v in variants})
     return Route(name=name, variants=tuple(variants), active=chosen, active_key=active.key,
-                 active_since=active.create_index, problems=tuple(problems))
+                 active_since=active.create_index, problems=tuple(problems), weights=weights)
 
 
 def _active_value(entry: KVEntry, variants: set[str]) -> tuple[str | None, list[Problem]]:
@@ -88,9 +109,30 @@ def _active_value(entry: KVEntry, variants: set[str]) -> tuple[str | None, list[
         return "?", [Problem(entry.key, "value is not UTF-8 text naming a variant")]
     if not text:
         return None, []
+    if "=" in text:
+        return text, []  # a weighted canary, parsed by _weights
     if not NAME_RE.fullmatch(text):
         return text, [Problem(entry.key, f"{text[:80]!r} is not a variant name ([a-z0-9][a-z0-9_.-]{{0,62}})")]
     if text not in variants:
         known = ", ".join(sorted(variants)) or "none"
         return text, [Problem(entry.key, f"names variant {text!r}, which does not exist (variants: {known})")]
     return text, []
+
+
+def _weights(key: str, text: str, variants: set[str]) -> tuple[tuple[tuple[str, int], ...], list[Problem]]:
+    """`blue=90,green=10`: at least two known variants, whole weights 0-1000, not all zero."""
+    pairs: list[tuple[str, int]] = []
+    problems: list[Problem] = []
+    for part in text.split(","):
+        name, _, weight = part.strip().partition("=")
+        if not NAME_RE.fullmatch(name) or not weight.isdigit() or int(weight) > MAX_WEIGHT:
+            problems.append(Problem(key, f"{part.strip()[:80]!r} is not variant=weight (a whole number 0-1000)"))
+        elif name not in variants:
+            problems.append(Problem(key, f"names variant {name!r}, which does not exist"))
+        elif name in dict(pairs):
+            problems.append(Problem(key, f"names variant {name!r} twice"))
+        else:
+            pairs.append((name, int(weight)))
+    if not problems and (len(pairs) < 2 or not any(w for _, w in pairs)):
+        problems.append(Problem(key, "a canary needs at least two variants and a weight above 0"))
+    return (tuple(pairs), []) if not problems else ((), problems)

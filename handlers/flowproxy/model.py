@@ -26,6 +26,12 @@ class Problem:
 
 
 @dataclass(frozen=True)
+class Auth:
+    realm: str
+    users: tuple[tuple[str, str], ...]  # (name, crypt hash), sorted
+
+
+@dataclass(frozen=True)
 class Intent:
     service: str
     paths: tuple[str, ...] = ()
@@ -35,6 +41,18 @@ class Intent:
     balance: str = "roundrobin"
     check: bool = True
     template: str | None = None
+    mode: str = "http"
+    port: int | None = None
+    https_only: bool = False
+    redirect_code: int = 301
+    redirect_from: tuple[str, ...] = ()
+    auth: Auth | None = None
+    strip_prefix: str | None = None
+    rewrite: tuple[str, str] | None = None  # (search regex, replacement)
+    timeout_server: str | None = None
+    timeout_tunnel: str | None = None
+    health_path: str | None = None
+    health_interval: str | None = None
 
 
 @dataclass(frozen=True)
@@ -56,6 +74,8 @@ class Route:
     # identically on every node, and survives blue-green flips (they update the key, not recreate it).
     active_since: int = 0
     problems: tuple[Problem, ...] = ()
+    # A weighted canary (`blue=90,green=10`): `active` keeps the text, this the parsed (variant, weight).
+    weights: tuple[tuple[str, int], ...] = ()
 
     def variant(self, name: str) -> Variant | None:
         return next((v for v in self.variants if v.name == name), None)
@@ -84,6 +104,7 @@ class Desired:
     prefix: str
     routes: tuple[Route, ...]
     templates: dict[str, str] = field(default_factory=dict)
+    certs: dict[str, bytes] = field(default_factory=dict)  # certs/<name>: PEM, not yet vetted
     stray: tuple[Problem, ...] = ()
     index: int = 0
 

@@ -23,6 +23,7 @@ class Server:
     name: str
     address: str
     port: int
+    weight: int | None = None  # set in canary backends only
 
     @property
     def endpoint(self) -> str:
@@ -82,6 +83,13 @@ def backend_name(route: str, variant: str) -> str:
 
 
 def claims_for(intent: Intent, backend: str, variant: str = "") -> list[Claim]:
+    """What a backend answers for. TCP routes claim their port, SNI routes their names; neither previews."""
+    if intent.mode != "http":
+        if variant:
+            return []
+        if intent.mode == "tcp":
+            return [Claim("", "tcp", str(intent.port), backend)]
+        return [Claim(d, "sni", "", backend) for d in intent.domains]
     if not intent.domains:
         return [Claim("", intent.path_type, p, backend, variant) for p in intent.paths]
     paths = intent.paths or ("/",)
@@ -138,17 +146,19 @@ def make_plan(desired: Desired, health: Mapping[str, list[Instance]]) -> Plan:
         if state is not None:
             states[route.name] = state
             continue
-        chosen = route.serving_intent()
-        assert chosen is not None and chosen.intent is not None
-        mine = claims_for(chosen.intent, backend_name(route.name, chosen.name))
+        serving = canary_backend(route, backends) if route.weights else serving_backend(route, backends)
+        backends[serving.name] = serving
+        mine = claims_for(serving.intent, serving.name)
         clashes = sorted({owners[claims[m.slot].backend] for m in mine if m.slot in claims})
         if clashes:
-            states[route.name] = _conflict_state(route, chosen.name, clashes, desired.prefix)
+            states[route.name] = _conflict_state(route, route.active or "", clashes, desired.prefix)
             continue
         claims.update((c.slot, c) for c in mine)
-        owners[backend_name(route.name, chosen.name)] = route.name
-        count = len(backends[backend_name(route.name, chosen.name)].servers)
-        states[route.name] = RouteState(route.name, "serving", chosen.name, (), count, tuple(notes[chosen.key]))
+        owners[serving.name] = route.name
+        names = {name for name, _ in route.weights} or {route.active or ""}
+        keys = [v.key for v in route.variants if v.name in names]
+        route_notes = tuple(n for k in keys for n in notes[k])
+        states[route.name] = RouteState(route.name, "serving", route.active, (), len(serving.servers), route_notes)
     return Plan(
         backends=tuple(backends[k] for k in sorted(backends)),
         claims=tuple(sorted(claims.values(), key=lambda c: c.slot)),
@@ -158,12 +168,37 @@ def make_plan(desired: Desired, health: Mapping[str, list[Instance]]) -> Plan:
     )
 
 
+def serving_backend(route: Route, backends: Mapping[str, Backend]) -> Backend:
+    chosen = route.serving_intent()
+    assert chosen is not None
+    return backends[backend_name(route.name, chosen.name)]
+
+
+def canary_backend(route: Route, backends: Mapping[str, Backend]) -> Backend:
+    """One backend with every weighted variant's instances: HAProxy splits by server weight.
+
+    A variant's weight is shared among its instances, so `blue=90,green=10` sends 90 % of requests to
+    blue however many instances each color runs. The first variant's intent supplies routing and options.
+    """
+    total = sum(w for _, w in route.weights)
+    parts = [(backends[backend_name(route.name, name)], weight) for name, weight in route.weights]
+    servers = []
+    for backend, weight in parts:
+        for s in backend.servers:
+            share = 0 if weight == 0 else max(1, round(256 * weight / (total * len(backend.servers))))
+            servers.append(Server(f"{backend.variant}_{s.name}", s.address, s.port, share))
+    first = parts[0][0]
+    return Backend(f"{route.name}::canary", route.name, "", route.active_key, first.intent, tuple(servers))
+
+
 def _inactive_state(route: Route) -> RouteState | None:
-    """The state of a route that will not serve, or None when its active variant is valid."""
+    """The state of a route that will not serve, or None when its active variant(s) are valid."""
     if route.problems:
         return RouteState(route.name, "rejected", route.active, tuple(str(p) for p in route.problems))
     if route.active is None:
         return RouteState(route.name, "off")
+    if route.weights:
+        return _canary_state(route)
     chosen = route.variant(route.active)
     if chosen is None or chosen.intent is None:
         reasons = tuple(str(p) for p in chosen.problems) if chosen else ("active variant missing",)
@@ -177,3 +212,17 @@ def _conflict_state(route: Route, variant: str, winners: list[str], prefix: str)
     reason = (f"{key}: conflict: claims a (domain, path) already served by {owners}, "
               "whose active key is older; change the paths or domains, or deactivate one route")
     return RouteState(route.name, "rejected", variant, (reason,))
+
+
+def _canary_state(route: Route) -> RouteState | None:
+    """A canary serves when every weighted variant is valid and they route the very same requests."""
+    variants = [route.variant(name) for name, _ in route.weights]
+    reasons = [str(p) for v in variants if v is not None for p in v.problems]
+    intents = [v.intent for v in variants if v is not None and v.intent is not None]
+    if not reasons and len(intents) == len(variants):
+        shapes = {(i.mode, i.port, i.paths, i.domains, i.path_type) for i in intents}
+        if len(shapes) == 1:
+            return None
+        reasons.append(f"{route.active_key}: canary variants must have the same mode, port, paths, domains "
+                       "and path_type")
+    return RouteState(route.name, "rejected", route.active, tuple(reasons) or ("canary variant missing",))

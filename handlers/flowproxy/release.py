@@ -23,8 +23,9 @@ def read_bundle(folder: Path) -> Bundle | None:
     """The files of a release folder, or None when it is missing or incomplete."""
     try:
         files = {"haproxy.cfg": (folder / "haproxy.cfg").read_bytes()}
-        for path in sorted((folder / "maps").glob("*.map")):
-            files[f"maps/{path.name}"] = path.read_bytes()
+        for sub, pattern in (("maps", "*.map"), ("certs", "*.pem")):
+            for path in sorted((folder / sub).glob(pattern)):
+                files[f"{sub}/{path.name}"] = path.read_bytes()
     except OSError:
         return None
     return Bundle(files)
@@ -41,8 +42,9 @@ def stage(haproxy_dir: Path, bundle: Bundle) -> Path:
     try:
         for name, data in bundle.files.items():
             path = tmp / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "wb") as fh:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Owner only: certificates carry private keys, and nothing else here is anyone else's business.
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as fh:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())

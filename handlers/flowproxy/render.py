@@ -18,10 +18,20 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from flowproxy import __version__
+from flowproxy.edge_render import (
+    EDGE_MAPS,
+    REDIRECT_CODES,
+    backend_lines,
+    edge_maps,
+    server_options,
+    tcp_frontends,
+    userlists,
+    with_backend_lines,
+)
 from flowproxy.plan import Backend, Claim, Plan, RouteState, backend_name
 
 PUBLIC_MAPS = ("host_exact", "host_reg", "host_beg", "path_exact", "path_reg", "path_beg")
-MAP_FILES = PUBLIC_MAPS + tuple(f"preview_{name}" for name in PUBLIC_MAPS)
+MAP_FILES = PUBLIC_MAPS + tuple(f"preview_{name}" for name in PUBLIC_MAPS) + EDGE_MAPS
 SECTION_KEYWORDS = frozenset({"global", "defaults", "frontend", "listen", "backend", "peers", "resolvers",
                               "userlist", "program", "cache", "ring", "http-errors", "mailers", "crt-store"})
 
@@ -71,8 +81,11 @@ def environment(folder: Path) -> jinja2.Environment:
     )
 
 
-def render(plan: Plan, templates: Templates) -> tuple[Bundle, Plan]:
-    """Render the bundle; routes whose custom template fails are dropped and marked rejected."""
+def render(plan: Plan, templates: Templates, certs: Mapping[str, bytes] | None = None) -> tuple[Bundle, Plan]:
+    """Render the bundle; routes whose custom template fails are dropped and marked rejected.
+
+    `certs` are vetted PEM files by name; with any, the HTTPS listener serves them by SNI.
+    """
     env = environment(templates.folder)
     fragments: list[str] = []
     failed: dict[str, str] = {}
@@ -83,10 +96,12 @@ def render(plan: Plan, templates: Templates) -> tuple[Bundle, Plan]:
             failed[backend.name] = f"{backend.key}: template: {exc}"
     if failed:
         plan = drop_backends(plan, failed)
-    maps = render_maps(plan.claims) | render_maps(plan.preview, "preview_")
+    maps = render_maps(plan.claims) | render_maps(plan.preview, "preview_") | edge_maps(plan)
     cfg = env.get_template("haproxy.cfg.j2").render(
-        version=__version__, fragments=fragments, maps={name: f"maps/{name}.map" for name in MAP_FILES})
+        version=__version__, fragments=fragments, maps={name: f"maps/{name}.map" for name in MAP_FILES},
+        tcp=tcp_frontends(plan.claims), userlists=userlists(plan), https=bool(certs), codes=REDIRECT_CODES)
     files = {"haproxy.cfg": cfg.encode()} | {f"maps/{n}.map": body.encode() for n, body in maps.items()}
+    files |= {f"certs/{name}.pem": pem for name, pem in sorted((certs or {}).items())}
     return Bundle(files), plan
 
 
@@ -98,8 +113,9 @@ def backend_data(backend: Backend) -> dict[str, Any]:
         "service": intent.service, "balance": intent.balance, "check": intent.check,
         "tags": list(intent.tags), "paths": list(intent.paths), "domains": list(intent.domains),
         "path_type": intent.path_type,
-        "servers": [{"name": s.name, "address": s.address, "port": s.port, "endpoint": s.endpoint}
-                    for s in backend.servers],
+        "mode": intent.mode,
+        "servers": [{"name": s.name, "address": s.address, "port": s.port, "endpoint": s.endpoint,
+                     "weight": s.weight, "options": server_options(backend, s)} for s in backend.servers],
     }
 
 
@@ -117,7 +133,7 @@ def render_backend(env: jinja2.Environment, backend: Backend, templates: Templat
                              f"templates/routes/{name}.j2") from None
     text = template.render(backend=backend_data(backend))
     check_fragment(text, backend.name)
-    return text if text.endswith("\n") else text + "\n"
+    return with_backend_lines(text if text.endswith("\n") else text + "\n", backend_lines(backend))
 
 
 def check_fragment(text: str, name: str) -> None:
@@ -173,7 +189,7 @@ def key_regex(literal_prefix: str, path_regex: str) -> str:
 def render_maps(claims: tuple[Claim, ...], prefix: str = "") -> dict[str, str]:
     """Map files keyed host+path (or path); preview keys start with `<variant>~` (no name holds a `~`)."""
     rows: dict[str, list[tuple[str, str]]] = {prefix + name: [] for name in PUBLIC_MAPS}
-    for c in claims:
+    for c in (c for c in claims if c.path_type in ("exact", "prefix", "regex")):
         scope = "host" if c.host else "path"
         kind = {"exact": "exact", "prefix": "beg", "regex": "reg"}[c.path_type]
         literal = f"{c.variant}~{c.host}" if c.variant else c.host

@@ -18,11 +18,11 @@ LAST_STATUS = "last-status.json"  # the status document this node last published
 
 
 def kv_fingerprint(prefix: str, pairs: Iterable[tuple[str, bytes]]) -> str:
-    """A digest of what an apply depends on: routes/ and templates/ keys with their values, and the names
+    """A digest of what an apply depends on: routes/, templates/ and certs/ keys with values, and the names
     of keys outside the contract (reported, never used, so their values do not matter). status/ is left out:
     every node writes there, and those writes drive nothing."""
     h = hashlib.sha256()
-    used = (prefix + "routes/", prefix + "templates/")
+    used = (prefix + "routes/", prefix + "templates/", prefix + "certs/")
     for key, value in sorted(pairs):
         if key.startswith(used):
             h.update(key.encode() + b"\0" + hashlib.sha256(value).digest())

@@ -35,8 +35,9 @@ def runtime_commands(old: Bundle, new: Bundle) -> list[str] | None:
     for name in sorted(new.files):
         if name == "haproxy.cfg" or old.files[name] == new.files[name]:
             continue
-        if name.endswith("_reg.map"):
-            return None  # map_reg takes the first match in file order; `add map` appends at the end
+        if not name.startswith("maps/") or name.endswith("_reg.map"):
+            # Certificates load at start. map_reg takes the first match in file order; `add map` appends.
+            return None
         before, after = parse_map(old.files[name]), parse_map(new.files[name])
         commands += [f"del map {name} {key}" for key in sorted(before.keys() - after.keys())]
         for key, value in sorted(after.items()):

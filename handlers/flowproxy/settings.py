@@ -18,6 +18,8 @@ from flowproxy.forward import DEFAULT_DATA_DIR
 PREFIX_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)*/")
 NODE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 REPO_TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
+# Without FLOWPROXY_STATS_AUTH the stats page answers nobody: a password no one was told.
+LOCKED_STATS = f"locked:{os.urandom(16).hex()}"
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,11 @@ class Settings:
     consul_token: str | None = None
     http_bind: str = "127.0.0.1:8080"
     preview_bind: str | None = None
+    https_bind: str | None = None
+    sni_bind: str | None = None
+    metrics_bind: str | None = None
+    tcp_host: str = "127.0.0.1"
+    stats_auth: str | None = None  # user:password for the stats page
     haproxy_bin: str = "haproxy"
     templates: Path = REPO_TEMPLATES
 
@@ -43,6 +50,11 @@ class Settings:
             "consul_token": env.get("CONSUL_HTTP_TOKEN") or None,
             "http_bind": env.get("FLOWPROXY_HTTP_BIND", "127.0.0.1:8080"),
             "preview_bind": env.get("FLOWPROXY_PREVIEW_BIND") or None,
+            "https_bind": env.get("FLOWPROXY_HTTPS_BIND") or None,
+            "sni_bind": env.get("FLOWPROXY_SNI_BIND") or None,
+            "metrics_bind": env.get("FLOWPROXY_METRICS_BIND") or None,
+            "tcp_host": env.get("FLOWPROXY_TCP_HOST") or "127.0.0.1",
+            "stats_auth": env.get("FLOWPROXY_STATS_AUTH") or None,
             "haproxy_bin": env.get("FLOWPROXY_HAPROXY", "haproxy"),
             "templates": Path(env.get("FLOWPROXY_TEMPLATES", str(REPO_TEMPLATES))),
         }
@@ -73,15 +85,21 @@ class Settings:
         }
         if self.consul_token:
             out["CONSUL_HTTP_TOKEN"] = self.consul_token
-        if self.preview_bind:
-            out["FLOWPROXY_PREVIEW_BIND"] = self.preview_bind
-        return out | self.haproxy_env()
+        optional = {"FLOWPROXY_PREVIEW_BIND": self.preview_bind, "FLOWPROXY_HTTPS_BIND": self.https_bind,
+                    "FLOWPROXY_SNI_BIND": self.sni_bind, "FLOWPROXY_METRICS_BIND": self.metrics_bind,
+                    "FLOWPROXY_TCP_HOST": self.tcp_host, "FLOWPROXY_STATS_AUTH": self.stats_auth}
+        return out | {k: v for k, v in optional.items() if v} | self.haproxy_env()
 
     def haproxy_env(self) -> dict[str, str]:
-        # Preview off: the listener still exists (the config is the same on every node) but only as a
-        # unix socket inside the node's own 0700 folder.
-        preview = self.preview_bind or f"unix@{self.haproxy_dir / 'preview.sock'}"
-        return {"FP_HTTP_BIND": self.http_bind, "FP_PREVIEW_BIND": preview, "FP_STATS_SOCKET": str(self.stats_socket)}
+        # A listener the node does not open (preview, HTTPS, SNI, metrics) still exists, since the config is
+        # the same on every node, but only as a unix socket inside the node's own 0700 folder.
+        def own(name: str, bind: str | None) -> str:
+            return bind or f"unix@{self.haproxy_dir / name}"
+
+        return {"FP_HTTP_BIND": self.http_bind, "FP_PREVIEW_BIND": own("preview.sock", self.preview_bind),
+                "FP_HTTPS_BIND": own("https.sock", self.https_bind), "FP_SNI_BIND": own("sni.sock", self.sni_bind),
+                "FP_METRICS_BIND": own("metrics.sock", self.metrics_bind), "FP_TCP_HOST": self.tcp_host,
+                "FP_STATS_SOCKET": str(self.stats_socket), "FP_STATS_AUTH": self.stats_auth or LOCKED_STATS}
 
     @property
     def haproxy_dir(self) -> Path:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from flowproxy.intent import intent_to_json, parse_intent
-from flowproxy.model import Intent
+from flowproxy.model import Auth, Intent
 
 KEY = "flowproxy/routes/api/blue"
 
@@ -56,6 +56,57 @@ ERRORS = [
     ("many-errors", b'{"service": 1, "paths": ["a", "/b c"], "zz": 1}',
      [f"{KEY}: zz: unknown field", f"{KEY}: service: must be a string", f"{KEY}: paths[0]:", f"{KEY}: paths[1]:"]),
 ]
+HASH = "$6$saltsalt$" + "x" * 86
+EDGE_ERRORS = [
+    ("mode-bad", {"mode": "udp"}, [f"{KEY}: mode: must be one of http, tcp, sni, got 'udp'"]),
+    ("tcp-needs-port", {"mode": "tcp", "paths": None}, [f"{KEY}: port: is required with mode tcp"]),
+    ("tcp-no-paths", {"mode": "tcp", "port": 5432}, [f"{KEY}: paths: is not allowed with mode tcp"]),
+    ("port-range", {"mode": "tcp", "port": 70000, "paths": None},
+     [f"{KEY}: port: must be a whole number from 1 to 65535, got 70000"]),
+    ("port-bool", {"mode": "tcp", "port": True, "paths": None}, [f"{KEY}: port: must be a whole number"]),
+    ("port-on-http", {"port": 8080}, [f"{KEY}: port: is not allowed with mode http"]),
+    ("sni-needs-domains", {"mode": "sni"}, [f"{KEY}: domains: is required with mode sni",
+                                            f"{KEY}: paths: is not allowed with mode sni"]),
+    ("sni-no-auth", {"mode": "sni", "paths": None, "domains": ["a.io"], "auth": {"users": {"a": HASH}}},
+     [f"{KEY}: auth: is not allowed with mode sni"]),
+    ("https-only-string", {"https_only": "yes"}, [f"{KEY}: https_only: must be true or false"]),
+    ("redirect-code", {"redirect_code": 300}, [f"{KEY}: redirect_code: must be one of 301, 302, 303, 307, 308"]),
+    ("redirect-code-string", {"redirect_code": "301"}, [f"{KEY}: redirect_code: must be one of"]),
+    ("redirect-from-needs-domains", {"redirect_from": ["www.a.io"]},
+     [f"{KEY}: redirect_from: needs domains: requests are redirected to the first one"]),
+    ("redirect-from-wildcard", {"domains": ["a.io"], "redirect_from": ["*.a.io"]},
+     [f"{KEY}: redirect_from[0]: '*.a.io' is not a domain name (lowercase, no wildcard)"]),
+    ("redirect-from-self", {"domains": ["a.io"], "redirect_from": ["a.io"]},
+     [f"{KEY}: redirect_from: 'a.io' is also in domains"]),
+    ("auth-plain-password", {"auth": {"users": {"alice": "secret"}}},
+     [f"{KEY}: auth: users: alice: must be a crypt(3) hash ($6$, $5$, $y$ or $2b$), never a plain password"]),
+    ("auth-md5", {"auth": {"users": {"alice": "$1$salt$abcdefghijklmnopqrstuv"}}}, [f"{KEY}: auth: users: alice:"]),
+    ("auth-no-users", {"auth": {"realm": "x"}}, [f"{KEY}: auth: users: is required"]),
+    ("auth-empty-users", {"auth": {"users": {}}}, [f"{KEY}: auth: users: must be a non-empty JSON object"]),
+    ("auth-bad-user", {"auth": {"users": {"a b": HASH}}}, [f"{KEY}: auth: users: 'a b': user names are"]),
+    ("auth-realm-quote", {"auth": {"realm": 'a"b', "users": {"a": HASH}}}, [f"{KEY}: auth: realm: 'a\"b' is not"]),
+    ("auth-unknown", {"auth": {"users": {"a": HASH}, "salt": 1}}, [f"{KEY}: auth: salt: unknown field"]),
+    ("auth-not-object", {"auth": "alice"}, [f"{KEY}: auth: must be a JSON object, got str"]),
+    ("strip-no-slash", {"strip_prefix": "api"}, [f'{KEY}: strip_prefix: \'api\' must start with "/"']),
+    ("rewrite-missing", {"rewrite": {"search": "^/a"}}, [f"{KEY}: rewrite: replace: is required"]),
+    ("rewrite-bad-regex", {"rewrite": {"search": "^/(a", "replace": "/b"}},
+     [f"{KEY}: rewrite: search: '^/(a' is not a valid regex"]),
+    ("rewrite-space", {"rewrite": {"search": "^/a b", "replace": "/b"}}, [f"{KEY}: rewrite: search:"]),
+    ("rewrite-percent", {"rewrite": {"search": "^/a", "replace": "/%[src]"}}, [f"{KEY}: rewrite: replace:"]),
+    ("rewrite-quote", {"rewrite": {"search": "^/a'", "replace": "/b"}}, [f"{KEY}: rewrite: search:"]),
+    ("timeout-bad", {"timeout_server": "30"}, [f"{KEY}: timeout_server: '30' is not a duration"]),
+    ("timeout-tunnel-bad", {"timeout_tunnel": "1 h"}, [f"{KEY}: timeout_tunnel:"]),
+    ("health-path", {"health": {"path": "health"}}, [f'{KEY}: health: path: \'health\' must start with "/"']),
+    ("health-interval", {"health": {"interval": "fast"}}, [f"{KEY}: health: interval:"]),
+    ("health-path-on-tcp", {"mode": "tcp", "port": 1, "paths": None, "health": {"path": "/h"}},
+     [f"{KEY}: health.path: HTTP checks need mode http, not tcp"]),
+]
+
+
+@pytest.mark.parametrize(("extra", "expected"), [(x, e) for _, x, e in EDGE_ERRORS], ids=[i for i, _, _ in EDGE_ERRORS])
+def test_edge_fields_reject_with_key_and_field(extra: dict[str, object], expected: list[str]) -> None:
+    doc = {k: v for k, v in ({"service": "api", "paths": ["/a"]} | extra).items() if v is not None}
+    test_rejects_with_key_and_field(json.dumps(doc).encode(), expected)
 
 
 @pytest.mark.parametrize(("raw", "expected"), [(r, e) for _, r, e in ERRORS], ids=[i for i, _, _ in ERRORS])
@@ -79,6 +130,18 @@ ACCEPTED = [
     ("regex", {"service": "api", "paths": ["^/api/v[0-9]+/"], "path_type": "regex"},
      Intent("api", paths=("^/api/v[0-9]+/",), path_type="regex")),
     ("localhost-domain", {"service": "api", "domains": ["localhost"]}, Intent("api", domains=("localhost",))),
+    ("tcp", {"service": "db", "mode": "tcp", "port": 5432, "timeout_tunnel": "1h"},
+     Intent("db", mode="tcp", port=5432, timeout_tunnel="1h")),
+    ("sni", {"service": "tls", "mode": "sni", "domains": ["a.io", "*.b.io"]},
+     Intent("tls", mode="sni", domains=("a.io", "*.b.io"))),
+    ("edge-http", {"service": "web", "domains": ["a.io"], "https_only": True, "redirect_code": 308,
+                   "redirect_from": ["www.a.io"], "auth": {"realm": "Staff only", "users": {"bob": HASH, "al": HASH}},
+                   "strip_prefix": "/api", "rewrite": {"search": "^/old/(\\d+)", "replace": "/new/\\1"},
+                   "timeout_server": "30s", "health": {"path": "/health", "interval": "5s"}},
+     Intent("web", domains=("a.io",), https_only=True, redirect_code=308, redirect_from=("www.a.io",),
+            auth=Auth("Staff only", (("al", HASH), ("bob", HASH))), strip_prefix="/api",
+            rewrite=("^/old/(\\d+)", "/new/\\1"), timeout_server="30s", health_path="/health",
+            health_interval="5s")),
 ]
 
 

@@ -87,3 +87,38 @@ def test_a_large_status_leaves_serving_routes_out_but_keeps_every_rejection() ->
     assert doc["serving_omitted"] == 10_000
     assert doc["routes"]["bad"]["state"] == "rejected" and doc["routes"]["bad"]["reasons"]
     assert doc["counts"] == {"serving": 10_000, "rejected": 1}
+
+
+BLUE = b'{"service": "s", "tags": ["blue"], "paths": ["/c"]}'
+GREEN = b'{"service": "s", "tags": ["green"], "paths": ["/c"]}'
+CANARY_CASES = [
+    ("two-variants", b"blue=90,green=10", (("blue", 90), ("green", 10)), []),
+    ("spaces", b" blue=1 , green=3 ", (("blue", 1), ("green", 3)), []),
+    ("zero-allowed", b"blue=0,green=10", (("blue", 0), ("green", 10)), []),
+    ("all-zero", b"blue=0,green=0", (), ["flowproxy/routes/c/active: a canary needs at least two variants"]),
+    ("one-variant", b"blue=100", (), ["flowproxy/routes/c/active: a canary needs at least two variants"]),
+    ("unknown", b"blue=90,red=10", (), ["flowproxy/routes/c/active: names variant 'red', which does not exist"]),
+    ("twice", b"blue=50,blue=50", (), ["flowproxy/routes/c/active: names variant 'blue' twice"]),
+    ("negative", b"blue=-1,green=10", (), ["flowproxy/routes/c/active: 'blue=-1' is not variant=weight"]),
+    ("too-heavy", b"blue=1001,green=1", (), ["flowproxy/routes/c/active: 'blue=1001' is not variant=weight"]),
+    ("percent", b"blue=90%,green=10%", (), ["flowproxy/routes/c/active: 'blue=90%' is not variant=weight",
+                                           "flowproxy/routes/c/active: 'green=10%' is not variant=weight"]),
+]
+
+
+@pytest.mark.parametrize(("value", "weights", "problems"), [c[1:] for c in CANARY_CASES],
+                         ids=[c[0] for c in CANARY_CASES])
+def test_canary_weights(value: bytes, weights: tuple[tuple[str, int], ...], problems: list[str]) -> None:
+    entries = kv(("routes/c/blue", BLUE), ("routes/c/green", GREEN), ("routes/c/active", value))
+    (route,) = desired_from_kv(P, entries).routes
+    assert route.weights == weights
+    got = [str(p) for p in route.problems]
+    assert len(got) == len(problems) and all(g.startswith(w) for g, w in zip(got, problems, strict=True))
+
+
+def test_certs_are_read_by_name_and_bad_names_reported() -> None:
+    desired = desired_from_kv(P, kv(("certs/site", b"PEM"), ("certs/Bad Name", b"PEM"), ("certs/big", b"x" * 300_000)))
+    assert desired.certs == {"site": b"PEM"}
+    assert [str(p) for p in desired.stray] == [
+        "flowproxy/certs/Bad Name: certificate names must match [a-z0-9][a-z0-9_.-]{0,62}; key ignored",
+        "flowproxy/certs/big: certificate is 300000 bytes, at most 262144; ignored"]

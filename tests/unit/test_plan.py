@@ -84,3 +84,49 @@ def test_unusable_instances_are_noted() -> None:
                      {"s": [Instance("bad host", 80, "x1", "n1")]})
     (state,) = plan.states
     assert state.instances == 0 and "instance x1 on node n1 skipped" in state.notes[0]
+
+
+def canary(active: bytes, green: dict[str, object] | None = None) -> list[KVEntry]:
+    blue = {"service": "s", "tags": ["blue"], "paths": ["/c"]}
+    return [KVEntry(f"{P}routes/c/blue", json.dumps(blue).encode(), 1, 1),
+            KVEntry(f"{P}routes/c/green", json.dumps(green or blue | {"tags": ["green"]}).encode(), 2, 2),
+            KVEntry(f"{P}routes/c/active", active, 3, 3)]
+
+
+CANARY_HEALTH = {"s": [Instance("10.0.0.1", 80, tags=("blue",)), Instance("10.0.0.2", 80, tags=("blue",)),
+                       Instance("10.0.0.3", 80, tags=("green",))]}
+WEIGHTS = [
+    ("ninety-ten", b"blue=90,green=10", {"blue_10.0.0.1:80": 115, "blue_10.0.0.2:80": 115, "green_10.0.0.3:80": 26}),
+    ("even", b"blue=1,green=1", {"blue_10.0.0.1:80": 64, "blue_10.0.0.2:80": 64, "green_10.0.0.3:80": 128}),
+    ("green-off", b"blue=10,green=0", {"blue_10.0.0.1:80": 128, "blue_10.0.0.2:80": 128, "green_10.0.0.3:80": 0}),
+]
+
+
+@pytest.mark.parametrize(("active", "weights"), [c[1:] for c in WEIGHTS], ids=[c[0] for c in WEIGHTS])
+def test_canary_shares_each_variant_weight_among_its_instances(active: bytes, weights: dict[str, int]) -> None:
+    plan = make_plan(desired_from_kv(P, canary(active)), CANARY_HEALTH)
+    backend = next(b for b in plan.backends if b.name == "c::canary")
+    assert {s.name: s.weight for s in backend.servers} == weights
+    assert [c.backend for c in plan.claims] == ["c::canary"]
+    (state,) = plan.states
+    assert (state.state, state.variant, state.instances) == ("serving", active.decode(), 3)
+
+
+def test_canary_variants_must_route_the_same_requests() -> None:
+    plan = make_plan(desired_from_kv(P, canary(b"blue=90,green=10", {"service": "s", "paths": ["/other"]})), {})
+    (state,) = plan.states
+    assert state.state == "rejected" and "canary variants must have the same" in state.reasons[0]
+    assert plan.claims == ()
+
+
+def test_tcp_ports_and_sni_names_are_claimed_and_conflict_like_paths() -> None:
+    entries = desired({"db": (1, {"service": "db", "mode": "tcp", "port": 5432}),
+                       "db2": (2, {"service": "db", "mode": "tcp", "port": 5432}),
+                       "tls": (3, {"service": "t", "mode": "sni", "domains": ["a.io"]}),
+                       "web": (4, {"service": "w", "domains": ["a.io"]})})
+    plan = make_plan(desired_from_kv(P, entries), {})
+    states = {s.route: s.state for s in plan.states}
+    assert states == {"db": "serving", "db2": "rejected", "tls": "serving", "web": "serving"}
+    assert {(c.path_type, c.host, c.path, c.backend) for c in plan.claims} == {
+        ("tcp", "", "5432", "db:live"), ("sni", "a.io", "", "tls:live"), ("prefix", "a.io", "/", "web:live")}
+    assert all(c.path_type not in ("tcp", "sni") for c in plan.preview)  # TCP and SNI have no preview

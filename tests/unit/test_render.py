@@ -22,7 +22,7 @@ GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 def render_scenario(name: str) -> dict[str, bytes]:
     entries, health = SCENARIOS[name]
     desired = desired_from_kv(P, entries)
-    bundle, _ = render(make_plan(desired, health), Templates(REPO_TEMPLATES, desired.templates))
+    bundle, _ = render(make_plan(desired, health), Templates(REPO_TEMPLATES, desired.templates), desired.certs)
     return dict(bundle.files)
 
 
@@ -43,7 +43,8 @@ def test_render_is_deterministic_whatever_the_input_order(name: str) -> None:
     entries, health = SCENARIOS[name]
     shuffled_health = {k: v[::-1] for k, v in reversed(list(health.items()))}
     desired = desired_from_kv(P, entries[::-1])
-    bundle, _ = render(make_plan(desired, shuffled_health), Templates(REPO_TEMPLATES, desired.templates))
+    plan = make_plan(desired, shuffled_health)
+    bundle, _ = render(plan, Templates(REPO_TEMPLATES, desired.templates), desired.certs)
     assert dict(bundle.files) == render_scenario(name)
 
 
