@@ -40,11 +40,15 @@ def free_port() -> int:
 
 def node_spec(data_dir: Path, name: str, *, dev: bool, join: tuple[str, ...] = (), proxy: bool = True,
               preview: bool = False, templates: Path | None = None, token: str | None = None,
-              acl_master: str | None = None) -> NodeSpec:
+              acl_master: str | None = None, edge: bool = False) -> NodeSpec:
+    """edge: open HTTPS, SNI and metrics listeners on loopback ports too, with a stats password."""
     http_port = free_port()
     settings = Settings(node=name, data_dir=data_dir, consul_addr=f"127.0.0.1:{http_port}",
                         http_bind=f"127.0.0.1:{free_port()}",
                         preview_bind=f"127.0.0.1:{free_port()}" if preview else None).checked()
+    if edge:
+        settings = replace(settings, https_bind=f"127.0.0.1:{free_port()}", sni_bind=f"127.0.0.1:{free_port()}",
+                           metrics_bind=f"127.0.0.1:{free_port()}", stats_auth="ops:stats-secret")
     if templates is not None:
         settings = replace(settings, templates=templates)
     settings = replace(settings, consul_token=token)
@@ -176,7 +180,7 @@ def wait_applied(proxy: ProxyNode, timeout: float = 20) -> dict[str, Any]:
 def reset(proxy: ProxyNode, service_ids: list[str]) -> None:
     """Remove what a test wrote: its routes, templates and service registrations."""
     store = proxy.store()
-    for folder in ("routes/", "templates/"):
+    for folder in ("routes/", "templates/", "certs/"):
         store.delete(proxy.settings.prefix + folder, recurse=True)
     for service_id in service_ids:
         store.client.agent.service.deregister(service_id)

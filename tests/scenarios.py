@@ -64,7 +64,7 @@ CUSTOM_TEMPLATE = "backend {{ backend.name }}\n    http-response set-header X-Cu
                   "{% for s in backend.servers %}    server {{ s.name }} {{ s.endpoint }}\n{% endfor %}"
 
 HASH = "$6$saltsalt$" + "x" * 86
-EDGE = {
+EDGE: dict[str, dict[str, Any]] = {
     "web": {"service": "web", "domains": ["a.example.test"], "https_only": True, "redirect_code": 308,
             "redirect_from": ["www.a.example.test"]},
     "api": {"service": "api", "paths": ["/api"], "strip_prefix": "/api", "timeout_server": "30s",

@@ -18,12 +18,14 @@ class IdentityHandler(BaseHTTPRequestHandler):
         if self.path == "/health":
             body = b"ok\n"
             status = 503 if self.server.unhealthy.is_set() else 200
+        elif self.path.startswith("/status/") and self.path[8:].isdigit():
+            body, status = b"as asked\n", int(self.path[8:])  # any status on demand, like httpbin
         else:
             doc = {"instance": self.server.name, "path": self.path, "host": self.headers.get("Host", "")}
             body = (json.dumps(doc, sort_keys=True) + "\n").encode()
             status = 200
         self.send_response(status)
-        json_body = status == 200 and self.path != "/health"
+        json_body = status == 200 and self.path != "/health" and not self.path.startswith("/status/")
         self.send_header("Content-Type", "application/json" if json_body else "text/plain")
         self.send_header("Content-Length", str(len(body)))
         self.send_header("X-Instance", self.server.name)

@@ -77,22 +77,27 @@ def render(ctx: click.Context, maps: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the status documents as JSON.")
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
-    """Show every proxy node: applied index, config hash, rejected routes."""
+    """Show every proxy node: applied index, config hash, rejected routes; and this node's traffic per route."""
     import dataclasses
 
     from flowproxy.apply import store_for
     from flowproxy.fleet import fleet_report, fleet_view, latest_index, read_statuses
     from flowproxy.selfcheck import SERVICE
+    from flowproxy.traffic import counts_report, local_counts
 
     settings = settings_of(ctx)
     store = store_for(settings)
     docs = read_statuses(store, settings.prefix)
     latest = latest_index(store, settings.prefix)
     rows = fleet_view(docs, store.service_health(SERVICE), latest)
+    counts = local_counts(settings.stats_socket)
     if as_json:
-        echo_json({"latest_index": latest, "nodes": [dataclasses.asdict(r) for r in rows], "status": docs})
+        echo_json({"latest_index": latest, "nodes": [dataclasses.asdict(r) for r in rows], "status": docs}
+                  | ({"traffic": counts} if counts is not None else {}))
         return
     click.echo(fleet_report(rows, docs, latest), nl=False)
+    if counts:
+        click.echo("\n" + counts_report(counts), nl=False)
 
 
 def main() -> None:

@@ -20,6 +20,16 @@ def node_options(fn: click.decorators.FC) -> click.decorators.FC:
                      show_default=True, help="Where HAProxy listens for users (address:port)."),
         click.option("--preview", "preview_bind", envvar="FLOWPROXY_PREVIEW_BIND", default=None,
                      help="Open the preview listener here (address:port); off: a unix socket in the data folder."),
+        click.option("--https", "https_bind", envvar="FLOWPROXY_HTTPS_BIND", default=None,
+                     help="Serve HTTPS here with the certificates in KV certs/ (address:port); off by default."),
+        click.option("--sni", "sni_bind", envvar="FLOWPROXY_SNI_BIND", default=None,
+                     help="Pass TLS through by SNI here, for routes with mode sni (address:port); off by default."),
+        click.option("--tcp-host", "tcp_host", envvar="FLOWPROXY_TCP_HOST", default="127.0.0.1", show_default=True,
+                     help="Address that routes with mode tcp listen on, each on its own port."),
+        click.option("--metrics", "metrics_bind", envvar="FLOWPROXY_METRICS_BIND", default=None,
+                     help="Prometheus /metrics and the /stats page here (address:port); off by default."),
+        click.option("--stats-auth", envvar="FLOWPROXY_STATS_AUTH", default=None,
+                     help="user:password for the /stats page (env FLOWPROXY_STATS_AUTH); without it, locked."),
         click.option("--consul-http-port", default=8500, show_default=True, type=int),
         click.option("--serf-port", default=8301, show_default=True, type=int),
         click.option("--server-port", default=8300, show_default=True, type=int),
@@ -30,10 +40,11 @@ def node_options(fn: click.decorators.FC) -> click.decorators.FC:
     return fn
 
 
-def make_spec(settings: Settings, *, bind: str, http_bind: str, preview_bind: str | None, consul_http_port: int,
-              serf_port: int, server_port: int, consul_bin: str, join: tuple[str, ...], dev: bool) -> NodeSpec:
-    settings = dataclasses.replace(settings, http_bind=http_bind, preview_bind=preview_bind,
-                                   consul_addr=f"{bind}:{consul_http_port}")
+def make_spec(settings: Settings, *, bind: str, consul_http_port: int, serf_port: int, server_port: int,
+              consul_bin: str, join: tuple[str, ...], dev: bool, **listeners: str | None) -> NodeSpec:
+    """`listeners`: http_bind, preview_bind, https_bind, sni_bind, tcp_host, metrics_bind, stats_auth."""
+    settings = dataclasses.replace(settings, consul_addr=f"{bind}:{consul_http_port}",
+                                   **listeners)  # type: ignore[arg-type]  # click gives each as str or None
     return NodeSpec(settings=settings, bind=bind, http_port=consul_http_port, serf_port=serf_port,
                     server_port=server_port, join=join, dev=dev, consul_bin=consul_bin)
 

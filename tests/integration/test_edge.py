@@ -1,0 +1,305 @@
+"""The production edge of issue #6 through a real node: real HAProxy, real TLS, real clients and backends."""
+
+from __future__ import annotations
+
+import collections
+import http.client
+import json
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from flowproxy.backend import IdentityServer
+from flowproxy.demo import register_instance
+from flowproxy.haproxy import HAProxySocket
+from tests.harness import ProxyNode, free_port, need, node_spec, reset, start_node, status_of, wait_applied
+
+FLOWPROXY = str(Path(sys.executable).parent / "flowproxy")
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: str
+
+
+@pytest.fixture(scope="module")
+def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyNode]:
+    node = start_node(node_spec(tmp_path_factory.mktemp("edge"), "edge-tls", dev=True, edge=True))
+    yield node
+    node.stop()
+
+
+@pytest.fixture
+def serve(edge: ProxyNode) -> Iterator[Callable[..., IdentityServer]]:
+    """A real backend registered in Consul; the test's routes, certificates and services go afterwards."""
+    started: list[IdentityServer] = []
+
+    def add(service: str, name: str, tags: tuple[str, ...] = ()) -> IdentityServer:
+        server = IdentityServer(name).start()
+        started.append(server)
+        register_instance(edge.store(), service, name, server.port, tags=tags)
+        return server
+
+    yield add
+    reset(edge, [s.name for s in started])
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Self-signed certificates made by openssl: a.example.test, b.example.test, c.example.test."""
+    need("openssl")
+    folder = tmp_path_factory.mktemp("certs")
+    for name in ("a", "b", "c"):
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                        "-keyout", str(folder / f"{name}.key"), "-out", str(folder / f"{name}.crt"),
+                        "-subj", f"/CN={name}.example.test", "-addext", f"subjectAltName=DNS:{name}.example.test"],
+                       check=True, capture_output=True)
+        pem = (folder / f"{name}.crt").read_bytes() + (folder / f"{name}.key").read_bytes()
+        (folder / f"{name}.pem").write_bytes(pem)
+    return folder
+
+
+def put(node: ProxyNode, rel: str, value: str | bytes) -> None:
+    node.store().put(node.settings.prefix + rel, value)
+
+
+def route(node: ProxyNode, name: str, intent: dict[str, object], active: str = "live") -> None:
+    put(node, f"routes/{name}/live", json.dumps(intent))
+    put(node, f"routes/{name}/active", active)
+
+
+def address(bind: str | None) -> tuple[str, int]:
+    assert bind is not None
+    host, _, port = bind.rpartition(":")
+    return host, int(port)
+
+
+def get(bind: str | None, path: str, host: str, *, sni: str | None = None, cafile: Path | None = None,
+        headers: dict[str, str] | None = None) -> Answer:
+    """One request that follows no redirect; over TLS when `sni` is given (verified against `cafile`)."""
+    addr = address(bind)
+    conn = http.client.HTTPConnection(*addr, timeout=5)
+    if sni is not None:
+        context = ssl.create_default_context(cafile=str(cafile)) if cafile else ssl._create_unverified_context()
+        conn.sock = context.wrap_socket(socket.create_connection(addr, timeout=5), server_hostname=sni)
+    conn.request("GET", path, headers={"Host": host} | (headers or {}))
+    resp = conn.getresponse()
+    answer = Answer(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read().decode(errors="replace"))
+    conn.close()
+    return answer
+
+
+def until(node: ProxyNode, probe: Callable[[], bool], what: str) -> None:
+    def safe() -> bool:
+        try:
+            return probe()
+        except OSError:
+            return False
+
+    node.wait(safe, what)
+
+
+def test_tls_by_sni_from_kv_certificates_and_a_bad_pem_refused_alone(
+        edge: ProxyNode, serve: Callable[..., IdentityServer], certs: Path) -> None:
+    serve("site", "site-1")
+    route(edge, "site", {"service": "site", "domains": ["a.example.test", "b.example.test"]})
+    put(edge, "certs/a", (certs / "a.pem").read_bytes())
+    put(edge, "certs/b", (certs / "b.pem").read_bytes())
+    put(edge, "certs/broken", (certs / "a.crt").read_bytes() + (certs / "b.key").read_bytes())
+    for name in ("a", "b"):  # each name gets its own certificate, verified by a real TLS client
+        def served(n: str = name) -> bool:
+            host = f"{n}.example.test"
+            return get(edge.settings.https_bind, "/x", host, sni=host, cafile=certs / f"{n}.crt").status == 200
+
+        until(edge, served, f"HTTPS for {name}")
+    status = wait_applied(edge)
+    assert "flowproxy/certs/broken: the private key does not match the certificate; certificate not served" \
+        in status["problems"]
+    folder = edge.settings.current / "certs"
+    assert sorted(p.name for p in folder.iterdir()) == ["a.pem", "b.pem"]
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in folder.iterdir())
+    assert get(edge.settings.http_bind, "/x", "a.example.test").status == 200  # plain HTTP still answers
+
+
+def test_https_only_redirects_plain_http_with_the_route_code(
+        edge: ProxyNode, serve: Callable[..., IdentityServer], certs: Path) -> None:
+    serve("site", "site-1")
+    put(edge, "certs/a", (certs / "a.pem").read_bytes())
+    route(edge, "site", {"service": "site", "domains": ["a.example.test"], "https_only": True, "redirect_code": 308})
+    until(edge, lambda: get(edge.settings.http_bind, "/p?q=1", "a.example.test").status == 308, "the redirect")
+    moved = get(edge.settings.http_bind, "/p?q=1", "a.example.test")
+    assert moved.headers["location"] == "https://a.example.test/p?q=1"
+    secure = get(edge.settings.https_bind, "/p?q=1", "a.example.test", sni="a.example.test", cafile=certs / "a.crt")
+    assert secure.status == 200 and json.loads(secure.body)["path"] == "/p?q=1"
+
+
+def test_redirect_from_sends_other_domains_to_the_first_keeping_path_and_query(
+        edge: ProxyNode, serve: Callable[..., IdentityServer]) -> None:
+    serve("site", "site-1")
+    route(edge, "site", {"service": "site", "domains": ["a.example.test"], "redirect_from": ["www.a.example.test"]})
+    until(edge, lambda: get(edge.settings.http_bind, "/", "www.a.example.test").status == 301, "the redirect")
+    moved = get(edge.settings.http_bind, "/deep/path?x=1&y=2", "www.a.example.test")
+    assert (moved.status, moved.headers["location"]) == (301, "http://a.example.test/deep/path?x=1&y=2")
+    assert get(edge.settings.http_bind, "/deep", "a.example.test").status == 200
+
+
+def crypt_hash(password: str) -> str:
+    need("openssl")
+    done = subprocess.run(["openssl", "passwd", "-6", "-stdin"], input=password, capture_output=True, text=True,
+                          check=True)
+    return done.stdout.strip()
+
+
+def test_basic_auth_from_hashed_passwords(edge: ProxyNode, serve: Callable[..., IdentityServer]) -> None:
+    serve("site", "site-1")
+    digest = crypt_hash("s3cret-pass")
+    route(edge, "admin", {"service": "site", "paths": ["/admin"], "auth": {"realm": "Staff only",
+                                                                           "users": {"alice": digest}}})
+    until(edge, lambda: get(edge.settings.http_bind, "/admin", "x").status == 401, "auth to be asked for")
+    refused = get(edge.settings.http_bind, "/admin", "x")
+    assert refused.headers["www-authenticate"] == 'Basic realm="Staff only"'
+    import base64
+
+    def basic(user: str, password: str) -> dict[str, str]:
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+    assert get(edge.settings.http_bind, "/admin", "x", headers=basic("alice", "wrong")).status == 401
+    assert get(edge.settings.http_bind, "/admin", "x", headers=basic("alice", "s3cret-pass")).status == 200
+    assert digest in edge.config().decode() and "s3cret-pass" not in edge.config().decode()
+
+
+REWRITES = [
+    ("strip-deep", {"strip_prefix": "/api"}, "/api/v1/users?id=3", "/v1/users?id=3"),
+    ("strip-bare", {"strip_prefix": "/api"}, "/api", "/"),
+    ("rewrite", {"rewrite": {"search": "^/api/old/(.*)", "replace": "/new/\\1"}}, "/api/old/thing", "/new/thing"),
+    ("rewrite-miss", {"rewrite": {"search": "^/api/old/(.*)", "replace": "/new/\\1"}}, "/api/keep", "/api/keep"),
+]
+
+
+@pytest.mark.parametrize(("extra", "sent", "seen"), [c[1:] for c in REWRITES], ids=[c[0] for c in REWRITES])
+def test_path_rewrites_before_forwarding(edge: ProxyNode, serve: Callable[..., IdentityServer],
+                                         extra: dict[str, object], sent: str, seen: str) -> None:
+    serve("site", "site-1")
+    route(edge, "api", {"service": "site", "paths": ["/api"]} | extra)
+    until(edge, lambda: get(edge.settings.http_bind, sent, "x").status == 200, "the route")
+    assert json.loads(get(edge.settings.http_bind, sent, "x").body)["path"] == seen
+
+
+def check_status(edge: ProxyNode, backend: str) -> str:
+    stat = HAProxySocket(edge.settings.stats_socket).command("show stat")
+    rows = [line.split(",") for line in stat.splitlines()]
+    head = rows[0]
+    return next(r[head.index("check_status")] for r in rows[1:] if r[:1] == [backend] and r[1] != "BACKEND")
+
+
+def test_timeouts_and_http_health_checks(edge: ProxyNode, serve: Callable[..., IdentityServer]) -> None:
+    serve("site", "site-1")
+    route(edge, "ok", {"service": "site", "paths": ["/ok"], "timeout_server": "7s", "timeout_tunnel": "1h",
+                       "health": {"path": "/health", "interval": "500ms"}})
+    route(edge, "bad", {"service": "site", "paths": ["/bad"], "health": {"path": "/status/500", "interval": "500ms"}})
+    wait_applied(edge)
+    config = edge.config().decode()
+    assert "    timeout server 7s\n    timeout tunnel 1h\n" in config
+    assert "check inter 500ms fall 2 rise 1" in config
+    until(edge, lambda: check_status(edge, "ok:live") == "L7OK", "the HTTP check on /health to pass")
+    until(edge, lambda: check_status(edge, "bad:live") == "L7STS", "the HTTP check on /status/500 to fail")
+    until(edge, lambda: get(edge.settings.http_bind, "/bad", "x").status == 503, "the failing route to answer 503")
+    assert get(edge.settings.http_bind, "/ok", "x").status == 200
+
+
+def test_tcp_route_listens_on_its_own_port(edge: ProxyNode, serve: Callable[..., IdentityServer]) -> None:
+    serve("db", "db-1")  # an HTTP server, spoken to over a plain TCP route
+    port = free_port()
+    route(edge, "db", {"service": "db", "mode": "tcp", "port": port})
+    until(edge, lambda: get(f"{edge.settings.tcp_host}:{port}", "/q", "x").status == 200, "the TCP route")
+    assert json.loads(get(f"{edge.settings.tcp_host}:{port}", "/q", "x").body)["instance"] == "db-1"
+
+
+@pytest.fixture
+def tls_backend(edge: ProxyNode, certs: Path) -> Iterator[int]:
+    """A TLS server with c.example.test's certificate: only passthrough lets a client see that certificate."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certs / "c.pem")
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve_forever() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            try:
+                with context.wrap_socket(conn, server_side=True) as tls:
+                    tls.recv(4096)
+                    tls.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 12\r\n\r\ntls-backend\n")
+            except (OSError, ssl.SSLError):
+                continue  # HAProxy's TCP checks connect and leave
+
+    threading.Thread(target=serve_forever, daemon=True).start()
+    port = int(listener.getsockname()[1])
+    register_instance(edge.store(), "tlsapp", "tlsapp-1", port)
+    yield port
+    stop.set()
+    listener.close()
+    edge.store().client.agent.service.deregister("tlsapp-1")
+
+
+def test_sni_passthrough_reaches_the_backend_tls(edge: ProxyNode, tls_backend: int, certs: Path) -> None:
+    route(edge, "tls", {"service": "tlsapp", "mode": "sni", "domains": ["c.example.test"]})
+    until(edge, lambda: get(edge.settings.sni_bind, "/", "c.example.test", sni="c.example.test",
+                            cafile=certs / "c.crt").body == "tls-backend\n", "passthrough to the TLS backend")
+    with pytest.raises(OSError):  # an unknown name has nowhere to go: the connection is closed
+        get(edge.settings.sni_bind, "/", "z.example.test", sni="z.example.test")
+
+
+@pytest.mark.parametrize(("weights", "green_share"), [("blue=90,green=10", 0.10), ("blue=50,green=50", 0.50)],
+                         ids=["ninety-ten", "even"])
+def test_weighted_canary_splits_traffic(edge: ProxyNode, serve: Callable[..., IdentityServer], weights: str,
+                                        green_share: float) -> None:
+    serve("app", "blue-1", ("blue",))
+    serve("app", "blue-2", ("blue",))
+    serve("app", "green-1", ("green",))
+    for color in ("blue", "green"):
+        put(edge, f"routes/can/{color}", json.dumps({"service": "app", "tags": [color], "paths": ["/can"]}))
+    put(edge, "routes/can/active", weights)
+    until(edge, lambda: {"blue-1", "blue-2", "green-1"} <= {get(edge.settings.http_bind, "/can", "x").headers.get(
+        "x-instance", "") for _ in range(20)}, "all three instances in the canary")
+    seen = collections.Counter(get(edge.settings.http_bind, "/can", "x").headers["x-instance"] for _ in range(1000))
+    green = seen["green-1"] / 1000
+    print(f"canary {weights}: {dict(seen)}")
+    assert abs(green - green_share) <= 0.03, seen  # smooth weighted round robin: within 3 points of the weight
+    assert status_of(edge)["routes"]["can"]["variant"] == weights
+
+
+def test_metrics_stats_page_and_per_route_counts(edge: ProxyNode, serve: Callable[..., IdentityServer]) -> None:
+    serve("site", "site-1")
+    route(edge, "counted", {"service": "site", "paths": ["/counted"]})
+    until(edge, lambda: get(edge.settings.http_bind, "/counted", "x").status == 200, "the route")
+    for _ in range(9):
+        get(edge.settings.http_bind, "/counted", "x")
+    metrics = get(edge.settings.metrics_bind, "/metrics", "x")
+    assert metrics.status == 200 and 'haproxy_backend_http_requests_total{proxy="counted:live"}' in metrics.body
+    assert get(edge.settings.metrics_bind, "/stats", "x").status == 401
+    import base64
+
+    auth = {"Authorization": "Basic " + base64.b64encode(b"ops:stats-secret").decode()}
+    assert get(edge.settings.metrics_bind, "/stats", "x", headers=auth).status == 200
+    env = {**os.environ, "CONSUL_HTTP_ADDR": edge.node.http_addr(), "FLOWPROXY_DATA_DIR": str(edge.settings.data_dir)}
+    report = subprocess.run([FLOWPROXY, "status", "--json"], env=env, capture_output=True, text=True, timeout=60,
+                            check=True)
+    counted = json.loads(report.stdout)["traffic"]["counted"]
+    assert counted["variant"] == "live" and counted["requests"] >= 10 and counted["5xx"] == 0
