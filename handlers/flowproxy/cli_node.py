@@ -77,6 +77,30 @@ def up(ctx: click.Context, /, *, join: tuple[str, ...], dev: bool, acl: bool, **
         running.stop()
 
 
+@node.command("init")
+@click.pass_context
+def init(ctx: click.Context) -> None:
+    """Give HAProxy a valid config before the first apply: the last good one, else an empty route table.
+
+    For an HAProxy started by systemd (ops/systemd/flowproxy-haproxy.service runs this first).
+    """
+    from flowproxy.node import ensure_bootstrap_config
+
+    settings = settings_of(ctx)
+    for folder in (settings.data_dir, settings.haproxy_dir):
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    ensure_bootstrap_config(settings)
+    click.echo(f"{settings.current / 'haproxy.cfg'} is ready")
+
+
+@node.command("env")
+@click.pass_context
+def env(ctx: click.Context) -> None:
+    """Print the FP_* environment HAProxy needs for this node's settings (for a systemd EnvironmentFile)."""
+    for name, value in sorted(settings_of(ctx).haproxy_env().items()):
+        click.echo(f"{name}={value}")
+
+
 @click.command()
 @node_options
 @click.option("--keep-running/--no-keep-running", default=True, show_default=True,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -10,7 +11,7 @@ import click
 from flowproxy.cli import echo_json, settings_of
 from flowproxy.errors import IntentRejected, UsageError
 from flowproxy.intent import BALANCES, NAME_RE, PATH_TYPES, intent_to_json, parse_intent
-from flowproxy.kv import desired_from_kv
+from flowproxy.kv import desired_from_kv, parse_weights
 from flowproxy.model import Intent
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -40,6 +41,18 @@ def settle(ctx: click.Context, index: int, wait: bool, timeout: float) -> None:
     click.echo(f"every passing proxy node applied KV index {index}")
 
 
+def _with_extra(body: str, extra: str | None) -> str:
+    if extra is None:
+        return body
+    try:
+        fields = json.loads(extra)
+    except ValueError as exc:
+        raise UsageError(f"--extra is not valid JSON: {exc}") from None
+    if not isinstance(fields, dict):
+        raise UsageError("--extra must be a JSON object of intent fields")
+    return json.dumps(json.loads(body) | fields, sort_keys=True)
+
+
 def _name(value: str, what: str) -> str:
     if not NAME_RE.fullmatch(value) or value == "active":
         raise UsageError(f"{what} {value!r} must match [a-z0-9][a-z0-9_.-]{{0,62}} and not be 'active'")
@@ -63,11 +76,13 @@ def route() -> None:
 @click.option("--no-check", is_flag=True, help="No HAProxy health checks on top of Consul's.")
 @click.option("--template", default=None, help="Custom template name for this route's backend.")
 @click.option("--activate", is_flag=True, help="Also make this variant the serving one, in the same write.")
+@click.option("--extra", default=None, metavar="JSON",
+              help='More intent fields as a JSON object, e.g. \'{"https_only": true, "timeout_server": "30s"}\'.')
 @wait_options
 @click.pass_context
 def put(ctx: click.Context, /, *, name: str, variant: str, service: str, paths: tuple[str, ...],
         domains: tuple[str, ...], tags: tuple[str, ...], path_type: str, balance: str, no_check: bool,
-        template: str | None, activate: bool, wait: bool, timeout: float) -> None:
+        template: str | None, activate: bool, extra: str | None, wait: bool, timeout: float) -> None:
     """Stage (and optionally activate) the intent routes/NAME/VARIANT."""
     from flowproxy.apply import store_for
 
@@ -75,7 +90,7 @@ def put(ctx: click.Context, /, *, name: str, variant: str, service: str, paths: 
     key = f"{settings.prefix}routes/{_name(name, 'route')}/{_name(variant, 'variant')}"
     intent = Intent(service=service, paths=paths, domains=domains, tags=tags, path_type=path_type,
                     balance=balance, check=not no_check, template=template)
-    body = intent_to_json(intent)
+    body = _with_extra(intent_to_json(intent), extra)
     _, problems = parse_intent(key, body.encode())
     if problems:
         raise IntentRejected([str(p) for p in problems])
@@ -99,18 +114,27 @@ def put(ctx: click.Context, /, *, name: str, variant: str, service: str, paths: 
 @wait_options
 @click.pass_context
 def activate(ctx: click.Context, /, *, name: str, variant: str, wait: bool, timeout: float) -> None:
-    """Make VARIANT the serving variant of route NAME (one CAS write)."""
+    """Make VARIANT the serving variant of route NAME (one CAS write).
+
+    A weighted canary names several: `flowproxy route activate web blue=90,green=10`.
+    """
     from flowproxy.apply import store_for
 
     settings = settings_of(ctx)
     store = store_for(settings)
     base = f"{settings.prefix}routes/{_name(name, 'route')}/"
-    target = store.get(base + _name(variant, "variant"))
-    if target is None:
-        raise UsageError(f"{base}{variant} does not exist; stage it first with `flowproxy route put`")
-    _, problems = parse_intent(target.key, target.value)
-    if problems:
-        raise IntentRejected([str(p) for p in problems])
+    names = [part.split("=", 1)[0].strip() for part in variant.split(",")]
+    for one in names:
+        target = store.get(base + _name(one, "variant"))
+        if target is None:
+            raise UsageError(f"{base}{one} does not exist; stage it first with `flowproxy route put`")
+        _, problems = parse_intent(target.key, target.value)
+        if problems:
+            raise IntentRejected([str(p) for p in problems])
+    if "=" in variant:
+        _, weight_problems = parse_weights(base + "active", variant, set(names))
+        if weight_problems:
+            raise IntentRejected([str(p) for p in weight_problems])
     current = store.get(base + "active")
     store.put(base + "active", variant, cas=current.modify_index if current else 0)
     click.echo(f"{base}active = {variant}")

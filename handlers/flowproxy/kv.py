@@ -97,7 +97,7 @@ def _route(name: str, intent_entries: list[KVEntry], active: KVEntry | None) -> 
     chosen, problems = _active_value(active, {v.name for v in variants})
     weights: tuple[tuple[str, int], ...] = ()
     if chosen is not None and "=" in chosen and not problems:
-        weights, problems = _weights(active.key, chosen, {v.name for v in variants})
+        weights, problems = parse_weights(active.key, chosen, {v.name for v in variants})
     return Route(name=name, variants=tuple(variants), active=chosen, active_key=active.key,
                  active_since=active.create_index, problems=tuple(problems), weights=weights)
 
@@ -110,7 +110,7 @@ def _active_value(entry: KVEntry, variants: set[str]) -> tuple[str | None, list[
     if not text:
         return None, []
     if "=" in text:
-        return text, []  # a weighted canary, parsed by _weights
+        return text, []  # a weighted canary, parsed by parse_weights
     if not NAME_RE.fullmatch(text):
         return text, [Problem(entry.key, f"{text[:80]!r} is not a variant name ([a-z0-9][a-z0-9_.-]{{0,62}})")]
     if text not in variants:
@@ -119,7 +119,7 @@ def _active_value(entry: KVEntry, variants: set[str]) -> tuple[str | None, list[
     return text, []
 
 
-def _weights(key: str, text: str, variants: set[str]) -> tuple[tuple[tuple[str, int], ...], list[Problem]]:
+def parse_weights(key: str, text: str, variants: set[str]) -> tuple[tuple[tuple[str, int], ...], list[Problem]]:
     """`blue=90,green=10`: at least two known variants, whole weights 0-1000, not all zero."""
     pairs: list[tuple[str, int]] = []
     problems: list[Problem] = []

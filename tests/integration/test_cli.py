@@ -83,3 +83,20 @@ def test_consul_unreachable_is_a_clean_error(proxy: ProxyNode, tmp_path: Path) -
     done = subprocess.run([FLOWPROXY, "route", "list"], env=env, capture_output=True, text=True, check=False)
     assert done.returncode == 3
     assert done.stderr.startswith("flowproxy: Consul at 127.0.0.1:1 failed") and "Traceback" not in done.stderr
+
+
+def test_extra_fields_and_canary_weights_through_the_cli(proxy: ProxyNode) -> None:
+    done = run(proxy, "route", "put", "web", "-v", "blue", "-s", "web", "-t", "blue", "-p", "/web",
+               "--extra", '{"timeout_server": "30s", "strip_prefix": "/web"}')
+    assert done.returncode == 0, done.stderr
+    entry = proxy.store().get("flowproxy/routes/web/blue")
+    assert entry is not None and json.loads(entry.value) == {
+        "service": "web", "tags": ["blue"], "paths": ["/web"], "timeout_server": "30s", "strip_prefix": "/web"}
+    bad = run(proxy, "route", "put", "web", "-v", "green", "-s", "web", "-p", "/web", "--extra", '{"auth": "x"}')
+    assert (bad.returncode, bad.stderr.strip()) == (
+        4, "flowproxy: flowproxy/routes/web/green: auth: must be a JSON object, got str")
+    assert run(proxy, "route", "put", "web", "-v", "green", "-s", "web", "-t", "green", "-p", "/web").returncode == 0
+    weights = run(proxy, "route", "activate", "web", "blue=abc,green=10")
+    assert weights.returncode == 4 and "'blue=abc' is not variant=weight" in weights.stderr
+    assert run(proxy, "route", "activate", "web", "blue=90,green=10").returncode == 0
+    assert wait_applied(proxy)["routes"]["web"]["variant"] == "blue=90,green=10"

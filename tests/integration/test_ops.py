@@ -1,0 +1,50 @@
+"""The operations kit in ops/ stays true to the code: the env file, the agent config, the units' commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from flowproxy.haproxy import check_config
+from flowproxy.settings import Settings
+from tests.harness import need
+
+OPS = Path(__file__).resolve().parents[2] / "ops"
+FLOWPROXY = str(Path(sys.executable).parent / "flowproxy")
+
+
+def env_file() -> dict[str, str]:
+    lines = (line.strip() for line in (OPS / "flowproxy.env").read_text().splitlines())
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
+def test_env_file_gives_haproxy_what_the_settings_say() -> None:
+    env = env_file()
+    settings = Settings.from_env({k: v for k, v in env.items() if not k.startswith("FP_")})
+    assert {k: v for k, v in env.items() if k.startswith("FP_")} == settings.haproxy_env()
+
+
+def test_example_agent_config_is_valid_for_consul_and_watches_the_prefix() -> None:
+    consul = need("consul")
+    done = subprocess.run([consul, "validate", str(OPS / "consul.d" / "agent.json")], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (watch,) = json.loads((OPS / "consul.d" / "agent.json").read_text())["watches"]
+    shipped = json.loads((OPS.parent / "consul.d" / "flowproxy.json").read_text())["watches"][0]
+    assert watch == shipped  # the production agent runs the same handler as `node up`
+
+
+def test_the_units_first_command_leaves_haproxy_a_valid_config(tmp_path: Path) -> None:
+    need("haproxy")
+    units = (OPS / "systemd" / "flowproxy-haproxy.service").read_text()
+    assert "ExecStartPre=/opt/flowproxy/.venv/bin/flowproxy node init" in units
+    env = {**os.environ, **{k: v for k, v in env_file().items() if not k.startswith("FP_")},
+           "FLOWPROXY_DATA_DIR": str(tmp_path)}
+    done = subprocess.run([FLOWPROXY, "node", "init"], env=env, capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    settings = Settings.from_env(env)
+    check_config("haproxy", settings.current / "haproxy.cfg", settings.haproxy_env())
