@@ -1,8 +1,8 @@
 """The warm applier: `node up` serves watch events in its own process, where every import is loaded.
 
-A watch handler process connects to `<data>/run/apply.sock`, sends `<kind>\\n<payload>` and half-closes; the
-applier runs the same coalesced apply as the handler would (same lock, same counter, so a handler applying
-in-process and the applier never overlap) and answers with the exit code. Measured: a flip through the
+A watch handler process connects to `<data>/run/apply.sock`, sends `<kind> <CONSUL_INDEX>\\n<payload>` and
+half-closes; the applier runs the same coalesced apply as the handler would (same lock, same counter, so a
+handler applying in-process and the applier never overlap) and answers with the exit code. Measured: a flip through the
 handler process took ~180 ms, nearly all of it imports and a fresh Consul connection.
 """
 
@@ -32,8 +32,9 @@ class _Request(socketserver.StreamRequestHandler):
 
     def handle(self) -> None:
         threading.current_thread().name = THREAD  # its records go to handler.log, like a handler process's
-        kind, _, payload = self.rfile.read().partition(b"\n")
-        code = self.server.applier.run(kind.decode(errors="replace"), payload.decode(errors="replace"))
+        head, _, payload = self.rfile.read().partition(b"\n")
+        kind, _, index = head.decode(errors="replace").partition(" ")
+        code = self.server.applier.run(kind, payload.decode(errors="replace"), int(index) if index.isdigit() else None)
         self.wfile.write(str(code).encode())
 
 
@@ -47,12 +48,12 @@ class Applier:
         self._server: _Server | None = None
         self._log: logging.Handler | None = None
 
-    def run(self, kind: str, payload: str) -> int:
+    def run(self, kind: str, payload: str, index: int | None = None) -> int:
         if kind not in KINDS:
             log.error("applier: unknown watch kind %r from %s; expected one of %s", kind, self.path, KINDS)
             return 2
         try:
-            return handle(kind, payload, self.settings, store=self.store)  # the apply lock serializes its use
+            return handle(kind, payload, self.settings, store=self.store, index=index)  # the lock serializes it
         except Exception:  # a bug must not kill the listener; the tick's retry will apply again
             log.exception("applier: the %s event failed unexpectedly", kind)
             return 1

@@ -19,7 +19,7 @@ from flowproxy.consul_io import ConsulStore
 from flowproxy.errors import ApplyIOError, EmptyRefused, FlowproxyError, HAProxyError
 from flowproxy.haproxy import HAProxySocket, check_config
 from flowproxy.kv import desired_from_kv
-from flowproxy.model import Desired, Instance, KVEntry
+from flowproxy.model import Desired, Instance, KVEntry, Snapshot
 from flowproxy.plan import Plan, make_plan
 from flowproxy.render import Bundle, Templates, custom_fragments, drop_backends, render
 from flowproxy.settings import Settings
@@ -55,9 +55,26 @@ def read_config_kv(store: ConsulStore, prefix: str) -> tuple[int, list[KVEntry]]
     return index, routes + [e for _, entries in optional for e in entries] + others
 
 
-def gather(settings: Settings, store: ConsulStore) -> tuple[Desired, dict[str, list[Instance]], str]:
+def from_payload(store: ConsulStore, prefix: str, snapshot: Snapshot) -> tuple[int, list[KVEntry]] | None:
+    """The watch's own payload when it is still Consul's latest state: one call instead of four reads.
+
+    Measured at 50 routes: the four reads took 8 ms of a 16 ms converge. A payload that is not the latest
+    (a newer write, or a handler that outlived an agent reload) is not used: the reads follow instead.
+    """
+    index, _ = store.keys_with_index(prefix)
+    if index != snapshot.index:
+        return None
+    used = tuple(prefix + folder for folder in ("routes/", "templates/", "certs/"))
+    entries = [e if e.key.startswith(used) else KVEntry(e.key, b"?") for e in snapshot.entries
+               if e.key != prefix and not e.key.startswith(prefix + "status/")]
+    return index, entries
+
+
+def gather(settings: Settings, store: ConsulStore,
+           snapshot: Snapshot | None = None) -> tuple[Desired, dict[str, list[Instance]], str]:
     """Read everything the render depends on from Consul. Any failed read raises: never render on less."""
-    index, entries = read_config_kv(store, settings.prefix)
+    fresh = from_payload(store, settings.prefix, snapshot) if snapshot is not None else None
+    index, entries = fresh or read_config_kv(store, settings.prefix)
     desired = desired_from_kv(settings.prefix, entries, index)
     health = {service: store.healthy(service) for service in desired.services()}
     fingerprint = runstate.kv_fingerprint(settings.prefix, [(e.key, e.value) for e in entries])
@@ -160,14 +177,15 @@ def reload_or_roll_back(settings: Settings, previous: Path | None) -> None:
 
 
 def converge(settings: Settings, generation: int = 0, accept_empty: bool = False,
-             shared: ConsulStore | None = None) -> Outcome:
+             shared: ConsulStore | None = None, snapshot: Snapshot | None = None) -> Outcome:
     """Apply Consul's current state to this node's HAProxy and publish the node's status.
 
     `shared` is a long-lived client (the warm applier's); without one, a client lives for this call only.
+    `snapshot` is the keyprefix watch's payload, used when it is still the latest state.
     """
     store = shared or store_for(settings)
     try:
-        desired, health, fingerprint = gather(settings, store)
+        desired, health, fingerprint = gather(settings, store, snapshot)
         guard_empty(settings, desired, accept_empty)
         bundle, plan = vet_fragments(settings, desired, *build(settings, desired, health))
         started = time.monotonic()

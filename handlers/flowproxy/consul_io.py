@@ -60,8 +60,12 @@ class ConsulStore:
         return int(index), [_entry(d) for d in data or []]
 
     def keys(self, prefix: str) -> list[str]:
-        _, data = self._call(f"to list keys of {prefix}", lambda: self.client.kv.get(prefix, keys=True))
-        return [str(k) for k in data or []]
+        return self.keys_with_index(prefix)[1]
+
+    def keys_with_index(self, prefix: str) -> tuple[int, list[str]]:
+        """The keys under `prefix` and the prefix's index (its newest write or tombstone)."""
+        index, data = self._call(f"to list keys of {prefix}", lambda: self.client.kv.get(prefix, keys=True))
+        return int(index), [str(k) for k in data or []]
 
     def get(self, key: str) -> KVEntry | None:
         _, data = self._call(f"to read {key}", lambda: self.client.kv.get(key))

@@ -68,8 +68,8 @@ def regex(value: Any, forbidden: re.Pattern[str] = REGEX_FORBIDDEN) -> list[str]
     if not value:
         return ["must not be empty"]
     if forbidden.search(value) or len(value) > 1024:
-        return [f"{value!r}: must be printable ASCII without spaces, quotes or '#'"
-                + ("" if forbidden is REWRITE_FORBIDDEN else " or '\\'")]
+        also = "" if forbidden is REWRITE_FORBIDDEN else " or '\\'"
+        return [f"{value!r}: regex must be printable ASCII without spaces, quotes, '#'{also}"]
     try:
         re.compile(value)
     except re.error as exc:

@@ -33,7 +33,8 @@ def forward(path: str, kind: str, payload: bytes) -> int | None:
         except OSError:
             return None  # no socket, or a stale one left by a dead supervisor: apply here instead
         try:
-            conn.sendall(kind.encode() + b"\n" + payload)
+            index = os.environ.get("CONSUL_INDEX", "")
+            conn.sendall(f"{kind} {index}\n".encode() + payload)
             conn.shutdown(_socket.SHUT_WR)
             answer = b"".join(iter(lambda: conn.recv(64), b""))
         except OSError:

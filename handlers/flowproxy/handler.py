@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import logging.handlers
+import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -50,26 +51,34 @@ def log_file_handler(settings: Settings) -> logging.Handler | None:
     return log_file
 
 
-def handle(kind: str, payload: str, settings: Settings, accept_empty: bool = False,
-           store: ConsulStore | None = None) -> int:
-    """Apply if the event may change the config; `store` is the warm applier's client, if it runs us."""
+def handle(kind: str, payload: str, settings: Settings, *, accept_empty: bool = False,
+           store: ConsulStore | None = None, index: int | None = None) -> int:
+    """Apply if the event may change the config.
+
+    `store` is the warm applier's client, if it runs us; `index` is the agent's CONSUL_INDEX for the payload.
+    """
     from flowproxy.errors import FlowproxyError
 
     first = coalesce.bump(settings.run_dir)
-    skip = runstate.payload_fingerprint(settings.prefix, payload) if kind == "keyprefix" else None
+    entries = runstate.payload_entries(payload) if kind == "keyprefix" else None
+    skip = None if entries is None else runstate.kv_fingerprint(settings.prefix, [(e[0], e[1]) for e in entries])
 
     def work(generation: int) -> None:
-        nonlocal skip
+        nonlocal skip, entries
         last = runstate.load(settings.run_dir, runstate.LAST_APPLY)
-        if skip is not None and skip == last.get("fingerprint"):
-            skip = None
+        # Only the first run may use this event's payload; runs for later events read Consul afresh.
+        mine, skip, entries = (skip, entries), None, None
+        if mine[0] is not None and mine[0] == last.get("fingerprint"):
             # A status write or an unchanged payload: the applied config already reflects it.
             runstate.save(settings.run_dir, runstate.LAST_APPLY, last | {"generation": generation})
             return
-        skip = None
         from flowproxy.apply import converge  # the heavy imports start here
+        from flowproxy.model import KVEntry, Snapshot
 
-        converge(settings, generation, accept_empty, store)
+        snapshot = None
+        if mine[1] is not None and index is not None:
+            snapshot = Snapshot(index, tuple(KVEntry(*e) for e in mine[1]))
+        converge(settings, generation, accept_empty, store, snapshot)
 
     try:
         coalesce.drain(settings.run_dir, work, first, wait=kind == "manual")
@@ -88,13 +97,15 @@ def main(argv: list[str] | None = None, payload: str | None = None) -> int:
     args = parser.parse_args(argv)
     if payload is None:
         payload = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
+    index = os.environ.get("CONSUL_INDEX", "")
     try:
         settings = Settings.from_env()
     except Exception as exc:  # a broken environment must still be reported, whatever it is
         print(f"flowproxy handle: bad settings: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings)
-    return handle(args.kind, payload, settings, args.accept_empty)
+    return handle(args.kind, payload, settings, accept_empty=args.accept_empty,
+                  index=int(index) if index.isdigit() else None)
 
 
 if __name__ == "__main__":

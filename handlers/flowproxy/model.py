@@ -14,6 +14,14 @@ class KVEntry:
 
 
 @dataclass(frozen=True)
+class Snapshot:
+    """A keyprefix watch's payload and the index it was taken at (the agent's CONSUL_INDEX)."""
+
+    index: int
+    entries: tuple[KVEntry, ...]
+
+
+@dataclass(frozen=True)
 class Problem:
     """One validation failure, always tied to the KV key (and field) it came from."""
 

@@ -153,10 +153,11 @@ class Node:
 
     def out_of_sync(self) -> bool:
         """Anti-entropy: a full converge every FULL_RESYNC_EVERY seconds, and every RESYNC_EVERY seconds a
-        check whether Consul's config index differs from the applied one.
+        check whether what Consul holds differs from what was applied (the fingerprint of the config keys).
 
         Watches can miss an event: a snapshot restore 0.3 s after a write left a node on the old routes
         with no watch firing. Any difference, forwards or backwards, means the node must apply again.
+        Contents, not indexes: an apply from a watch payload records the whole prefix's index.
         """
         if time.monotonic() - self.last_full >= FULL_RESYNC_EVERY:
             self.last_full = time.monotonic()
@@ -167,14 +168,12 @@ class Node:
         from flowproxy.apply import read_config_kv
 
         try:
-            index, entries = read_config_kv(self.store(), self.settings.prefix)
+            _, entries = read_config_kv(self.store(), self.settings.prefix)
         except FlowproxyError:
             return False  # the agent is away; beat() has said so
         last = runstate.load(self.settings.run_dir, runstate.LAST_APPLY)
-        if not entries:
-            # An empty routes/ may answer with the whole table's index: compare contents, not indexes.
-            return bool(last.get("routes"))
-        return bool(last.get("kv_index") != index)
+        held = runstate.kv_fingerprint(self.settings.prefix, [(e.key, e.value) for e in entries])
+        return bool(last.get("fingerprint") != held)
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         logfile = open(self.settings.data_dir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - lives with the child

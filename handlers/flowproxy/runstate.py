@@ -31,15 +31,20 @@ def kv_fingerprint(prefix: str, pairs: Iterable[tuple[str, bytes]]) -> str:
     return h.hexdigest()
 
 
-def payload_fingerprint(prefix: str, payload: str) -> str | None:
-    """The fingerprint of a keyprefix watch payload (JSON list, values base64), or None if unreadable."""
+def payload_entries(payload: str) -> list[tuple[str, bytes, int, int]] | None:
+    """A keyprefix watch payload (JSON list, values base64) as (key, value, CreateIndex, ModifyIndex), or None."""
     try:
         doc = json.loads(payload) if payload.strip() else None
-        entries = doc or []
-        pairs = [(e["Key"], base64.b64decode(e.get("Value") or "")) for e in entries]
-    except (ValueError, TypeError, KeyError):
+        return [(e["Key"], base64.b64decode(e.get("Value") or ""), int(e.get("CreateIndex", 0)),
+                 int(e.get("ModifyIndex", 0))) for e in doc or []]
+    except (ValueError, TypeError, KeyError, AttributeError):
         return None
-    return kv_fingerprint(prefix, pairs)
+
+
+def payload_fingerprint(prefix: str, payload: str) -> str | None:
+    """The fingerprint of a keyprefix watch payload, or None if unreadable."""
+    entries = payload_entries(payload)
+    return None if entries is None else kv_fingerprint(prefix, [(e[0], e[1]) for e in entries])
 
 
 def load(run_dir: Path, name: str) -> dict[str, Any]:

@@ -123,4 +123,9 @@ def test_sockets_are_private(acl_cluster: tuple[ProxyNode, ProxyNode, dict[str, 
         mode = stat.S_IMODE(sock.stat().st_mode)
         assert stat.S_ISSOCK(sock.stat().st_mode) and mode & 0o077 == 0, oct(mode)
     config = (s.current / "haproxy.cfg").read_text()
-    assert "stats enable" not in config and "stats uri" not in config  # no stats page unless configured
+    # The stats page is on the metrics listener: unless the node opens it, a unix socket in the 0700 folder,
+    # and without --stats-auth its password is random.
+    assert 'bind "${FP_METRICS_BIND}"' in config and 'stats auth "${FP_STATS_AUTH}"' in config
+    env = s.haproxy_env()
+    assert env["FP_METRICS_BIND"] == f"unix@{s.haproxy_dir / 'metrics.sock'}"
+    assert env["FP_STATS_AUTH"].startswith("locked:") and len(env["FP_STATS_AUTH"]) > 30

@@ -39,12 +39,13 @@ CASES = [("success", b"0", 0), ("apply-failed", b"5", 5), ("garbage", b"what", 1
 
 @pytest.mark.parametrize(("answer", "code"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_forwards_the_event_and_returns_the_answer(listener: tuple[str, list[bytes], list[bytes]],
-                                                   answer: bytes, code: int) -> None:
+                                                   answer: bytes, code: int, monkeypatch: pytest.MonkeyPatch) -> None:
     path, received, answers = listener
+    monkeypatch.setenv("CONSUL_INDEX", "42")  # what the agent gives a watch handler: the payload's index
     answers.append(answer)
     payload = b'[{"Key": "flowproxy/routes/a/active"}]' * 1000  # larger than one socket buffer
     assert forward(path, "keyprefix", payload) == code
-    assert received == [b"keyprefix\n" + payload]
+    assert received == [b"keyprefix 42\n" + payload]
 
 
 def test_no_applier_means_apply_here(tmp_path: Path) -> None:
