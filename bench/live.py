@@ -13,9 +13,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-from bench.run import Row, fast_backend, free_port, pct
+from bench import baseline, classic
+from bench.run import Row, fast_backend, free_port, haproxy_serving, pct
 from bench.wrk import WrkResult, run_wrk
 from flowproxy.backend import IdentityServer
 from flowproxy.consul_io import ConsulStore
@@ -108,59 +110,115 @@ def bulk_routes(store: ConsulStore, names: list[str], service: str) -> None:
         store.txn(ops[start:start + 64])
 
 
-def activation(node: Node, trials: int, tag: str) -> tuple[list[float], float]:
-    store, times, before = node.store(), [], reloads(node)
+@dataclass
+class Systems:
+    """flowproxy's node and the classic pipeline's HAProxy, watching the same Consul."""
+
+    node: Node
+    urls: dict[str, str]
+    reloads: dict[str, Callable[[], int]]
+
+    def race(self, started: float, probe: Callable[[str], Callable[[], bool]], timeout: float = 20) -> dict[str, float]:
+        """Seconds from `started` until `probe(url)` first holds on each system, polled side by side."""
+        seen: dict[str, float] = {}
+
+        def poll(name: str, check: Callable[[], bool]) -> None:
+            deadline = time.perf_counter() + timeout
+            while time.perf_counter() < deadline:
+                try:
+                    if check():
+                        seen[name] = time.perf_counter() - started
+                        return
+                except OSError:
+                    pass
+                time.sleep(0.001)
+
+        threads = [threading.Thread(target=poll, args=(n, probe(u))) for n, u in self.urls.items()]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        missing = set(self.urls) - set(seen)
+        if missing:
+            raise TimeoutError(f"{', '.join(sorted(missing))} never served the change")
+        return seen
+
+    def count_reloads(self) -> dict[str, int]:
+        return {name: count() for name, count in self.reloads.items()}
+
+
+Trials = tuple[dict[str, list[float]], dict[str, float]]
+
+
+def collect(systems: Systems, trials: int, trial: Callable[[int], dict[str, float]]) -> Trials:
+    """Run the trials; per system, the latencies and the reloads per trial."""
+    times: dict[str, list[float]] = {name: [] for name in systems.urls}
+    before = systems.count_reloads()
     for t in range(trials):
+        quiet()
+        for name, took in trial(t).items():
+            times[name].append(took)
+    settle(systems.node)
+    time.sleep(0.5)  # the classic pipeline's last reload
+    after = systems.count_reloads()
+    return times, {name: (after[name] - before[name]) / trials for name in after}
+
+
+def activation(systems: Systems, trials: int, tag: str) -> Trials:
+    store = systems.node.store()
+
+    def trial(t: int) -> dict[str, float]:
         # The trailing slash matters: `/a1` is a string prefix of `/a10/x`, so an already active route
         # would answer and the trial would measure nothing.
         store.put(f"{P}routes/{tag}{t}/live", json.dumps({"service": "app", "paths": [f"/{tag}{t}/"]}))
-        settle(node)
+        settle(systems.node)
         start = time.perf_counter()
         store.put(f"{P}routes/{tag}{t}/active", "live")
-        times.append(time.perf_counter() - start + until("activation", answers(f"{url(node)}/{tag}{t}/x", 200)))
-    settle(node)
-    return times, (reloads(node) - before) / trials
+        return systems.race(start, lambda base: answers(f"{base}/{tag}{t}/x", 200))
+
+    return collect(systems, trials, trial)
 
 
-def flips(node: Node, trials: int) -> tuple[list[float], float]:
-    store, times = node.store(), []
+def flips(systems: Systems, trials: int) -> Trials:
+    store = systems.node.store()
     for color in ("blue", "green"):
         store.put(f"{P}routes/flip/{color}", json.dumps({"service": "app", "tags": [color], "paths": ["/flip"]}))
     store.put(f"{P}routes/flip/active", "blue")
-    settle(node)
-    before = reloads(node)
-    for t in range(trials):
+    settle(systems.node)
+    systems.race(time.perf_counter(), lambda base: reaches(f"{base}/flip", "blue-1"))
+
+    def trial(t: int) -> dict[str, float]:
         color = "green" if t % 2 == 0 else "blue"
-        quiet()
         start = time.perf_counter()
         store.put(f"{P}routes/flip/active", color)
-        times.append(time.perf_counter() - start + until("flip", reaches(f"{url(node)}/flip", f"{color}-1")))
-    settle(node)
-    return times, (reloads(node) - before) / trials
+        return systems.race(start, lambda base: reaches(f"{base}/flip", f"{color}-1"))
+
+    return collect(systems, trials, trial)
 
 
-def membership(node: Node, trials: int) -> tuple[list[float], float]:
-    store, times = node.store(), []
+def membership(systems: Systems, trials: int) -> Trials:
+    store = systems.node.store()
     store.put(f"{P}routes/members/live", json.dumps({"service": "members", "paths": ["/members"]}))
     store.put(f"{P}routes/members/active", "live")
     first = IdentityServer("m-0").start()
     register_instance(store, "members", "m-0", first.port)
-    until("first member", answers(f"{url(node)}/members", 200), 20)
-    before = reloads(node)
-    for t in range(1, trials + 1):
-        server = IdentityServer(f"m-{t}").start()
+    systems.race(time.perf_counter(), lambda base: answers(f"{base}/members", 200))
+
+    def trial(t: int) -> dict[str, float]:
+        server = IdentityServer(f"m-{t + 1}").start()
         quiet()
         start = time.perf_counter()
-        register_instance(store, "members", f"m-{t}", server.port)
-        until("member", reaches(f"{url(node)}/members", f"m-{t}", t + 1), 20)
-        times.append(time.perf_counter() - start)
-        store.client.agent.service.deregister(f"m-{t}")
-        until("member gone", avoids(f"{url(node)}/members", f"m-{t}"), 20)
+        register_instance(store, "members", f"m-{t + 1}", server.port)
+        took = systems.race(start, lambda base: reaches(f"{base}/members", f"m-{t + 1}", t + 2))
+        store.client.agent.service.deregister(f"m-{t + 1}")
+        systems.race(time.perf_counter(), lambda base: avoids(f"{base}/members", f"m-{t + 1}"))
         server.stop()
-    result = (reloads(node) - before) / trials
+        return took
+
+    result = collect(systems, trials, trial)
     store.client.agent.service.deregister("m-0")
     first.stop()
-    return times, result
+    return result
 
 
 def full_apply(node: Node) -> tuple[float, float]:
@@ -190,28 +248,41 @@ def worker_rss_mb(node: Node) -> float:
     return 0.0
 
 
-def reconfig_failures(node: Node, port: int, seconds: int) -> dict[str, int]:
-    store = node.store()
+def reconfig_failures(systems: Systems, port: int, seconds: int) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    """wrk on both systems while 50 reconfigurations land, keep-alive then `Connection: close`.
+
+    Every other change adds a path (a map change for flowproxy); the rest switch the balance algorithm,
+    which reloads flowproxy too, so both kinds are under load. Returns failed requests and reloads.
+    """
+    store = systems.node.store()
     register_instance(store, "fast", "fast-1", port)
     store.put(f"{P}routes/hot/live", json.dumps({"service": "fast", "paths": ["/hot"]}))
     store.put(f"{P}routes/hot/active", "live")
-    until("hot route", answers(f"{url(node)}/hot", 200), 20)
-    out = {}
+    systems.race(time.perf_counter(), lambda base: answers(f"{base}/hot", 200))
+    failed: dict[str, dict[str, int]] = {name: {} for name in systems.urls}
+    before = systems.count_reloads()
     for close in (False, True):
-        result: list[WrkResult] = []
+        results: dict[str, WrkResult] = {}
 
-        def run_load(box: list[WrkResult] = result, c: bool = close) -> None:
-            box.append(run_wrk(f"{url(node)}/hot", seconds + 4, close=c))
+        def load_one(name: str, base: str, into: dict[str, WrkResult] = results, c: bool = close) -> None:
+            into[name] = run_wrk(f"{base}/hot", seconds + 4, close=c)
 
-        load = threading.Thread(target=run_load)
-        load.start()
+        loads = [threading.Thread(target=load_one, args=item) for item in systems.urls.items()]
+        for load in loads:
+            load.start()
         time.sleep(1)
-        for i in range(50):  # 50 reconfigurations, each a real config change
-            store.put(f"{P}routes/hot/live", json.dumps({"service": "fast", "paths": ["/hot", f"/extra{i}"]}))
+        for i in range(50):
+            balance = "leastconn" if i % 4 == 1 else "roundrobin"
+            intent = {"service": "fast", "paths": ["/hot", f"/extra{i // 2}"], "balance": balance}
+            store.put(f"{P}routes/hot/live", json.dumps(intent))
             time.sleep(seconds / 50)
-        load.join()
-        out["close" if close else "keep-alive"] = result[0].failed
-    return out
+        for load in loads:
+            load.join()
+        for name, result in results.items():
+            failed[name]["close" if close else "keep-alive"] = result.failed
+    settle(systems.node)
+    after = systems.count_reloads()
+    return failed, {name: after[name] - before[name] for name in after}
 
 
 def ms(values: list[float]) -> str:
@@ -226,18 +297,19 @@ def live_rows(trials: int, seconds: int) -> list[Row]:
     base = Path(tempfile.mkdtemp(prefix="fp-live-"))
     rows: list[Row] = []
     try:
-        with live_node(base / "a") as node, fast_backend() as port:
+        with live_node(base / "a") as node, fast_backend() as port, \
+                haproxy_serving({"haproxy.cfg": baseline.render([])}) as (classic_url, classic_settings), \
+                classic.running(node.http_addr(), classic_settings, ("app", "members", "fast")) as pipeline:
             store = node.store()
             backend = IdentityServer("app-1").start()
             blue, green = IdentityServer("blue-1").start(), IdentityServer("green-1").start()
             register_instance(store, "app", "app-1", backend.port)
             register_instance(store, "app", "blue-1", blue.port, tags=("blue",))
             register_instance(store, "app", "green-1", green.port, tags=("green",))
-            rows += latency_rows(node, trials)
-            fails = reconfig_failures(node, port, seconds)
-            rows.append(Row("failed requests, 50 reconfigurations (keep-alive / close)",
-                            f"{fails['keep-alive']} / {fails['close']}", target="0 / 0",
-                            verdict=verdict(not any(fails.values()))))
+            systems = Systems(node, {"flowproxy": url(node), "baseline": classic_url},
+                              {"flowproxy": lambda: reloads(node), "baseline": pipeline.reloads})
+            rows += latency_rows(systems, trials)
+            rows += failure_rows(*reconfig_failures(systems, port, seconds))
             took = fresh_node(base / "b", node)
             rows.append(Row("fresh node, 1,000 routes: agent start -> all serving", f"{took:.2f} s", target="<= 5 s",
                             verdict=verdict(took <= 5)))
@@ -249,23 +321,35 @@ def live_rows(trials: int, seconds: int) -> list[Row]:
     return rows
 
 
-def latency_rows(node: Node, trials: int) -> list[Row]:
-    small, small_reloads = activation(node, trials, "a")
-    flip, flip_reloads = flips(node, trials)
-    member, member_reloads = membership(node, min(trials, 20))
-    bulk_routes(node.store(), [f"o{i}" for i in range(1000)], "app")
-    settle(node)
-    large, _ = activation(node, min(trials, 20), "b")
+def failure_rows(failed: dict[str, dict[str, int]], reloaded: dict[str, int]) -> list[Row]:
+    def cell(name: str) -> str:
+        return f"{failed[name]['keep-alive']} / {failed[name]['close']}"
+
+    return [Row("failed requests, 50 reconfigurations (keep-alive / close)", cell("flowproxy"), cell("baseline"),
+                "0 / 0", verdict(not any(failed["flowproxy"].values()))),
+            Row("reloads during those 100 changes", str(reloaded["flowproxy"]), str(reloaded["baseline"]))]
+
+
+def latency_rows(systems: Systems, trials: int) -> list[Row]:
+    small, small_reloads = activation(systems, trials, "a")
+    flip, flip_reloads = flips(systems, trials)
+    member, member_reloads = membership(systems, min(trials, 20))
+    bulk_routes(systems.node.store(), [f"o{i}" for i in range(1000)], "app")
+    settle(systems.node)
+    large, _ = activation(systems, min(trials, 20), "b")
+    fp, bl = "flowproxy", "baseline"
     return [
-        Row("activation latency, small config", ms(small), target="p50 <= 100, p95 <= 250",
-            verdict=verdict(pct(small, 0.5) <= 0.1 and pct(small, 0.95) <= 0.25)),
-        Row("activation latency, 1,000 other routes", ms(large)),
-        Row("blue-green flip latency", ms(flip), target="p50 <= 30", verdict=verdict(pct(flip, 0.5) <= 0.03)),
-        Row("reloads per flip", f"{flip_reloads:.1f}", target="0", verdict=verdict(flip_reloads == 0)),
-        Row("membership change latency", ms(member), target="p50 <= 50", verdict=verdict(pct(member, 0.5) <= 0.05)),
-        Row("reloads per membership change (add + remove)", f"{member_reloads:.1f}", target="0",
-            verdict=verdict(member_reloads == 0)),
-        Row("reloads per activation", f"{small_reloads:.1f}"),
+        Row("activation latency, small config", ms(small[fp]), ms(small[bl]), "p50 <= 100, p95 <= 250",
+            verdict(pct(small[fp], 0.5) <= 0.1 and pct(small[fp], 0.95) <= 0.25)),
+        Row("activation latency, 1,000 other routes", ms(large[fp]), ms(large[bl])),
+        Row("blue-green flip latency", ms(flip[fp]), ms(flip[bl]), "p50 <= 30", verdict(pct(flip[fp], 0.5) <= 0.03)),
+        Row("reloads per flip", f"{flip_reloads[fp]:.1f}", f"{flip_reloads[bl]:.1f}", "0",
+            verdict(flip_reloads[fp] == 0)),
+        Row("membership change latency", ms(member[fp]), ms(member[bl]), "p50 <= 50",
+            verdict(pct(member[fp], 0.5) <= 0.05)),
+        Row("reloads per membership change (add + remove)", f"{member_reloads[fp]:.1f}",
+            f"{member_reloads[bl]:.1f}", "0", verdict(member_reloads[fp] == 0)),
+        Row("reloads per activation", f"{small_reloads[fp]:.1f}", f"{small_reloads[bl]:.1f}"),
     ]
 
 

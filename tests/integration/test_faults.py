@@ -46,6 +46,7 @@ def node(tmp_path: Path) -> Iterator[ProxyNode]:
     proxy.store().put("flowproxy/routes/go-demo/live", route(["/demo"]))
     proxy.store().put("flowproxy/routes/go-demo/active", "live")
     proxy.wait_reply("/demo", 200)
+    wait_applied(proxy)  # traffic moves first (runtime API), the release files a moment later
     yield proxy
     proxy.stop()
     backend.stop()
@@ -99,6 +100,7 @@ def test_an_empty_answer_never_drops_the_routes(node: ProxyNode, tmp_path: Path)
     store.put("flowproxy/routes/go-demo/live", route(["/demo"]))
     store.put("flowproxy/routes/go-demo/active", "live")
     node.wait_reply("/demo", 200)
+    wait_applied(node)
     before = serving_hash(node)
 
     snapshot(node, "restore", tmp_path / "empty.snap")  # Consul now answers: no routes, at an older index

@@ -40,3 +40,11 @@ def test_payload_entries_parse_the_watch_json() -> None:
     assert payload_entries(raw) == [(P + "routes/a/active", b"live", 3, 4), (P + "routes/", b"", 0, 0)]
     assert payload_entries("null") == [] and payload_entries("") == []
     assert payload_entries("{oops") is None and payload_entries('[{"Value": "x"}]') is None
+
+
+@responses.activate
+def test_a_payload_without_routes_is_judged_by_the_reads() -> None:
+    """The empty-table guard compares config indexes; the prefix index also counts status writes."""
+    empty = (KVEntry(P + "status/edge-1", b"{}", 9, 9), KVEntry(P + "routes/", b"", 3, 3))
+    assert from_payload(ConsulStore("127.0.0.1:8500"), P, Snapshot(9, empty)) is None
+    assert len(responses.calls) == 0

@@ -1,0 +1,115 @@
+"""The classic pipeline, live: consul-template's loop against the same Consul, for the latency cells.
+
+Blocking queries on the routes and on each routed service; any change renders the whole config with one
+ACL line per route (`bench/baseline.py`) and asks HAProxy for a reload, as `consul-template -exec` with a
+reload command does. Routes are read with flowproxy's own parser, so both systems serve the same intents.
+Bench code only, never shipped.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from bench import baseline
+from flowproxy.consul_io import ConsulStore
+from flowproxy.haproxy import HAProxySocket
+from flowproxy.kv import desired_from_kv
+from flowproxy.model import Desired, KVEntry
+from flowproxy.settings import Settings
+
+P = "flowproxy/"
+
+
+class Classic:
+    def __init__(self, consul_addr: str, settings: Settings, services: tuple[str, ...]) -> None:
+        self.store = ConsulStore(consul_addr)
+        self.settings = settings
+        self.services = services
+        self.entries: list[KVEntry] = []
+        self.health: dict[str, list[tuple[str, int, tuple[str, ...]]]] = {s: [] for s in services}
+        self.changed = threading.Event()
+        self.stopped = threading.Event()
+        self.lock = threading.Lock()
+
+    def watch_kv(self) -> None:
+        index = 0
+        while not self.stopped.is_set():
+            try:
+                index, data = self.store.client.kv.get(P + "routes/", recurse=True, index=index, wait="2s")
+            except Exception:  # the agent is going away with the benchmark
+                self.stopped.wait(0.2)
+                continue
+            with self.lock:
+                self.entries = [KVEntry(d["Key"], d["Value"] or b"", d["CreateIndex"], d["ModifyIndex"])
+                                for d in data or []]
+            self.changed.set()
+
+    def watch_service(self, service: str) -> None:
+        index = 0
+        while not self.stopped.is_set():
+            try:
+                index, data = self.store.client.health.service(service, passing=True, index=index, wait="2s")
+            except Exception:
+                self.stopped.wait(0.2)
+                continue
+            with self.lock:
+                self.health[service] = [_instance(d) for d in data]
+            self.changed.set()
+
+    def render_loop(self) -> None:
+        last = b""
+        while not self.stopped.is_set():
+            if not self.changed.wait(0.5):
+                continue
+            self.changed.clear()
+            with self.lock:
+                desired, health = desired_from_kv(P, self.entries), dict(self.health)
+            cfg = render(desired, health)
+            if cfg == last:
+                continue
+            last = cfg
+            path = self.settings.current / "haproxy.cfg"
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(cfg)
+            tmp.replace(path)
+            HAProxySocket(self.settings.master_socket).command("reload")  # fire and forget, like -exec
+
+    def reloads(self) -> int:
+        return HAProxySocket(self.settings.master_socket).show_proc_settled().reloads
+
+
+def _instance(doc: dict[str, Any]) -> tuple[str, int, tuple[str, ...]]:
+    svc = doc["Service"]
+    return svc["Address"] or doc["Node"]["Address"], int(svc["Port"]), tuple(svc.get("Tags") or ())
+
+
+def render(desired: Desired, health: dict[str, list[tuple[str, int, tuple[str, ...]]]]) -> bytes:
+    """Serving routes in name order, one ACL line per path, as a hand-written template lists them."""
+    routes = []
+    for route in desired.routes:
+        chosen = route.serving_intent()
+        if chosen is None or chosen.intent is None:
+            continue
+        intent = chosen.intent
+        servers = [(a, p) for a, p, tags in health.get(intent.service, []) if set(intent.tags) <= set(tags)]
+        routes += [(f"{route.name}_{i}", path, servers) for i, path in enumerate(intent.paths)]
+    return baseline.render(routes)
+
+
+@contextmanager
+def running(consul_addr: str, settings: Settings, services: tuple[str, ...]) -> Iterator[Classic]:
+    classic = Classic(consul_addr, settings, services)
+    loops = [classic.watch_kv, classic.render_loop] + [lambda s=s: classic.watch_service(s) for s in services]
+    threads = [threading.Thread(target=loop, daemon=True, name="classic") for loop in loops]
+    for thread in threads:
+        thread.start()
+    try:
+        yield classic
+    finally:
+        classic.stopped.set()
+        for thread in threads:
+            thread.join(timeout=5)
+        classic.store.close()
