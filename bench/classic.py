@@ -1,9 +1,9 @@
 """The classic pipeline, live: consul-template's loop against the same Consul, for the latency cells.
 
 Blocking queries on the routes and on each routed service; any change renders the whole config with one
-ACL line per route (`bench/baseline.py`) and asks HAProxy for a reload, as `consul-template -exec` with a
-reload command does. Routes are read with flowproxy's own parser, so both systems serve the same intents.
-Bench code only, never shipped.
+ACL line per route (`bench/baseline.py`) and reloads HAProxy, as consul-template with a reload command
+does (each reload confirmed, so none is lost). Routes are read with flowproxy's own parser, so both
+systems serve the same intents. Bench code only, never shipped.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 
 from bench import baseline
 from flowproxy.consul_io import ConsulStore
+from flowproxy.errors import HAProxyError
 from flowproxy.haproxy import HAProxySocket
 from flowproxy.kv import desired_from_kv
 from flowproxy.model import Desired, KVEntry
@@ -75,7 +76,12 @@ class Classic:
             tmp = path.with_suffix(".tmp")
             tmp.write_bytes(cfg)
             tmp.replace(path)
-            HAProxySocket(self.settings.master_socket).command("reload")  # fire and forget, like -exec
+            try:
+                # Confirmed with `show proc`: a fire-and-forget reload sent while the last one runs is
+                # dropped (field notes), which would leave the baseline stale rather than slow.
+                HAProxySocket(self.settings.master_socket).reload()
+            except HAProxyError:
+                self.changed.set()  # try again, as consul-template retries a failed command
 
     def reloads(self) -> int:
         return HAProxySocket(self.settings.master_socket).show_proc_settled().reloads

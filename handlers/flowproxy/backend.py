@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -20,12 +21,15 @@ class IdentityHandler(BaseHTTPRequestHandler):
             status = 503 if self.server.unhealthy.is_set() else 200
         elif self.path.startswith("/status/") and self.path[8:].isdigit():
             body, status = b"as asked\n", int(self.path[8:])  # any status on demand, like httpbin
+        elif self.path.startswith("/sleep/") and self.path[7:].isdigit():
+            time.sleep(min(int(self.path[7:]), 10_000) / 1000)  # a slow answer, for timeout tests
+            body, status = b"slept\n", 200
         else:
             doc = {"instance": self.server.name, "path": self.path, "host": self.headers.get("Host", "")}
             body = (json.dumps(doc, sort_keys=True) + "\n").encode()
             status = 200
         self.send_response(status)
-        json_body = status == 200 and self.path != "/health" and not self.path.startswith("/status/")
+        json_body = status == 200 and self.path != "/health" and not self.path.startswith(("/status/", "/sleep/"))
         self.send_header("Content-Type", "application/json" if json_body else "text/plain")
         self.send_header("Content-Length", str(len(body)))
         self.send_header("X-Instance", self.server.name)

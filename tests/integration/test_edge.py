@@ -219,6 +219,14 @@ def test_timeouts_and_http_health_checks(edge: ProxyNode, serve: Callable[..., I
     assert get(edge.settings.http_bind, "/ok", "x").status == 200
 
 
+def test_timeout_server_cuts_a_slow_backend(edge: ProxyNode, serve: Callable[..., IdentityServer]) -> None:
+    serve("site", "site-1")
+    route(edge, "slow", {"service": "site", "paths": ["/sleep"], "timeout_server": "1s"})
+    until(edge, lambda: get(edge.settings.http_bind, "/sleep/10", "x").status == 200, "the route")
+    assert get(edge.settings.http_bind, "/sleep/300", "x").status == 200
+    assert get(edge.settings.http_bind, "/sleep/2500", "x").status == 504  # HAProxy's gateway timeout, after 1 s
+
+
 def test_tcp_route_listens_on_its_own_port(edge: ProxyNode, serve: Callable[..., IdentityServer]) -> None:
     serve("db", "db-1")  # an HTTP server, spoken to over a plain TCP route
     port = free_port()
