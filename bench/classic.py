@@ -9,6 +9,7 @@ systems serve the same intents. Bench code only, never shipped.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -21,7 +22,7 @@ from flowproxy.kv import desired_from_kv
 from flowproxy.model import Desired, KVEntry
 from flowproxy.settings import Settings
 
-P = "flowproxy/"
+PREFIX = "classic/"  # its own keys, so a trial changes one system at a time
 
 
 class Classic:
@@ -32,6 +33,8 @@ class Classic:
         self.entries: list[KVEntry] = []
         self.health: dict[str, list[tuple[str, int, tuple[str, ...]]]] = {s: [] for s in services}
         self.changed = threading.Event()
+        self.busy = threading.Event()
+        self.last = b""
         self.stopped = threading.Event()
         self.lock = threading.Lock()
 
@@ -39,7 +42,7 @@ class Classic:
         index = 0
         while not self.stopped.is_set():
             try:
-                index, data = self.store.client.kv.get(P + "routes/", recurse=True, index=index, wait="2s")
+                index, data = self.store.client.kv.get(PREFIX + "routes/", recurse=True, index=index, wait="2s")
             except Exception:  # the agent is going away with the benchmark
                 self.stopped.wait(0.2)
                 continue
@@ -61,27 +64,38 @@ class Classic:
             self.changed.set()
 
     def render_loop(self) -> None:
-        last = b""
         while not self.stopped.is_set():
             if not self.changed.wait(0.5):
                 continue
+            self.busy.set()
             self.changed.clear()
-            with self.lock:
-                desired, health = desired_from_kv(P, self.entries), dict(self.health)
-            cfg = render(desired, health)
-            if cfg == last:
-                continue
-            last = cfg
-            path = self.settings.current / "haproxy.cfg"
-            tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(cfg)
-            tmp.replace(path)
-            try:
-                # Confirmed with `show proc`: a fire-and-forget reload sent while the last one runs is
-                # dropped (field notes), which would leave the baseline stale rather than slow.
-                HAProxySocket(self.settings.master_socket).reload()
-            except HAProxyError:
-                self.changed.set()  # try again, as consul-template retries a failed command
+            self.apply_once()
+            self.busy.clear()
+
+    def apply_once(self) -> None:
+        with self.lock:
+            desired, health = desired_from_kv(PREFIX, self.entries), dict(self.health)
+        cfg = render(desired, health)
+        if cfg == self.last:
+            return
+        path = self.settings.current / "haproxy.cfg"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(cfg)
+        tmp.replace(path)
+        try:
+            # Confirmed with `show proc`: a fire-and-forget reload sent while the last one runs is
+            # dropped (field notes), which would leave the baseline stale rather than slow.
+            HAProxySocket(self.settings.master_socket).reload()
+            self.last = cfg
+        except HAProxyError:
+            self.changed.set()  # try again, as consul-template retries a failed command
+
+    def settle(self) -> None:
+        """Wait until the last change was rendered and its reload confirmed."""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (self.changed.is_set() or self.busy.is_set()):
+            time.sleep(0.01)
+        time.sleep(0.05)
 
     def reloads(self) -> int:
         return HAProxySocket(self.settings.master_socket).show_proc_settled().reloads

@@ -100,66 +100,58 @@ def quiet() -> None:
     time.sleep(0.3)
 
 
-def bulk_routes(store: ConsulStore, names: list[str], service: str) -> None:
+def bulk_routes(store: ConsulStore, names: list[str], service: str, prefix: str = P) -> None:
     ops: list[tuple[str, str, bytes | None, int | None]] = []
     for name in names:
         body = json.dumps({"service": service, "paths": [f"/{name}/"]}).encode()
-        ops.append(("set", f"{P}routes/{name}/live", body, None))
-        ops.append(("set", f"{P}routes/{name}/active", b"live", None))
+        ops.append(("set", f"{prefix}routes/{name}/live", body, None))
+        ops.append(("set", f"{prefix}routes/{name}/active", b"live", None))
     for start in range(0, len(ops), 64):  # Consul 1.8 caps a transaction at 64 operations
         store.txn(ops[start:start + 64])
 
 
+@dataclass(frozen=True)
+class System:
+    """One pipeline under test: where it serves, the KV prefix and service suffix only it watches."""
+
+    name: str
+    url: str
+    prefix: str
+    suffix: str
+    reloads: Callable[[], int]
+    settle: Callable[[], None]
+
+
 @dataclass
 class Systems:
-    """flowproxy's node and the classic pipeline's HAProxy, watching the same Consul."""
+    """flowproxy's node and the classic pipeline, on one Consul, each with keys and services of its own:
+    a trial changes one system at a time, so neither pays for the other's work on the shared 2 cores."""
 
     node: Node
-    urls: dict[str, str]
-    reloads: dict[str, Callable[[], int]]
-
-    def race(self, started: float, probe: Callable[[str], Callable[[], bool]], timeout: float = 20) -> dict[str, float]:
-        """Seconds from `started` until `probe(url)` first holds on each system, polled side by side."""
-        seen: dict[str, float] = {}
-
-        def poll(name: str, check: Callable[[], bool]) -> None:
-            deadline = time.perf_counter() + timeout
-            while time.perf_counter() < deadline:
-                try:
-                    if check():
-                        seen[name] = time.perf_counter() - started
-                        return
-                except OSError:
-                    pass
-                time.sleep(0.001)
-
-        threads = [threading.Thread(target=poll, args=(n, probe(u))) for n, u in self.urls.items()]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        missing = set(self.urls) - set(seen)
-        if missing:
-            raise TimeoutError(f"{', '.join(sorted(missing))} never served the change")
-        return seen
+    members: list[System]
 
     def count_reloads(self) -> dict[str, int]:
-        return {name: count() for name, count in self.reloads.items()}
+        return {s.name: s.reloads() for s in self.members}
 
 
 Trials = tuple[dict[str, list[float]], dict[str, float]]
 
 
-def collect(systems: Systems, trials: int, trial: Callable[[int], dict[str, float]]) -> Trials:
-    """Run the trials; per system, the latencies and the reloads per trial."""
-    times: dict[str, list[float]] = {name: [] for name in systems.urls}
+def since(started: float, check: str, probe: Callable[[], bool], timeout: float = 20) -> float:
+    until(check, probe, timeout)
+    return time.perf_counter() - started
+
+
+def collect(systems: Systems, trials: int, trial: Callable[[System, int], float]) -> Trials:
+    """Run each trial on each system in turn; per system, the latencies and the reloads per trial."""
+    times: dict[str, list[float]] = {s.name: [] for s in systems.members}
     before = systems.count_reloads()
     for t in range(trials):
-        quiet()
-        for name, took in trial(t).items():
-            times[name].append(took)
-    settle(systems.node)
-    time.sleep(0.5)  # the classic pipeline's last reload
+        for system in systems.members:
+            quiet()
+            times[system.name].append(trial(system, t))
+    for system in systems.members:
+        system.settle()
     after = systems.count_reloads()
     return times, {name: (after[name] - before[name]) / trials for name in after}
 
@@ -167,57 +159,61 @@ def collect(systems: Systems, trials: int, trial: Callable[[int], dict[str, floa
 def activation(systems: Systems, trials: int, tag: str) -> Trials:
     store = systems.node.store()
 
-    def trial(t: int) -> dict[str, float]:
+    def trial(s: System, t: int) -> float:
         # The trailing slash matters: `/a1` is a string prefix of `/a10/x`, so an already active route
         # would answer and the trial would measure nothing.
-        store.put(f"{P}routes/{tag}{t}/live", json.dumps({"service": "app", "paths": [f"/{tag}{t}/"]}))
-        settle(systems.node)
+        store.put(f"{s.prefix}routes/{tag}{t}/live", json.dumps({"service": "app", "paths": [f"/{tag}{t}/"]}))
+        s.settle()
         start = time.perf_counter()
-        store.put(f"{P}routes/{tag}{t}/active", "live")
-        return systems.race(start, lambda base: answers(f"{base}/{tag}{t}/x", 200))
+        store.put(f"{s.prefix}routes/{tag}{t}/active", "live")
+        return since(start, "activation", answers(f"{s.url}/{tag}{t}/x", 200))
 
     return collect(systems, trials, trial)
 
 
 def flips(systems: Systems, trials: int) -> Trials:
     store = systems.node.store()
-    for color in ("blue", "green"):
-        store.put(f"{P}routes/flip/{color}", json.dumps({"service": "app", "tags": [color], "paths": ["/flip"]}))
-    store.put(f"{P}routes/flip/active", "blue")
-    settle(systems.node)
-    systems.race(time.perf_counter(), lambda base: reaches(f"{base}/flip", "blue-1"))
+    for s in systems.members:
+        for color in ("blue", "green"):
+            intent = {"service": "app", "tags": [color], "paths": ["/flip"]}
+            store.put(f"{s.prefix}routes/flip/{color}", json.dumps(intent))
+        store.put(f"{s.prefix}routes/flip/active", "blue")
+        until("blue", reaches(f"{s.url}/flip", "blue-1"), 20)
 
-    def trial(t: int) -> dict[str, float]:
+    def trial(s: System, t: int) -> float:
         color = "green" if t % 2 == 0 else "blue"
         start = time.perf_counter()
-        store.put(f"{P}routes/flip/active", color)
-        return systems.race(start, lambda base: reaches(f"{base}/flip", f"{color}-1"))
+        store.put(f"{s.prefix}routes/flip/active", color)
+        return since(start, "flip", reaches(f"{s.url}/flip", f"{color}-1"))
 
     return collect(systems, trials, trial)
 
 
 def membership(systems: Systems, trials: int) -> Trials:
     store = systems.node.store()
-    store.put(f"{P}routes/members/live", json.dumps({"service": "members", "paths": ["/members"]}))
-    store.put(f"{P}routes/members/active", "live")
-    first = IdentityServer("m-0").start()
-    register_instance(store, "members", "m-0", first.port)
-    systems.race(time.perf_counter(), lambda base: answers(f"{base}/members", 200))
+    first = {s.name: IdentityServer(f"m{s.suffix}-0").start() for s in systems.members}
+    for s in systems.members:
+        intent = {"service": f"members{s.suffix}", "paths": ["/members"]}
+        store.put(f"{s.prefix}routes/members/live", json.dumps(intent))
+        store.put(f"{s.prefix}routes/members/active", "live")
+        register_instance(store, f"members{s.suffix}", f"m{s.suffix}-0", first[s.name].port)
+        until("first member", answers(f"{s.url}/members", 200), 20)
 
-    def trial(t: int) -> dict[str, float]:
-        server = IdentityServer(f"m-{t + 1}").start()
-        quiet()
+    def trial(s: System, t: int) -> float:
+        name = f"m{s.suffix}-{t + 1}"
+        server = IdentityServer(name).start()
         start = time.perf_counter()
-        register_instance(store, "members", f"m-{t + 1}", server.port)
-        took = systems.race(start, lambda base: reaches(f"{base}/members", f"m-{t + 1}", t + 2))
-        store.client.agent.service.deregister(f"m-{t + 1}")
-        systems.race(time.perf_counter(), lambda base: avoids(f"{base}/members", f"m-{t + 1}"))
+        register_instance(store, f"members{s.suffix}", name, server.port)
+        took = since(start, "member", reaches(f"{s.url}/members", name, t + 2))
+        store.client.agent.service.deregister(name)
+        until("member gone", avoids(f"{s.url}/members", name), 20)
         server.stop()
         return took
 
     result = collect(systems, trials, trial)
-    store.client.agent.service.deregister("m-0")
-    first.stop()
+    for s in systems.members:
+        store.client.agent.service.deregister(f"m{s.suffix}-0")
+        first[s.name].stop()
     return result
 
 
@@ -249,38 +245,45 @@ def worker_rss_mb(node: Node) -> float:
 
 
 def reconfig_failures(systems: Systems, port: int, seconds: int) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
-    """wrk on both systems while 50 reconfigurations land, keep-alive then `Connection: close`.
+    """wrk on both systems while 50 reconfigurations land on each, keep-alive then `Connection: close`.
 
-    Every other change adds a path (a map change for flowproxy); the rest switch the balance algorithm,
-    which reloads flowproxy too, so both kinds are under load. Returns failed requests and reloads.
+    Changes alternate: a new path (a map change for flowproxy), then a new balance algorithm (a reload for
+    flowproxy too), so both kinds happen under load. Returns failed requests and reloads per system.
     """
     store = systems.node.store()
     register_instance(store, "fast", "fast-1", port)
-    store.put(f"{P}routes/hot/live", json.dumps({"service": "fast", "paths": ["/hot"]}))
-    store.put(f"{P}routes/hot/active", "live")
-    systems.race(time.perf_counter(), lambda base: answers(f"{base}/hot", 200))
-    failed: dict[str, dict[str, int]] = {name: {} for name in systems.urls}
+    for s in systems.members:
+        store.put(f"{s.prefix}routes/hot/live", json.dumps({"service": "fast", "paths": ["/hot"]}))
+        store.put(f"{s.prefix}routes/hot/active", "live")
+        until("hot route", answers(f"{s.url}/hot", 200), 20)
+    failed: dict[str, dict[str, int]] = {s.name: {} for s in systems.members}
     before = systems.count_reloads()
     for close in (False, True):
         results: dict[str, WrkResult] = {}
 
-        def load_one(name: str, base: str, into: dict[str, WrkResult] = results, c: bool = close) -> None:
-            into[name] = run_wrk(f"{base}/hot", seconds + 4, close=c)
+        def load_one(s: System, into: dict[str, WrkResult] = results, c: bool = close) -> None:
+            into[s.name] = run_wrk(f"{s.url}/hot", seconds + 4, close=c)
 
-        loads = [threading.Thread(target=load_one, args=item) for item in systems.urls.items()]
+        loads = [threading.Thread(target=load_one, args=(s,)) for s in systems.members]
         for load in loads:
             load.start()
         time.sleep(1)
+        balance, paths = "roundrobin", ["/hot"]
         for i in range(50):
-            balance = "leastconn" if i % 4 == 1 else "roundrobin"
-            intent = {"service": "fast", "paths": ["/hot", f"/extra{i // 2}"], "balance": balance}
-            store.put(f"{P}routes/hot/live", json.dumps(intent))
+            if i % 2:
+                balance = "leastconn" if balance == "roundrobin" else "roundrobin"
+            else:
+                paths = [*paths, f"/extra{close}{i}"]
+            for s in systems.members:
+                intent = {"service": "fast", "paths": paths, "balance": balance}
+                store.put(f"{s.prefix}routes/hot/live", json.dumps(intent))
             time.sleep(seconds / 50)
         for load in loads:
             load.join()
         for name, result in results.items():
             failed[name]["close" if close else "keep-alive"] = result.failed
-    settle(systems.node)
+    for s in systems.members:
+        s.settle()
     after = systems.count_reloads()
     return failed, {name: after[name] - before[name] for name in after}
 
@@ -299,15 +302,16 @@ def live_rows(trials: int, seconds: int) -> list[Row]:
     try:
         with live_node(base / "a") as node, fast_backend() as port, \
                 haproxy_serving({"haproxy.cfg": baseline.render([])}) as (classic_url, classic_settings), \
-                classic.running(node.http_addr(), classic_settings, ("app", "members", "fast")) as pipeline:
+                classic.running(node.http_addr(), classic_settings, ("app", "members-classic", "fast")) as pipeline:
             store = node.store()
             backend = IdentityServer("app-1").start()
             blue, green = IdentityServer("blue-1").start(), IdentityServer("green-1").start()
             register_instance(store, "app", "app-1", backend.port)
             register_instance(store, "app", "blue-1", blue.port, tags=("blue",))
             register_instance(store, "app", "green-1", green.port, tags=("green",))
-            systems = Systems(node, {"flowproxy": url(node), "baseline": classic_url},
-                              {"flowproxy": lambda: reloads(node), "baseline": pipeline.reloads})
+            systems = Systems(node, [
+                System("flowproxy", url(node), P, "", lambda: reloads(node), lambda: settle(node)),
+                System("baseline", classic_url, classic.PREFIX, "-classic", pipeline.reloads, pipeline.settle)])
             rows += latency_rows(systems, trials)
             rows += failure_rows(*reconfig_failures(systems, port, seconds))
             took = fresh_node(base / "b", node)
@@ -334,8 +338,9 @@ def latency_rows(systems: Systems, trials: int) -> list[Row]:
     small, small_reloads = activation(systems, trials, "a")
     flip, flip_reloads = flips(systems, trials)
     member, member_reloads = membership(systems, min(trials, 20))
-    bulk_routes(systems.node.store(), [f"o{i}" for i in range(1000)], "app")
-    settle(systems.node)
+    for s in systems.members:
+        bulk_routes(systems.node.store(), [f"o{i}" for i in range(1000)], "app", s.prefix)
+        s.settle()
     large, _ = activation(systems, min(trials, 20), "b")
     fp, bl = "flowproxy", "baseline"
     return [

@@ -125,10 +125,15 @@ def make_plan(desired: Desired, health: Mapping[str, list[Instance]]) -> Plan:
     """Every valid variant gets a backend (warm for previews and flips); only active ones get public claims."""
     backends: dict[str, Backend] = {}
     notes: dict[str, list[str]] = {}
+    # Variants that name the same service and tags get the same servers: select them once.
+    selected: dict[tuple[str, tuple[str, ...]], tuple[tuple[Server, ...], list[str]]] = {}
     for route in desired.routes:
         for v in route.variants:
             if v.intent is not None:
-                servers, notes[v.key] = select_servers(v.intent, health.get(v.intent.service, []))
+                which = (v.intent.service, v.intent.tags)
+                if which not in selected:
+                    selected[which] = select_servers(v.intent, health.get(v.intent.service, []))
+                servers, notes[v.key] = selected[which]
                 name = backend_name(route.name, v.name)
                 backends[name] = Backend(name, route.name, v.name, v.key, v.intent, servers)
     claims: dict[tuple[str, str, str, str], Claim] = {}

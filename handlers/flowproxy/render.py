@@ -119,10 +119,22 @@ def backend_data(backend: Backend) -> dict[str, Any]:
     }
 
 
+_DEFAULT_RENDERS: dict[tuple[jinja2.Template, Backend], str] = {}
+
+
 def render_backend(env: jinja2.Environment, backend: Backend, templates: Templates) -> str:
     name = backend.intent.template
     if name is None:
+        # Cached by template object and backend value (both immutable; an edited file loads as a new
+        # template object): the default template rendered 1,000 backends in ~20 ms on every change.
         template = env.get_template("backend.cfg.j2")
+        text = _DEFAULT_RENDERS.get((template, backend))
+        if text is None:  # (a fleet test runs several appliers in one process: no check-then-read)
+            if len(_DEFAULT_RENDERS) > 50_000:
+                _DEFAULT_RENDERS.clear()
+            text = _finish(template.render(backend=backend_data(backend)), backend)
+            _DEFAULT_RENDERS[(template, backend)] = text
+        return text
     elif name in templates.from_kv:
         template = env.from_string(templates.from_kv[name])
     else:
@@ -131,7 +143,10 @@ def render_backend(env: jinja2.Environment, backend: Backend, templates: Templat
         except jinja2.TemplateNotFound:
             raise ValueError(f"template {name!r} is in neither KV templates/{name} nor the node's "
                              f"templates/routes/{name}.j2") from None
-    text = template.render(backend=backend_data(backend))
+    return _finish(template.render(backend=backend_data(backend)), backend)
+
+
+def _finish(text: str, backend: Backend) -> str:
     check_fragment(text, backend.name)
     return with_backend_lines(text if text.endswith("\n") else text + "\n", backend_lines(backend))
 
