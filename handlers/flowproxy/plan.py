@@ -121,8 +121,9 @@ def _address_ok(address: str) -> bool:
     return True
 
 
-def make_plan(desired: Desired, health: Mapping[str, list[Instance]]) -> Plan:
-    """Every valid variant gets a backend (warm for previews and flips); only active ones get public claims."""
+def warm_backends(desired: Desired, health: Mapping[str, list[Instance]]) -> tuple[dict[str, Backend],
+                                                                                 dict[str, list[str]]]:
+    """A backend per valid variant, and the notes on skipped instances per intent key."""
     backends: dict[str, Backend] = {}
     notes: dict[str, list[str]] = {}
     # Variants that name the same service and tags get the same servers: select them once.
@@ -136,6 +137,12 @@ def make_plan(desired: Desired, health: Mapping[str, list[Instance]]) -> Plan:
                 servers, notes[v.key] = selected[which]
                 name = backend_name(route.name, v.name)
                 backends[name] = Backend(name, route.name, v.name, v.key, v.intent, servers)
+    return backends, notes
+
+
+def make_plan(desired: Desired, health: Mapping[str, list[Instance]]) -> Plan:
+    """Every valid variant gets a backend (warm for previews and flips); only active ones get public claims."""
+    backends, notes = warm_backends(desired, health)
     claims: dict[tuple[str, str, str, str], Claim] = {}
     preview: dict[tuple[str, str, str, str], Claim] = {}
     owners: dict[str, str] = {}
