@@ -88,9 +88,13 @@ def backend_change(backend: str, old: list[str], new: list[str]) -> list[str] | 
     old_servers, new_servers = servers(old), servers(new)
     if old_servers is None or new_servers is None or others(old) != others(new):
         return None
-    if any(old_servers[n] != new_servers[n] for n in old_servers.keys() & new_servers.keys()):
-        return None
     commands: list[str] = []
+    for name in sorted(old_servers.keys() & new_servers.keys()):
+        if old_servers[name] != new_servers[name]:
+            weight = weight_change(old_servers[name], new_servers[name])
+            if weight is None:
+                return None  # another option changed: the reload reads it
+            commands.append(f"set server {backend}/{name} weight {weight}")
     # Additions first, so a backend whose instances are replaced never runs empty in between.
     for name in sorted(new_servers.keys() - old_servers.keys()):
         words, target = new_servers[name], f"{backend}/{name}"
@@ -106,6 +110,16 @@ def backend_change(backend: str, old: list[str], new: list[str]) -> list[str] | 
     for name in sorted(old_servers.keys() - new_servers.keys()):
         commands += [f"set server {backend}/{name} state maint", f"del server {backend}/{name}"]
     return commands
+
+
+def weight_change(old: list[str], new: list[str]) -> str | None:
+    """The new weight when two server lines differ only in it (a canary's shares moving), else None."""
+    if len(old) != len(new) or "weight" not in new:
+        return None
+    at = new.index("weight") + 1
+    if at >= len(new) or old[:at] != new[:at] or old[at + 1:] != new[at + 1:] or not new[at].isdigit():
+        return None
+    return new[at]
 
 
 def servers(body: list[str]) -> dict[str, list[str]] | None:

@@ -311,3 +311,23 @@ def test_metrics_stats_page_and_per_route_counts(edge: ProxyNode, serve: Callabl
                             check=True)
     counted = json.loads(report.stdout)["traffic"]["counted"]
     assert counted["variant"] == "live" and counted["requests"] >= 10 and counted["5xx"] == 0
+
+
+def test_canary_weights_move_without_a_reload(edge: ProxyNode, serve: Callable[..., IdentityServer]) -> None:
+    serve("app", "blue-1", ("blue",))
+    serve("app", "green-1", ("green",))
+    for color in ("blue", "green"):
+        put(edge, f"routes/can/{color}", json.dumps({"service": "app", "tags": [color], "paths": ["/can"]}))
+    put(edge, "routes/can/active", "blue=90,green=10")
+    until(edge, lambda: status_of(edge).get("routes", {}).get("can", {}).get("variant") == "blue=90,green=10",
+          "the canary")
+    wait_applied(edge)
+    master = HAProxySocket(edge.settings.master_socket)
+    before = master.show_proc_settled()
+    put(edge, "routes/can/active", "blue=50,green=50")
+    until(edge, lambda: status_of(edge).get("routes", {}).get("can", {}).get("variant") == "blue=50,green=50",
+          "the new weights")
+    seen = collections.Counter(get(edge.settings.http_bind, "/can", "x").headers["x-instance"] for _ in range(200))
+    assert seen == {"blue-1": 100, "green-1": 100}, seen  # smooth weighted round robin at 50/50: exact
+    after = master.show_proc_settled()
+    assert (after.reloads, after.workers) == (before.reloads, before.workers)

@@ -59,6 +59,12 @@ SERVER_CASES = [
     ("global-changed", cfg(), cfg().replace(b"daemon", b"quiet"), None),
     ("server-in-frontend", b"frontend f\n", b"frontend f\n    server a 10.0.0.1:80\n", None),
     ("duplicate-name", cfg(), cfg("a 10.0.0.1:80", "a 10.0.0.2:80"), None),
+    ("canary-shares", cfg(f"b_a 10.0.0.1:80 weight 230 {OPTS}", f"g_b 10.0.0.2:80 weight 26 {OPTS}"),
+     cfg(f"b_a 10.0.0.1:80 weight 128 {OPTS}", f"g_b 10.0.0.2:80 weight 128 {OPTS}"),
+     ["set server r:live/b_a weight 128", "set server r:live/g_b weight 128"]),
+    ("weight-and-address", cfg(f"b_a 10.0.0.1:80 weight 230 {OPTS}"), cfg(f"b_a 10.0.0.9:80 weight 128 {OPTS}"),
+     None),
+    ("weight-appears", cfg(f"b_a 10.0.0.1:80 {OPTS}"), cfg(f"b_a 10.0.0.1:80 weight 128 {OPTS}"), None),
 ]
 
 
