@@ -2,8 +2,9 @@
 
 Every valid variant already has a backend, so activating, flipping or switching off a route changes only
 map files; instances coming and going change only `server` lines, which `add server` and `del server`
-make at run time. Dynamic servers rather than spare disabled slots: each slot's health check reserves a
-file descriptor, and 4 slots x 10k backends asked HAProxy for 40k, over this machine's limit of 20k.
+make at run time, and a canary's new weights are `set server weight`. Dynamic servers rather than spare
+disabled slots: each slot's health check reserves a file descriptor, and 4 slots x 10k backends asked
+HAProxy for 40k, over this machine's limit of 20k.
 Field notes: runtime commands take ~0.1 ms and need no reload, where a reload confirmed with `show proc`
 takes ~40 ms and leaves an old worker behind. The files are written too, so a later reload, a restart or
 a fresh node load the same state.
