@@ -87,20 +87,17 @@ def gather(settings: Settings, store: ConsulStore,
 
 
 def build(settings: Settings, desired: Desired, health: dict[str, list[Instance]]) -> tuple[Bundle, Plan]:
+    """Plan and render; certificates and custom-template backends that HAProxy would refuse are left out
+    alone, each with its reason, and the rest renders again without them."""
     certs, refused = vet_certs(desired.prefix, desired.certs)
     plan = make_plan(dataclasses.replace(desired, stray=desired.stray + tuple(refused)), health)
-    return render(plan, Templates(settings.templates, desired.templates), certs)
-
-
-def vet_fragments(settings: Settings, desired: Desired, bundle: Bundle, plan: Plan) -> tuple[Bundle, Plan]:
-    """Drop custom-template backends that HAProxy refuses on their own, then render again without them."""
     templates = Templates(settings.templates, desired.templates)
+    bundle, plan = render(plan, templates, certs)
     bad = fragments.refused(settings, custom_fragments(plan, templates))
     if not bad:
         return bundle, plan
     keys = {b.name: b.key for b in plan.backends}
     reasons = {name: f"{keys[name]}: template: {reason}" for name, reason in bad.items()}
-    certs = {name[len("certs/"):-len(".pem")]: data for name, data in bundle.files.items() if name.startswith("certs/")}
     return render(drop_backends(plan, reasons), templates, certs)
 
 
@@ -192,7 +189,7 @@ def converge(settings: Settings, generation: int = 0, accept_empty: bool = False
     try:
         desired, health, fingerprint = gather(settings, store, snapshot)
         guard_empty(settings, desired, accept_empty)
-        bundle, plan = vet_fragments(settings, desired, *build(settings, desired, health))
+        bundle, plan = build(settings, desired, health)
         started = time.monotonic()
         reloaded = deploy(settings, bundle)
         watches.sync(settings.watch_dir, store, desired.services())
