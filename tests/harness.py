@@ -16,6 +16,8 @@ import pytest
 from flowproxy import release
 from flowproxy.consul_io import ConsulStore
 from flowproxy.demo import Reply, fetch
+from flowproxy.errors import FlowproxyError
+from flowproxy.haproxy import HAProxySocket
 from flowproxy.node import Node, NodeSpec, wait_for
 from flowproxy.render import Bundle
 from flowproxy.settings import Settings
@@ -102,7 +104,20 @@ class ProxyNode:
         return "".join(p.read_text() for p in maps if not p.name.startswith("preview_"))
 
     def wait(self, check: Callable[[], bool], what: str, timeout: float = 20) -> None:
-        wait_for(check, timeout, what)
+        try:
+            wait_for(check, timeout, what)
+        except FlowproxyError as exc:
+            raise AssertionError(f"{exc}\n{self.diagnosis()}") from None
+
+    def diagnosis(self) -> str:
+        """What a timed-out wait needs to be understood: the apply log's tail and HAProxy's servers."""
+        log = self.settings.data_dir / "handler.log"
+        tail = log.read_text(errors="replace").splitlines()[-15:] if log.exists() else ["(no handler.log)"]
+        try:
+            servers = HAProxySocket(self.settings.stats_socket).command("show servers state")
+        except FlowproxyError as exc:
+            servers = str(exc)
+        return "handler.log:\n  " + "\n  ".join(tail) + "\nshow servers state:\n" + servers
 
     def wait_reply(self, path: str, status: int, host: str | None = None, timeout: float = 20) -> Reply:
         seen: list[Reply] = []

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flowproxy import fragments, release, runstate, runtime, watches
+from flowproxy import fragments, ports, release, runstate, runtime, watches
 from flowproxy.certs import vet_certs
 from flowproxy.consul_io import ConsulStore
 from flowproxy.errors import ApplyIOError, EmptyRefused, FlowproxyError, HAProxyError
@@ -87,18 +87,21 @@ def gather(settings: Settings, store: ConsulStore,
 
 
 def build(settings: Settings, desired: Desired, health: dict[str, list[Instance]]) -> tuple[Bundle, Plan]:
-    """Plan and render; certificates and custom-template backends that HAProxy would refuse are left out
-    alone, each with its reason, and the rest renders again without them."""
+    """Plan and render; what HAProxy would refuse (a certificate, a custom-template backend, a TCP port
+    another program holds) is left out alone, each with its reason, and the rest renders again without it."""
     certs, refused = vet_certs(desired.prefix, desired.certs)
     plan = make_plan(dataclasses.replace(desired, stray=desired.stray + tuple(refused)), health)
     templates = Templates(settings.templates, desired.templates)
     bundle, plan = render(plan, templates, certs)
-    bad = fragments.refused(settings, custom_fragments(plan, templates))
-    if not bad:
-        return bundle, plan
     keys = {b.name: b.key for b in plan.backends}
-    reasons = {name: f"{keys[name]}: template: {reason}" for name, reason in bad.items()}
-    return render(drop_backends(plan, reasons), templates, certs)
+    bad = fragments.refused(settings, custom_fragments(plan, templates))
+    held = ports.refused(plan, settings.tcp_host, ports.listening(settings.current / "haproxy.cfg"))
+    if not bad and not held:
+        return bundle, plan
+    reasons = {name: f"{keys[name]}: template: {reason}" for name, reason in bad.items()} | held
+    waiting = tuple(sorted(int(c.path) for c in plan.claims if c.path_type == "tcp" and c.backend in held))
+    bundle, plan = render(drop_backends(plan, reasons), templates, certs)
+    return bundle, dataclasses.replace(plan, waiting=waiting)
 
 
 def guard_empty(settings: Settings, desired: Desired, accept_empty: bool) -> None:
@@ -209,7 +212,8 @@ def converge(settings: Settings, generation: int = 0, accept_empty: bool = False
     doc = applied_doc(settings.node, desired.index, bundle.config_sha256, bundle.digest, plan)
     _publish(settings, store, doc)
     runstate.save(settings.run_dir, runstate.LAST_APPLY, {"fingerprint": fingerprint, "kv_index": desired.index,
-                                                          "generation": generation, "routes": len(desired.routes)})
+                                                          "generation": generation, "routes": len(desired.routes),
+                                                          "ports_held": list(plan.waiting)})
     if shared is None:
         store.close()
     return Outcome(desired.index, bundle, plan, reloaded)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from flowproxy import coalesce, release, runstate, selfcheck
+from flowproxy import coalesce, ports, release, runstate, selfcheck
 from flowproxy.agent import consul_argv, install_watches
 from flowproxy.applier import Applier
 from flowproxy.consul_io import ConsulStore
@@ -141,17 +141,20 @@ class Node:
                     log.error("restarting %s failed: %s; trying again on the next tick", name, exc)
 
     def retry_apply(self) -> None:
-        """Run the handler when the last apply failed or a change found the lock taken and left."""
+        """Run the handler when an apply is due that no watch event will bring (see `apply_due`)."""
         if not self.spec.proxy or (self.retry is not None and self.retry.poll() is None):
             return
-        if (needs_apply(self.settings) or self.out_of_sync()) and time.monotonic() - self.last_retry >= RETRY_EVERY:
+        if time.monotonic() - self.last_retry < RETRY_EVERY:
+            return
+        why = apply_due(self.settings) or self.resync_due()
+        if why:
             self.last_retry = time.monotonic()
-            log.info("an apply is due (last one failed, or a change found the lock taken); running the handler")
+            log.info("an apply is due (%s); running the handler", why)
             self.retry = subprocess.Popen([sys.executable, "-m", "flowproxy.handler"], env=self.env(),
                                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                           stderr=subprocess.DEVNULL)
 
-    def out_of_sync(self) -> bool:
+    def resync_due(self) -> str:
         """Anti-entropy: a full converge every FULL_RESYNC_EVERY seconds, and every RESYNC_EVERY seconds a
         check whether what Consul holds differs from what was applied (the fingerprint of the config keys).
 
@@ -161,19 +164,19 @@ class Node:
         """
         if time.monotonic() - self.last_full >= FULL_RESYNC_EVERY:
             self.last_full = time.monotonic()
-            return True
+            return "the periodic full resync"
         if time.monotonic() - self.last_resync < RESYNC_EVERY:
-            return False
+            return ""
         self.last_resync = time.monotonic()
         from flowproxy.apply import read_config_kv
 
         try:
             _, entries = read_config_kv(self.store(), self.settings.prefix)
         except FlowproxyError:
-            return False  # the agent is away; beat() has said so
+            return ""  # the agent is away; beat() has said so
         last = runstate.load(self.settings.run_dir, runstate.LAST_APPLY)
         held = runstate.kv_fingerprint(self.settings.prefix, [(e.key, e.value) for e in entries])
-        return bool(last.get("fingerprint") != held)
+        return "Consul holds config keys other than those last applied" if last.get("fingerprint") != held else ""
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         logfile = open(self.settings.data_dir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - lives with the child
@@ -250,11 +253,15 @@ class Node:
             self._store = None
 
 
-def needs_apply(settings: Settings) -> bool:
-    """True when the last apply failed, or a change arrived that no apply has taken in yet."""
+def apply_due(settings: Settings) -> str:
+    """Why an apply is due that no watch event will bring, or "" when none is."""
     last = runstate.load(settings.run_dir, runstate.LAST_APPLY)
-    failed = not runstate.load(settings.run_dir, runstate.LAST_STATUS).get("ok", True)
-    return failed or coalesce.generation(settings.run_dir) > int(last.get("generation", 0))
+    if not runstate.load(settings.run_dir, runstate.LAST_STATUS).get("ok", True):
+        return "the last apply failed"
+    if coalesce.generation(settings.run_dir) > int(last.get("generation", 0)):
+        return "a change found the apply lock taken and left it to the next apply"
+    freed = ports.freed(settings.tcp_host, last.get("ports_held", []))
+    return f"port(s) {', '.join(map(str, freed))} that TCP routes wait for are free now" if freed else ""
 
 
 def ensure_bootstrap_config(settings: Settings) -> None:

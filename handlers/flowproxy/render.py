@@ -28,7 +28,7 @@ from flowproxy.edge_render import (
     userlists,
     with_backend_lines,
 )
-from flowproxy.plan import Backend, Claim, Plan, RouteState, backend_name
+from flowproxy.plan import Backend, Claim, Plan, RouteState
 
 PUBLIC_MAPS = ("host_exact", "host_reg", "host_beg", "path_exact", "path_reg", "path_beg")
 MAP_FILES = PUBLIC_MAPS + tuple(f"preview_{name}" for name in PUBLIC_MAPS) + EDGE_MAPS
@@ -177,11 +177,14 @@ def custom_fragments(plan: Plan, templates: Templates) -> dict[str, str]:
 
 
 def drop_backends(plan: Plan, failed: Mapping[str, str]) -> Plan:
-    """Remove backends whose template failed; a route whose serving backend failed is rejected."""
+    """Remove the failed backends; a route whose serving backend failed (a variant's or its canary's,
+    whichever the public claims name) is rejected with that backend's reason."""
+    serving = {c.backend for c in plan.claims}
+    routes = {b.route: failed[b.name] for b in plan.backends if b.name in failed and b.name in serving}
+
     def state(s: RouteState) -> RouteState:
-        name = backend_name(s.route, s.variant or "")
-        if s.state == "serving" and name in failed:
-            return RouteState(s.route, "rejected", s.variant, (failed[name],))
+        if s.state == "serving" and s.route in routes:
+            return RouteState(s.route, "rejected", s.variant, (routes[s.route],))
         return s
 
     return dataclasses.replace(

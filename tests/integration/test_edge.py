@@ -235,6 +235,23 @@ def test_tcp_route_listens_on_its_own_port(edge: ProxyNode, serve: Callable[...,
     assert json.loads(get(f"{edge.settings.tcp_host}:{port}", "/q", "x").body)["instance"] == "db-1"
 
 
+def test_tcp_route_on_a_held_port_waits_alone_and_serves_once_freed(
+        edge: ProxyNode, serve: Callable[..., IdentityServer]) -> None:
+    serve("db", "db-1")
+    serve("site", "site-1")
+    holder = socket.create_server((edge.settings.tcp_host, 0))  # another program on the port the route wants
+    port = int(holder.getsockname()[1])
+    route(edge, "db", {"service": "db", "mode": "tcp", "port": port})
+    route(edge, "later", {"service": "site", "paths": ["/later"]})  # a change after it still lands
+    until(edge, lambda: get(edge.settings.http_bind, "/later", "x").status == 200, "the HTTP route")
+    reason = f"flowproxy/routes/db/live: port {port} on {edge.settings.tcp_host} is held by another program"
+    until(edge, lambda: any(r.startswith(reason) for r in status_of(edge)["routes"]["db"].get("reasons", [])),
+          "the held port reported on the TCP route")
+    assert status_of(edge)["ok"] is True  # the node applied everything else
+    holder.close()
+    until(edge, lambda: get(f"{edge.settings.tcp_host}:{port}", "/q", "x").status == 200, "the TCP route, freed")
+
+
 @pytest.fixture
 def tls_backend(edge: ProxyNode, certs: Path) -> Iterator[int]:
     """A TLS server with c.example.test's certificate: only passthrough lets a client see that certificate."""
@@ -243,6 +260,17 @@ def tls_backend(edge: ProxyNode, certs: Path) -> Iterator[int]:
     listener = socket.create_server(("127.0.0.1", 0))
     stop = threading.Event()
 
+    def answer(conn: socket.socket) -> None:
+        conn.settimeout(5)  # a peer that goes quiet costs its own thread, never the next client
+        try:
+            with context.wrap_socket(conn, server_side=True) as tls:
+                tls.recv(4096)
+                tls.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 12\r\n\r\ntls-backend\n")
+        except OSError:
+            pass  # HAProxy's TCP checks connect and leave
+        finally:
+            conn.close()
+
     def serve_forever() -> None:
         listener.settimeout(0.2)
         while not stop.is_set():
@@ -250,12 +278,7 @@ def tls_backend(edge: ProxyNode, certs: Path) -> Iterator[int]:
                 conn, _ = listener.accept()
             except OSError:
                 continue
-            try:
-                with context.wrap_socket(conn, server_side=True) as tls:
-                    tls.recv(4096)
-                    tls.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 12\r\n\r\ntls-backend\n")
-            except (OSError, ssl.SSLError):
-                continue  # HAProxy's TCP checks connect and leave
+            threading.Thread(target=answer, args=(conn,), daemon=True).start()
 
     threading.Thread(target=serve_forever, daemon=True).start()
     port = int(listener.getsockname()[1])
