@@ -282,7 +282,9 @@ def tls_backend(edge: ProxyNode, certs: Path) -> Iterator[int]:
 
     threading.Thread(target=serve_forever, daemon=True).start()
     port = int(listener.getsockname()[1])
-    register_instance(edge.store(), "tlsapp", "tlsapp-1", port)
+    # A TCP check: an HTTP check would speak plain HTTP to a TLS server, fail, and take the instance out.
+    edge.store().register_service({"Name": "tlsapp", "ID": "tlsapp-1", "Address": "127.0.0.1", "Port": port,
+                                   "Check": {"TCP": f"127.0.0.1:{port}", "Interval": "1s", "Timeout": "1s"}})
     yield port
     stop.set()
     listener.close()
@@ -291,6 +293,9 @@ def tls_backend(edge: ProxyNode, certs: Path) -> Iterator[int]:
 
 def test_sni_passthrough_reaches_the_backend_tls(edge: ProxyNode, tls_backend: int, certs: Path) -> None:
     route(edge, "tls", {"service": "tlsapp", "mode": "sni", "domains": ["c.example.test"]})
+    checks = edge.store().client.agent.checks
+    until(edge, lambda: any(c["ServiceID"] == "tlsapp-1" and c["Status"] == "passing" and c["Output"]
+                            for c in checks().values()), "Consul's own check to pass the TLS backend")
     until(edge, lambda: get(edge.settings.sni_bind, "/", "c.example.test", sni="c.example.test",
                             cafile=certs / "c.crt").body == "tls-backend\n", "passthrough to the TLS backend")
     with pytest.raises(OSError):  # an unknown name has nowhere to go: the connection is closed
