@@ -2,7 +2,8 @@
 
 Every valid variant already has a backend, so activating, flipping or switching off a route changes only
 map files; instances coming and going change only `server` lines, which `add server` and `del server`
-make at run time, and a canary's new weights are `set server weight`. Dynamic servers rather than spare
+make at run time, a canary's new weights are `set server weight`, and a renewed certificate is
+`set ssl cert` + `commit ssl cert`. Dynamic servers rather than spare
 disabled slots: each slot's health check reserves a file descriptor, and 4 slots x 10k backends asked
 HAProxy for 40k, over this machine's limit of 20k.
 Field notes: runtime commands take ~0.1 ms and need no reload, where a reload confirmed with `show proc`
@@ -36,9 +37,11 @@ def runtime_commands(old: Bundle, new: Bundle) -> list[str] | None:
     for name in sorted(new.files):
         if name == "haproxy.cfg" or old.files[name] == new.files[name]:
             continue
+        if name.startswith("certs/"):
+            commands += cert_commands(name, new.files[name])
+            continue
         if not name.startswith("maps/") or name.endswith("_reg.map"):
-            # Certificates load at start. map_reg takes the first match in file order; `add map` appends.
-            return None
+            return None  # map_reg takes the first match in file order; `add map` appends
         before, after = parse_map(old.files[name]), parse_map(new.files[name])
         commands += [f"del map {name} {key}" for key in sorted(before.keys() - after.keys())]
         for key, value in sorted(after.items()):
@@ -49,6 +52,16 @@ def runtime_commands(old: Bundle, new: Bundle) -> list[str] | None:
     if len(commands) > MAX_COMMANDS or any(";" in c or "\\" in c for c in commands):
         return None  # the CLI splits commands on ';' and unescapes '\'
     return commands
+
+
+def cert_commands(name: str, pem: bytes) -> list[str]:
+    """A renewed certificate (same file name): a transaction on the running one, then its commit.
+
+    The payload after `<<` ends at the first empty line, so blank lines (legal between PEM blocks) go.
+    A new or removed certificate changes the file set, which reloads: `set ssl cert` only replaces.
+    """
+    payload = "\n".join(line for line in pem.decode(errors="replace").splitlines() if line.strip())
+    return [f"set ssl cert {name} <<\n{payload}\n", f"commit ssl cert {name}"]
 
 
 def server_commands(old: bytes, new: bytes) -> list[str] | None:
@@ -148,11 +161,12 @@ def endpoint(text: str) -> tuple[str, int] | None:
 
 
 def send(stats: HAProxySocket, commands: list[str]) -> None:
-    """Run each command; anything but a known success answer is an error."""
+    """Run each command; anything but a known success answer is an error (named by its first line only:
+    a certificate's payload holds its private key)."""
     for command in commands:
         answer = stats.command(command).strip()
         if not accepted(command, answer):
-            raise HAProxyError(f"runtime API refused `{command}`: {answer}")
+            raise HAProxyError(f"runtime API refused `{command.splitlines()[0]}`: {answer[:300]}")
 
 
 def accepted(command: str, answer: str) -> bool:
@@ -163,6 +177,10 @@ def accepted(command: str, answer: str) -> bool:
         return answer.lower().startswith(("ip changed from", "no need to change the addr"))
     if command.startswith("add server "):
         return answer in ("New server registered.", "Already exists a server with the same name in backend.")
+    if command.startswith("set ssl cert "):
+        return answer.startswith(("Transaction created for certificate", "Transaction updated for certificate"))
+    if command.startswith("commit ssl cert "):
+        return answer.endswith("Success!")
     if command.startswith("del server "):
         # A server with connections still attached stays in maintenance (no traffic) until the next reload.
         return answer.startswith(("Server deleted.", "Server still has connections attached"))

@@ -133,6 +133,39 @@ def test_tls_by_sni_from_kv_certificates_and_a_bad_pem_refused_alone(
     assert get(edge.settings.http_bind, "/x", "a.example.test").status == 200  # plain HTTP still answers
 
 
+def served_serial(bind: str | None, name: str) -> int:
+    """The serial number of the certificate HAProxy presents for `name` (unverified: it is what we read)."""
+    context = ssl._create_unverified_context()
+    with context.wrap_socket(socket.create_connection(address(bind), timeout=5), server_hostname=name) as tls:
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    text = subprocess.run(["openssl", "x509", "-inform", "DER", "-noout", "-serial"], input=der,
+                          capture_output=True, check=True).stdout.decode()
+    return int(text.strip().split("=")[1], 16)
+
+
+def test_a_renewed_certificate_is_served_without_a_reload(
+        edge: ProxyNode, serve: Callable[..., IdentityServer], certs: Path, tmp_path: Path) -> None:
+    serve("site", "site-1")
+    route(edge, "site", {"service": "site", "domains": ["a.example.test"]})
+    put(edge, "certs/a", (certs / "a.pem").read_bytes())
+    until(edge, lambda: get(edge.settings.https_bind, "/", "a.example.test", sni="a.example.test",
+                            cafile=certs / "a.crt").status == 200, "HTTPS with the first certificate")
+    first = served_serial(edge.settings.https_bind, "a.example.test")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3", "-keyout",
+                    str(tmp_path / "k"), "-out", str(tmp_path / "c"), "-subj", "/CN=a.example.test", "-addext",
+                    "subjectAltName=DNS:a.example.test"], check=True, capture_output=True)
+    renewed = (tmp_path / "c").read_bytes() + b"\n" + (tmp_path / "k").read_bytes()  # a blank line between
+    before = HAProxySocket(edge.settings.master_socket).show_proc()
+    put(edge, "certs/a", renewed)
+    until(edge, lambda: served_serial(edge.settings.https_bind, "a.example.test") != first, "the renewed cert")
+    assert get(edge.settings.https_bind, "/", "a.example.test", sni="a.example.test",
+               cafile=tmp_path / "c").status == 200  # verified against the new certificate
+    after = HAProxySocket(edge.settings.master_socket).show_proc()
+    assert (after.reloads, after.workers) == (before.reloads, before.workers)  # the same worker serves it
+    assert (edge.settings.current / "certs" / "a.pem").read_bytes() == renewed  # the files say what runs
+
+
 def test_https_only_redirects_plain_http_with_the_route_code(
         edge: ProxyNode, serve: Callable[..., IdentityServer], certs: Path) -> None:
     serve("site", "site-1")

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import pytest
 
+from flowproxy.errors import HAProxyError
 from flowproxy.render import Bundle
-from flowproxy.runtime import MAX_COMMANDS, accepted, runtime_commands
+from flowproxy.runtime import MAX_COMMANDS, accepted, runtime_commands, send
 
 CFG = b"frontend f\n"
 
 
-def bundle(cfg: bytes = CFG, **maps: str) -> Bundle:
+def bundle(cfg: bytes = CFG, certs: dict[str, bytes] | None = None, **maps: str) -> Bundle:
     files = {"haproxy.cfg": cfg} | {f"maps/{k}.map": v.encode() for k, v in maps.items()}
-    return Bundle(files)
+    return Bundle(files | {f"certs/{k}.pem": v for k, v in (certs or {}).items()})
 
+
+# A blank line between blocks is legal PEM but would end the `<<` payload early: it must not reach HAProxy.
+PEM_OLD = b"-----BEGIN CERTIFICATE-----\nOLD\n-----END CERTIFICATE-----\n"
+PEM_NEW = (b"-----BEGIN CERTIFICATE-----\nNEW\n-----END CERTIFICATE-----\n\n"
+           b"-----BEGIN PRIVATE KEY-----\nKEY\n-----END PRIVATE KEY-----\n")
 
 CASES = [
     ("activate", bundle(path_beg=""), bundle(path_beg="/demo r:live\n"), ["add map maps/path_beg.map /demo r:live"]),
@@ -27,6 +33,11 @@ CASES = [
     ("map-file-added", bundle(path_beg=""), bundle(path_beg="", host_beg=""), None),
     ("semicolon-in-key", bundle(path_beg=""), bundle(path_beg="/a;b x:1\n"), None),
     ("too-many", bundle(path_beg=""), bundle(path_beg="".join(f"/r{i} x:1\n" for i in range(MAX_COMMANDS + 1))), None),
+    ("cert-renewed", bundle(certs={"a": PEM_OLD}, path_beg=""), bundle(certs={"a": PEM_NEW}, path_beg=""),
+     ["set ssl cert certs/a.pem <<\n-----BEGIN CERTIFICATE-----\nNEW\n-----END CERTIFICATE-----\n"
+      "-----BEGIN PRIVATE KEY-----\nKEY\n-----END PRIVATE KEY-----\n", "commit ssl cert certs/a.pem"]),
+    ("cert-added", bundle(path_beg=""), bundle(certs={"a": PEM_NEW}, path_beg=""), None),
+    ("cert-removed", bundle(certs={"a": PEM_OLD}, path_beg=""), bundle(path_beg=""), None),
 ]
 
 
@@ -95,7 +106,24 @@ ANSWERS = [
     ("busy", "del server b/s", "Server still has connections attached to it, cannot remove it.", True),
     ("not-in-maint", "del server b/s", "Only servers in maintenance mode can be deleted.", False),
     ("map-error", "add map maps/x.map k v", "Unknown map identifier.", False),
+    ("cert-set", "set ssl cert certs/a.pem <<\nPEM\n", "Transaction created for certificate certs/a.pem!", True),
+    ("cert-set-again", "set ssl cert certs/a.pem <<\nPEM\n", "Transaction updated for certificate certs/a.pem!",
+     True),
+    ("cert-unknown", "set ssl cert certs/z.pem <<\nPEM\n", "Can't replace a certificate which is not referenced by "
+     "the configuration!\nCan't update certs/z.pem!", False),
+    ("cert-committed", "commit ssl cert certs/a.pem", "Committing certs/a.pem.\nSuccess!", True),
+    ("cert-commit-failed", "commit ssl cert certs/a.pem", "Committing certs/a.pem\nFailed!\nunable to load", False),
 ]
+
+
+def test_a_refused_certificate_is_named_without_its_private_key() -> None:
+    class Refusing:
+        def command(self, line: str) -> str:
+            return "Can't update certs/a.pem!"
+
+    with pytest.raises(HAProxyError) as caught:
+        send(Refusing(), [f"set ssl cert certs/a.pem <<\n{PEM_NEW.decode()}"])  # type: ignore[arg-type]
+    assert "KEY" not in str(caught.value) and "set ssl cert certs/a.pem <<" in str(caught.value)
 
 
 @pytest.mark.parametrize(("command", "answer", "ok"), [c[1:] for c in ANSWERS], ids=[c[0] for c in ANSWERS])
