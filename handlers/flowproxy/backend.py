@@ -25,7 +25,8 @@ class IdentityHandler(BaseHTTPRequestHandler):
             time.sleep(min(int(self.path[7:]), 10_000) / 1000)  # a slow answer, for timeout tests
             body, status = b"slept\n", 200
         else:
-            doc = {"instance": self.server.name, "path": self.path, "host": self.headers.get("Host", "")}
+            doc = {"instance": self.server.name, "path": self.path, "host": self.headers.get("Host", ""),
+                   "forwarded_for": self.headers.get("X-Forwarded-For", "")}
             body = (json.dumps(doc, sort_keys=True) + "\n").encode()
             status = 200
         self.send_response(status)

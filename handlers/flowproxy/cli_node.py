@@ -23,7 +23,8 @@ def node_options(fn: click.decorators.FC) -> click.decorators.FC:
         click.option("--https", "https_bind", envvar="FLOWPROXY_HTTPS_BIND", default=None,
                      help="Serve HTTPS here with the certificates in KV certs/ (address:port); off by default."),
         click.option("--sni", "sni_bind", envvar="FLOWPROXY_SNI_BIND", default=None,
-                     help="Pass TLS through by SNI here, for routes with mode sni (address:port); off by default."),
+                     help="Pass TLS through by SNI here, for routes with mode sni (address:port); off by default. "
+                          "The same address as --https shares the port: other names are terminated."),
         click.option("--tcp-host", "tcp_host", envvar="FLOWPROXY_TCP_HOST", default="127.0.0.1", show_default=True,
                      help="Address that routes with mode tcp listen on, each on its own port."),
         click.option("--metrics", "metrics_bind", envvar="FLOWPROXY_METRICS_BIND", default=None,

@@ -96,8 +96,14 @@ class Settings:
         def own(name: str, bind: str | None) -> str:
             return bind or f"unix@{self.haproxy_dir / name}"
 
+        # One port for both (--https and --sni the same): the SNI listener binds it and hands every name
+        # without a passthrough route to the HTTPS listener, which then listens only on its own socket.
+        shared = self.https_bind is not None and self.https_bind == self.sni_bind
         return {"FP_HTTP_BIND": self.http_bind, "FP_PREVIEW_BIND": own("preview.sock", self.preview_bind),
-                "FP_HTTPS_BIND": own("https.sock", self.https_bind), "FP_SNI_BIND": own("sni.sock", self.sni_bind),
+                "FP_HTTPS_BIND": own("https.sock", None if shared else self.https_bind),
+                "FP_HTTPS_HANDOVER": own("https-handover.sock", None),
+                "FP_SNI_FALLBACK": "fp_tls_handover" if shared else "fp_no_route_tcp",
+                "FP_SNI_BIND": own("sni.sock", self.sni_bind),
                 "FP_METRICS_BIND": own("metrics.sock", self.metrics_bind), "FP_TCP_HOST": self.tcp_host,
                 "FP_STATS_SOCKET": str(self.stats_socket), "FP_STATS_AUTH": self.stats_auth or LOCKED_STATS}
 

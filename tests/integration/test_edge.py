@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import collections
+import contextlib
+import dataclasses
 import http.client
 import json
 import os
@@ -285,11 +287,11 @@ def test_tcp_route_on_a_held_port_waits_alone_and_serves_once_freed(
     until(edge, lambda: get(f"{edge.settings.tcp_host}:{port}", "/q", "x").status == 200, "the TCP route, freed")
 
 
-@pytest.fixture
-def tls_backend(edge: ProxyNode, certs: Path) -> Iterator[int]:
-    """A TLS server with c.example.test's certificate: only passthrough lets a client see that certificate."""
+@contextlib.contextmanager
+def tls_app(node: ProxyNode, pem: Path) -> Iterator[int]:
+    """A TLS server registered as tlsapp-1, with `pem`'s certificate: only passthrough shows a client that."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(certs / "c.pem")
+    context.load_cert_chain(pem)
     listener = socket.create_server(("127.0.0.1", 0))
     stop = threading.Event()
 
@@ -316,23 +318,60 @@ def tls_backend(edge: ProxyNode, certs: Path) -> Iterator[int]:
     threading.Thread(target=serve_forever, daemon=True).start()
     port = int(listener.getsockname()[1])
     # A TCP check: an HTTP check would speak plain HTTP to a TLS server, fail, and take the instance out.
-    edge.store().register_service({"Name": "tlsapp", "ID": "tlsapp-1", "Address": "127.0.0.1", "Port": port,
+    node.store().register_service({"Name": "tlsapp", "ID": "tlsapp-1", "Address": "127.0.0.1", "Port": port,
                                    "Check": {"TCP": f"127.0.0.1:{port}", "Interval": "1s", "Timeout": "1s"}})
-    yield port
-    stop.set()
-    listener.close()
-    edge.store().client.agent.service.deregister("tlsapp-1")
+    try:
+        yield port
+    finally:
+        stop.set()
+        listener.close()
+        node.store().client.agent.service.deregister("tlsapp-1")
+
+
+def checked_in(node: ProxyNode, service_id: str) -> bool:
+    """Consul's own check of the instance has run and passed (not just its initial status)."""
+    return any(c["ServiceID"] == service_id and c["Status"] == "passing" and c["Output"]
+               for c in node.store().client.agent.checks().values())
+
+
+@pytest.fixture
+def tls_backend(edge: ProxyNode, certs: Path) -> Iterator[int]:
+    with tls_app(edge, certs / "c.pem") as port:
+        yield port
 
 
 def test_sni_passthrough_reaches_the_backend_tls(edge: ProxyNode, tls_backend: int, certs: Path) -> None:
     route(edge, "tls", {"service": "tlsapp", "mode": "sni", "domains": ["c.example.test"]})
-    checks = edge.store().client.agent.checks
-    until(edge, lambda: any(c["ServiceID"] == "tlsapp-1" and c["Status"] == "passing" and c["Output"]
-                            for c in checks().values()), "Consul's own check to pass the TLS backend")
+    until(edge, lambda: checked_in(edge, "tlsapp-1"), "Consul's own check to pass the TLS backend")
     until(edge, lambda: get(edge.settings.sni_bind, "/", "c.example.test", sni="c.example.test",
                             cafile=certs / "c.crt").body == "tls-backend\n", "passthrough to the TLS backend")
     with pytest.raises(OSError):  # an unknown name has nowhere to go: the connection is closed
         get(edge.settings.sni_bind, "/", "z.example.test", sni="z.example.test")
+
+
+def test_one_port_passes_claimed_names_through_and_terminates_the_rest(
+        tmp_path_factory: pytest.TempPathFactory, certs: Path) -> None:
+    spec = node_spec(tmp_path_factory.mktemp("shared"), "edge-shared", dev=True, edge=True)
+    spec = dataclasses.replace(spec, settings=dataclasses.replace(spec.settings, sni_bind=spec.settings.https_bind))
+    node = start_node(spec)
+    site = IdentityServer("site-1").start()
+    try:
+        register_instance(node.store(), "site", "site-1", site.port)
+        put(node, "certs/a", (certs / "a.pem").read_bytes())
+        route(node, "site", {"service": "site", "domains": ["a.example.test"]})
+        with tls_app(node, certs / "c.pem"):
+            route(node, "tls", {"service": "tlsapp", "mode": "sni", "domains": ["c.example.test"]})
+            until(node, lambda: checked_in(node, "tlsapp-1"), "Consul's own check to pass the TLS backend")
+            until(node, lambda: get(node.settings.https_bind, "/", "c.example.test", sni="c.example.test",
+                                    cafile=certs / "c.crt").body == "tls-backend\n", "passthrough on the shared port")
+            until(node, lambda: get(node.settings.https_bind, "/t", "a.example.test", sni="a.example.test",
+                                    cafile=certs / "a.crt").status == 200, "termination on the shared port")
+            doc = json.loads(get(node.settings.https_bind, "/t", "a.example.test", sni="a.example.test",
+                                 cafile=certs / "a.crt").body)
+            assert (doc["instance"], doc["forwarded_for"]) == ("site-1", "127.0.0.1")  # PROXY kept the client
+    finally:
+        site.stop()
+        node.stop()
 
 
 @pytest.mark.parametrize(("weights", "green_share"), [("blue=90,green=10", 0.10), ("blue=50,green=50", 0.50)],

@@ -35,7 +35,8 @@ def test_step3_activate_routes_to_the_service(proxy: ProxyNode, instances: Calla
     put(proxy, "routes/go-demo/live", INTENT)
     put(proxy, "routes/go-demo/active", "live")
     reply = proxy.wait_reply("/demo/hello", 200)
-    assert json.loads(reply.body) == {"instance": "go-demo-1", "path": "/demo/hello", "host": proxy.url[7:]}
+    assert json.loads(reply.body) == {"instance": "go-demo-1", "path": "/demo/hello", "host": proxy.url[7:],
+                                       "forwarded_for": "127.0.0.1"}
     status = wait_applied(proxy)
     assert status["ok"] is True
     assert status["routes"]["go-demo"]["state"] == "serving"
