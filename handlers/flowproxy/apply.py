@@ -95,7 +95,7 @@ def build(settings: Settings, desired: Desired, health: dict[str, list[Instance]
     bundle, plan = render(plan, templates, certs)
     keys = {b.name: b.key for b in plan.backends}
     bad = fragments.refused(settings, custom_fragments(plan, templates))
-    held = ports.refused(plan, settings.tcp_host, ports.listening(settings.current / "haproxy.cfg"))
+    held = ports.refused(plan, settings.tcp_host, settings.current / "haproxy.cfg")
     if not bad and not held:
         return bundle, plan
     reasons = {name: f"{keys[name]}: template: {reason}" for name, reason in bad.items()} | held

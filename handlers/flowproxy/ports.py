@@ -46,14 +46,17 @@ def held_elsewhere(host: str, port: int) -> bool:
     return False
 
 
-def refused(plan: Plan, host: str, running: set[int]) -> dict[str, str]:
+def refused(plan: Plan, host: str, running_cfg: Path) -> dict[str, str]:
     """backend name -> reason, for each TCP route whose new port another program holds."""
+    wanted = [(int(c.path), c.backend) for c in plan.claims if c.path_type == "tcp"]
+    if not wanted:
+        return {}  # the common case: no need to read a config of megabytes at 10k routes
+    running = listening(running_cfg)
     keys = {b.name: b.key for b in plan.backends}
     out = {}
-    for claim in plan.claims:
-        port = int(claim.path) if claim.path_type == "tcp" else 0
-        if port and port not in running and held_elsewhere(host, port):
-            out[claim.backend] = (f"{keys[claim.backend]}: port {port} on {host} is held by another program; "
+    for port, backend in wanted:
+        if port not in running and held_elsewhere(host, port):
+            out[backend] = (f"{keys[backend]}: port {port} on {host} is held by another program; "
                                   "the route is served once the port is free")
     return out
 

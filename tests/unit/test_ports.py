@@ -38,19 +38,20 @@ def tcp_plan(port: int) -> Plan:
     return make_plan(desired_from_kv(P, entries), {})
 
 
-def test_a_held_new_port_refuses_its_route_with_the_key_and_port(held: int) -> None:
-    reasons = ports.refused(tcp_plan(held), "127.0.0.1", running=set())
+def test_a_held_new_port_refuses_its_route_with_the_key_and_port(held: int, tmp_path: Path) -> None:
+    reasons = ports.refused(tcp_plan(held), "127.0.0.1", tmp_path / "no-config-yet.cfg")
     assert reasons == {"db:live": f"flowproxy/routes/db/live: port {held} on 127.0.0.1 is held by another "
                                   "program; the route is served once the port is free"}
 
 
-def test_a_port_the_running_config_listens_on_is_not_tried(held: int) -> None:
-    assert ports.refused(tcp_plan(held), "127.0.0.1", running={held}) == {}
+def test_a_port_the_running_config_listens_on_is_not_tried(held: int, tmp_path: Path) -> None:
+    (tmp_path / "haproxy.cfg").write_text(f"frontend fp_tcp_{held}\n    mode tcp\n")
+    assert ports.refused(tcp_plan(held), "127.0.0.1", tmp_path / "haproxy.cfg") == {}
 
 
-def test_a_free_port_passes_and_is_reported_freed() -> None:
+def test_a_free_port_passes_and_is_reported_freed(tmp_path: Path) -> None:
     port = free()
-    assert ports.refused(tcp_plan(port), "127.0.0.1", running=set()) == {}
+    assert ports.refused(tcp_plan(port), "127.0.0.1", tmp_path / "haproxy.cfg") == {}
     assert ports.freed("127.0.0.1", [port]) == [port]
 
 
