@@ -57,7 +57,7 @@ def refused(plan: Plan, host: str, running_cfg: Path) -> dict[str, str]:
     for port, backend in wanted:
         if port not in running and held_elsewhere(host, port):
             out[backend] = (f"{keys[backend]}: port {port} on {host} is held by another program; "
-                                  "the route is served once the port is free")
+                            "the route is served once the port is free")
     return out
 
 

@@ -5,14 +5,16 @@ Regenerate the golden files after an intended change: FLOWPROXY_UPDATE_GOLDEN=1 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 
 from flowproxy.kv import desired_from_kv
-from flowproxy.plan import make_plan
-from flowproxy.render import Templates, render
+from flowproxy.model import KVEntry
+from flowproxy.plan import Plan, make_plan
+from flowproxy.render import Templates, drop_backends, render
 from flowproxy.settings import REPO_TEMPLATES
 from tests.scenarios import CUSTOM_TEMPLATE, SCENARIOS, P, routes
 
@@ -78,3 +80,20 @@ def test_kv_template_receives_the_default_data() -> None:
     files = render_scenario("templates")
     assert b"http-response set-header X-Custom kv-tpl" in files["haproxy.cfg"]
     assert CUSTOM_TEMPLATE  # the scenario's template, rendered above
+
+
+def web_plan(active: str) -> Plan:
+    entries = [KVEntry(f"{P}routes/web/{color}", json.dumps({"service": "web", "tags": [color], "paths": ["/w"]})
+                       .encode()) for color in ("blue", "green")]
+    return make_plan(desired_from_kv(P, [*entries, KVEntry(f"{P}routes/web/active", active.encode(), 5, 5)]), {})
+
+
+@pytest.mark.parametrize(("active", "failed", "state"), [
+    ("blue", "web:blue", "rejected"),
+    ("blue", "web:green", "serving"),  # a failed preview-only variant leaves the public route alone
+    ("blue=90,green=10", "web::canary", "rejected"),
+], ids=["serving-variant", "warm-variant", "canary"])
+def test_a_failed_backend_rejects_the_route_it_serves(active: str, failed: str, state: str) -> None:
+    plan = drop_backends(web_plan(active), {failed: "flowproxy/routes/web/x: refused"})
+    assert [(s.route, s.state) for s in plan.states] == [("web", state)]
+    assert failed not in {b.name for b in plan.backends} | {c.backend for c in plan.claims}
