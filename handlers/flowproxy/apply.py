@@ -17,7 +17,7 @@ from flowproxy import fragments, ports, release, runstate, runtime, watches
 from flowproxy.certs import vet_certs
 from flowproxy.consul_io import ConsulStore
 from flowproxy.errors import ApplyIOError, EmptyRefused, FlowproxyError, HAProxyError
-from flowproxy.haproxy import HAProxySocket, check_config
+from flowproxy.haproxy import HAProxySocket, check_config, recent_alerts
 from flowproxy.kv import desired_from_kv
 from flowproxy.model import Desired, Instance, KVEntry, Snapshot
 from flowproxy.plan import Plan, make_plan
@@ -173,12 +173,16 @@ def live_update(settings: Settings, current: Bundle, bundle: Bundle, commands: l
 
 
 def reload_or_roll_back(settings: Settings, previous: Path | None) -> None:
+    log_file = settings.data_dir / "logs" / "haproxy.log"
+    logged = log_file.stat().st_size if log_file.exists() else 0
     try:
         HAProxySocket(settings.master_socket).reload()
-    except HAProxyError:
+    except HAProxyError as exc:
         if previous is not None:
             release.activate(settings.current, previous)  # the files on disk must match what runs
-        raise
+        alerts = "; ".join(recent_alerts(log_file, since=logged)) or "nothing in its log"
+        raise HAProxyError(f"{exc}. HAProxy said: {alerts} (see {log_file}, or the HAProxy unit's journal "
+                           "under systemd); the node retries every few seconds until it loads") from exc
 
 
 def converge(settings: Settings, generation: int = 0, accept_empty: bool = False,

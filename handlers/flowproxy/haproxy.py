@@ -104,7 +104,19 @@ class HAProxySocket:
             if after.reloads > before.reloads:
                 if after.failed > before.failed:
                     raise HAProxyError("HAProxy could not load the new configuration; the previous worker "
-                                       "keeps serving. See the HAProxy log of this node.")
+                                       "keeps serving")
                 if after.workers:
                     return after
         raise HAProxyError(f"reload not confirmed by `show proc` within {timeout:.0f}s")
+
+
+def recent_alerts(log: Path, since: int = 0, most: int = 3) -> list[str]:
+    """The last [ALERT] lines HAProxy wrote to its log after byte `since`: why a reload failed (a bind, a
+    file), in HAProxy's own words, and not an older failure's."""
+    try:
+        with log.open("rb") as f:
+            f.seek(max(since, log.stat().st_size - 65536))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return []
+    return [line.split(" : ", 1)[-1].strip() for line in lines if "[ALERT]" in line][-most:]

@@ -150,8 +150,10 @@ def test_a_failed_reload_rolls_the_files_back(node: ProxyNode) -> None:
         bad = Bundle(dict(current.files) | {"haproxy.cfg": current.config + extra.encode()})
         check_config("haproxy", write_tmp(node, bad), node.settings.haproxy_env())  # -c cannot see it
         failed = HAProxySocket(node.settings.master_socket).show_proc().failed
-        with pytest.raises(HAProxyError, match="could not load the new configuration"):
+        with pytest.raises(HAProxyError, match="could not load the new configuration") as caught:
             deploy(node.settings, bad)
+        # the reason, in HAProxy's words, reaches the status: not just "see the log"
+        assert f"cannot bind socket (Address already in use) for [127.0.0.1:{port}]" in str(caught.value)
         assert HAProxySocket(node.settings.master_socket).show_proc().failed == failed + 1
         assert serving_hash(node) == current.digest  # the files on disk match what runs
         assert node.get("/demo").status == 200

@@ -1,11 +1,13 @@
-"""Parsing the master socket's `show proc` (as HAProxy 2.6.12 prints it)."""
+"""Parsing what HAProxy 2.6.12 prints: the master socket's `show proc`, and its log's alerts."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
 from flowproxy.errors import HAProxyError
-from flowproxy.haproxy import ProcInfo, parse_show_proc
+from flowproxy.haproxy import ProcInfo, parse_show_proc, recent_alerts
 
 RELOADED = """#<PID>          <type>          <reloads>       <uptime>        <version>
 2305            master          1 [failed: 0]   0d00h00m01s     2.6.12-1+deb12u4
@@ -36,3 +38,28 @@ def test_parse_show_proc(text: str, expected: ProcInfo) -> None:
 def test_unexpected_answer_is_an_error() -> None:
     with pytest.raises(HAProxyError, match="unexpected `show proc` answer"):
         parse_show_proc("Unknown command\n")
+
+
+@pytest.mark.parametrize(("log", "expected"), [
+    ("[NOTICE]   (1) : New worker (2) forked\n", []),
+    ("[ALERT]    (7) : Binding [cfg:9] for frontend fp_tcp_5432: cannot bind socket (Address already in use) "
+     "for [0.0.0.0:5432]\n[NOTICE]   (7) : haproxy version is 2.6.12\n",
+     ["Binding [cfg:9] for frontend fp_tcp_5432: cannot bind socket (Address already in use) for [0.0.0.0:5432]"]),
+    ("".join(f"[ALERT]    (1) : a{i}\n" for i in range(5)), ["a2", "a3", "a4"]),
+], ids=["no-alert", "bind", "last-three"])
+def test_recent_alerts_give_haproxys_reason(tmp_path: Path, log: str, expected: list[str]) -> None:
+    (tmp_path / "haproxy.log").write_text(log)
+    assert recent_alerts(tmp_path / "haproxy.log") == expected
+
+
+def test_recent_alerts_without_a_log_file(tmp_path: Path) -> None:
+    assert recent_alerts(tmp_path / "none.log") == []
+
+
+def test_recent_alerts_skip_what_was_logged_before(tmp_path: Path) -> None:
+    log = tmp_path / "haproxy.log"
+    log.write_text("[ALERT]    (1) : an older failure\n")
+    start = log.stat().st_size
+    with log.open("a") as f:
+        f.write("[ALERT]    (1) : this one\n")
+    assert recent_alerts(log, since=start) == ["this one"]
