@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from flowproxy import release
+from flowproxy import coalesce, release
 from flowproxy.apply import deploy
 from flowproxy.backend import IdentityServer
 from flowproxy.demo import register_instance
@@ -27,7 +27,7 @@ from flowproxy.errors import HAProxyError
 from flowproxy.haproxy import HAProxySocket, ProcInfo, check_config
 from flowproxy.render import Bundle
 from flowproxy.settings import REPO_TEMPLATES
-from tests.harness import ProxyNode, free_port, node_spec, start_node, status_of, wait_applied
+from tests.harness import ProxyNode, node_spec, start_node, status_of, wait_applied
 
 FLOWPROXY = str(Path(sys.executable).parent / "flowproxy")
 
@@ -139,11 +139,9 @@ def test_haproxy_refusing_the_candidate_keeps_the_old_config(node: ProxyNode) ->
 
 
 def test_a_failed_reload_rolls_the_files_back(node: ProxyNode) -> None:
-    blocker = socket.socket()
-    port = free_port()
-    blocker.bind(("127.0.0.1", port))
-    blocker.listen()
-    try:
+    # The apply lock, as every handler takes it: a reload of theirs in between would confirm ours.
+    with socket.create_server(("127.0.0.1", 0)) as blocker, coalesce.try_lock(node.settings.run_dir, wait=True):
+        port = int(blocker.getsockname()[1])
         current = release.read_bundle(node.settings.current)
         assert current is not None
         extra = f"\nfrontend fp_extra\n    bind 127.0.0.1:{port}\n    default_backend fp_no_route\n"
@@ -157,8 +155,6 @@ def test_a_failed_reload_rolls_the_files_back(node: ProxyNode) -> None:
         assert HAProxySocket(node.settings.master_socket).show_proc().failed == failed + 1
         assert serving_hash(node) == current.digest  # the files on disk match what runs
         assert node.get("/demo").status == 200
-    finally:
-        blocker.close()
     node.store().put("flowproxy/routes/go-demo/live", route(["/demo", "/after"]))
     node.wait_reply("/after", 200)
 
