@@ -41,12 +41,6 @@ def payload_entries(payload: str) -> list[tuple[str, bytes, int, int]] | None:
         return None
 
 
-def payload_fingerprint(prefix: str, payload: str) -> str | None:
-    """The fingerprint of a keyprefix watch payload, or None if unreadable."""
-    entries = payload_entries(payload)
-    return None if entries is None else kv_fingerprint(prefix, [(e[0], e[1]) for e in entries])
-
-
 def load(run_dir: Path, name: str) -> dict[str, Any]:
     try:
         doc = json.loads((run_dir / name).read_text())
