@@ -34,7 +34,8 @@ class _Request(socketserver.StreamRequestHandler):
         threading.current_thread().name = THREAD  # its records go to handler.log, like a handler process's
         head, _, payload = self.rfile.read().partition(b"\n")
         kind, _, index = head.decode(errors="replace").partition(" ")
-        code = self.server.applier.run(kind, payload.decode(errors="replace"), int(index) if index.isdigit() else None)
+        number = int(index) if index.isascii() and index.isdigit() else None
+        code = self.server.applier.run(kind, payload.decode(errors="replace"), number)
         self.wfile.write(str(code).encode())
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flowproxy import fragments, ports, release, runstate, runtime, watches
+from flowproxy import fragments, ports, regex_vet, release, runstate, runtime, template_sandbox, watches
 from flowproxy.certs import vet_certs
 from flowproxy.consul_io import ConsulStore
 from flowproxy.errors import ApplyIOError, EmptyRefused, FlowproxyError, HAProxyError
@@ -21,7 +21,7 @@ from flowproxy.haproxy import HAProxySocket, check_config, recent_alerts
 from flowproxy.kv import desired_from_kv
 from flowproxy.model import Desired, Instance, KVEntry, Snapshot
 from flowproxy.plan import Plan, make_plan
-from flowproxy.render import Bundle, Templates, custom_fragments, drop_backends, render
+from flowproxy.render import Bundle, Templates, custom_fragments, drop_backends, regexes, render
 from flowproxy.settings import Settings
 from flowproxy.status import applied_doc, failed_doc
 
@@ -87,21 +87,47 @@ def gather(settings: Settings, store: ConsulStore,
 
 
 def build(settings: Settings, desired: Desired, health: dict[str, list[Instance]]) -> tuple[Bundle, Plan]:
-    """Plan and render; what HAProxy would refuse (a certificate, a custom-template backend, a TCP port
-    another program holds) is left out alone, each with its reason, and the rest renders again without it."""
+    """plan -> render -> vet -> (drop what was refused, render once more) for this node.
+
+    Custom templates render once, in the sandbox. Vetting judges what HAProxy would refuse, each thing
+    alone with its reason: certificates, custom-template fragments, regexes (by PCRE2 as HAProxy uses
+    it), and TCP ports another program holds. The rest renders again without it.
+    """
     certs, refused = vet_certs(desired.prefix, desired.certs)
     plan = make_plan(dataclasses.replace(desired, stray=desired.stray + tuple(refused)), health)
     templates = Templates(settings.templates, desired.templates)
-    bundle, plan = render(plan, templates, certs)
-    keys = {b.name: b.key for b in plan.backends}
-    bad = fragments.refused(settings, custom_fragments(plan, templates))
-    held = ports.refused(plan, settings.tcp_host, settings.current / "haproxy.cfg")
-    if not bad and not held:
+    custom = template_sandbox.render_plan(plan, templates, settings.run_dir)
+    bundle, plan = render(plan, templates, certs, custom)
+    refusals = vet(settings, plan, custom)
+    if not refusals.reasons:
         return bundle, plan
-    reasons = {name: f"{keys[name]}: template: {reason}" for name, reason in bad.items()} | held
+    bundle, plan = render(drop_backends(plan, refusals.reasons), templates, certs, custom)
+    return bundle, dataclasses.replace(plan, waiting=refusals.waiting)
+
+
+@dataclass(frozen=True)
+class Refusals:
+    """What vetting refused: backend name -> reason (its key first), and TCP ports waiting to be free."""
+
+    reasons: dict[str, str]
+    waiting: tuple[int, ...] = ()
+
+
+def vet(settings: Settings, plan: Plan, custom: dict[str, dict[str, str]]) -> Refusals:
+    """Everything HAProxy would refuse in this plan, each backend alone."""
+    keys = {b.name: b.key for b in plan.backends}
+    reasons = {name: f"{keys[name]}: template: {why}"
+               for name, why in fragments.refused(settings, custom_fragments(plan, custom)).items()}
+    by_backend = regexes(plan)
+    bad = regex_vet.refused(settings, {p for patterns in by_backend.values() for p in patterns})
+    for name, patterns in sorted(by_backend.items()):
+        found = sorted(p for p in patterns if p in bad)
+        if found:
+            reasons.setdefault(name, f"{keys.get(name, name)}: regex {found[0]!r} is refused by HAProxy's "
+                                     f"PCRE2: {bad[found[0]]}")
+    held = ports.refused(plan, settings.tcp_host, settings.current / "haproxy.cfg")
     waiting = tuple(sorted(int(c.path) for c in plan.claims if c.path_type == "tcp" and c.backend in held))
-    bundle, plan = render(drop_backends(plan, reasons), templates, certs)
-    return bundle, dataclasses.replace(plan, waiting=waiting)
+    return Refusals(reasons | held, waiting)
 
 
 def guard_empty(settings: Settings, desired: Desired, accept_empty: bool) -> None:

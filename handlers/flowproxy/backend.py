@@ -19,9 +19,9 @@ class IdentityHandler(BaseHTTPRequestHandler):
         if self.path == "/health":
             body = b"ok\n"
             status = 503 if self.server.unhealthy.is_set() else 200
-        elif self.path.startswith("/status/") and self.path[8:].isdigit():
+        elif self.path.startswith("/status/") and self.path[8:].isascii() and self.path[8:].isdigit():
             body, status = b"as asked\n", int(self.path[8:])  # any status on demand, like httpbin
-        elif self.path.startswith("/sleep/") and self.path[7:].isdigit():
+        elif self.path.startswith("/sleep/") and self.path[7:].isascii() and self.path[7:].isdigit():
             time.sleep(min(int(self.path[7:]), 10_000) / 1000)  # a slow answer, for timeout tests
             body, status = b"slept\n", 200
         else:

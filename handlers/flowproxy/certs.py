@@ -11,6 +11,7 @@ import ssl
 import tempfile
 from collections.abc import Mapping
 
+from flowproxy.faults import internal_error
 from flowproxy.model import Problem
 
 MARKERS = (b"-----BEGIN CERTIFICATE-----", b"PRIVATE KEY-----")
@@ -21,7 +22,10 @@ def vet_certs(prefix: str, certs: Mapping[str, bytes]) -> tuple[dict[str, bytes]
     good: dict[str, bytes] = {}
     problems: list[Problem] = []
     for name, pem in sorted(certs.items()):
-        reason = pem_problem(pem)
+        try:
+            reason = pem_problem(pem)
+        except Exception as exc:  # one certificate that breaks the vetting must not take the others down
+            reason = internal_error(f"{prefix}certs/{name}", "vetting", exc)
         if reason is None:
             good[name] = pem if pem.endswith(b"\n") else pem + b"\n"
         else:

@@ -24,7 +24,7 @@ class ConsulStore:
     def __init__(self, addr: str, token: str | None = None, timeout: float = 10.0) -> None:
         scheme, _, hostport = addr.rpartition("://")
         host, _, port = hostport.rpartition(":")
-        if not host or not port.isdigit():
+        if not host or not (port.isascii() and port.isdigit()):
             raise ConsulUnavailable(f"Consul address {addr!r} is not host:port (set CONSUL_HTTP_ADDR or --consul)")
         self.addr = addr
         with warnings.catch_warnings():

@@ -42,4 +42,4 @@ def forward(path: str, kind: str, payload: bytes) -> int | None:
     finally:
         conn.close()
     text = answer.decode(errors="replace").strip()
-    return int(text) if text.isdigit() else 1
+    return int(text) if text.isascii() and text.isdigit() else 1

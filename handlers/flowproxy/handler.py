@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None, payload: str | None = None) -> int:
         return 2
     setup_logging(settings)
     return handle(args.kind, payload, settings, accept_empty=args.accept_empty,
-                  index=int(index) if index.isdigit() else None)
+                  index=int(index) if index.isascii() and index.isdigit() else None)
 
 
 if __name__ == "__main__":

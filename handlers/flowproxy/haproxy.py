@@ -42,15 +42,24 @@ def parse_show_proc(text: str) -> ProcInfo:
 
 
 def check_config(haproxy_bin: str, cfg: Path, env: Mapping[str, str]) -> None:
-    """`haproxy -c` on a candidate; raises with HAProxy's own words when it is refused."""
+    """`haproxy -c` on a candidate; raises with HAProxy's own [ALERT] lines when it is refused.
+
+    Not `-q`: it hides the alerts too (field notes), and they are the only words that say why.
+    """
     try:
-        proc = subprocess.run([haproxy_bin, "-c", "-q", "-f", str(cfg)], env={**os.environ, **env},
+        proc = subprocess.run([haproxy_bin, "-c", "-f", str(cfg)], env=dict(env) | {"PATH": os.defpath},
                               capture_output=True, text=True, timeout=60, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise HAProxyError(f"cannot run {haproxy_bin} -c: {exc}; is HAProxy installed?") from exc
     if proc.returncode != 0:
-        detail = (proc.stdout + proc.stderr).strip()[-2000:] or f"exit code {proc.returncode}, no message"
-        raise HAProxyError(f"haproxy -c refused {cfg}: {detail}")
+        raise HAProxyError(f"haproxy -c refused {cfg}: {alert_text(proc.stdout + proc.stderr, proc.returncode)}")
+
+
+def alert_text(output: str, code: int) -> str:
+    """HAProxy's [ALERT] lines, without the pid and the closing summary; the raw tail if there are none."""
+    alerts = [line.split(" : ", 1)[-1].strip() for line in output.splitlines() if "[ALERT]" in line]
+    alerts = [a for a in alerts if not a.startswith(("Fatal errors found", "Error(s) found"))] or alerts
+    return "; ".join(alerts)[-2000:] or output.strip()[-2000:] or f"exit code {code}, no message"
 
 
 class HAProxySocket:

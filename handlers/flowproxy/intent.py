@@ -77,6 +77,8 @@ def _load(key: str, raw: bytes) -> tuple[dict[str, Any] | None, list[Problem]]:
         doc = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         return None, [Problem(key, f"value is not valid JSON: {exc}")]
+    except RecursionError:
+        return None, [Problem(key, "value nests arrays or objects too deeply")]
     if not isinstance(doc, dict):
         return None, [Problem(key, f"value must be a JSON object, got {type(doc).__name__}")]
     return doc, []

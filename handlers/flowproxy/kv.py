@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 
+from flowproxy.faults import internal_error
 from flowproxy.intent import NAME_RE, parse_intent
 from flowproxy.model import Desired, KVEntry, Problem, Route, Variant
 
@@ -36,22 +37,38 @@ def desired_from_kv(prefix: str, entries: Iterable[KVEntry], index: int = 0) -> 
         parts = rel.split("/")
         if parts[0] == "status" and len(parts) == 2:
             continue
-        if parts[0] == "templates" and len(parts) == 2:
-            problem = _template(entry, parts[1], templates)
-            stray += [problem] if problem else []
-        elif parts[0] == "certs" and len(parts) == 2:
-            problem = _cert(entry, parts[1], certs)
-            stray += [problem] if problem else []
-        elif parts[0] == "routes" and len(parts) == 3 and _names_ok(parts[1:]):
+        if parts[0] == "routes" and len(parts) == 3 and _names_ok(parts[1:]):
             if parts[2] == ACTIVE:
                 actives[parts[1]] = entry
             else:
                 intents[parts[1]].append(entry)
-        else:
-            stray.append(Problem(entry.key, _stray_reason(parts)))
+            continue
+        try:
+            problem = _classify(entry, parts, templates, certs)
+        except Exception as exc:  # one key flowproxy fails on is rejected alone
+            problem = Problem(entry.key, internal_error(entry.key, "reading", exc))
+        stray += [problem] if problem else []
     names = sorted(set(intents) | set(actives))
-    routes = tuple(_route(name, intents.get(name, []), actives.get(name)) for name in names)
+    routes = tuple(_safe_route(name, intents.get(name, []), actives.get(name)) for name in names)
     return Desired(prefix=prefix, routes=routes, templates=templates, certs=certs, stray=tuple(stray), index=index)
+
+
+def _classify(entry: KVEntry, parts: list[str], templates: dict[str, str], certs: dict[str, bytes]) -> Problem | None:
+    """File a templates/ or certs/ key, or say why a key is outside the contract."""
+    if parts[0] == "templates" and len(parts) == 2:
+        return _template(entry, parts[1], templates)
+    if parts[0] == "certs" and len(parts) == 2:
+        return _cert(entry, parts[1], certs)
+    return Problem(entry.key, _stray_reason(parts))
+
+
+def _safe_route(name: str, intent_entries: list[KVEntry], active: KVEntry | None) -> Route:
+    try:
+        return _route(name, intent_entries, active)
+    except Exception as exc:  # the route is rejected with the reason; every other route goes on
+        key = active.key if active is not None else intent_entries[0].key
+        return Route(name=name, variants=(), active=ACTIVE, active_key=key,
+                     problems=(Problem(key, internal_error(key, "reading", exc)),))
 
 
 def _names_ok(names: list[str]) -> bool:
@@ -89,7 +106,10 @@ def _cert(entry: KVEntry, name: str, into: dict[str, bytes]) -> Problem | None:
 def _route(name: str, intent_entries: list[KVEntry], active: KVEntry | None) -> Route:
     variants = []
     for entry in intent_entries:
-        intent, problems = parse_intent(entry.key, entry.value)
+        try:
+            intent, problems = parse_intent(entry.key, entry.value)
+        except Exception as exc:  # this variant is rejected; its route's other variants still count
+            intent, problems = None, [Problem(entry.key, internal_error(entry.key, "reading", exc))]
         variants.append(Variant(route=name, name=entry.key.rsplit("/", 1)[1], key=entry.key,
                                 intent=intent, problems=tuple(problems)))
     if active is None:
@@ -125,7 +145,7 @@ def parse_weights(key: str, text: str, variants: set[str]) -> tuple[tuple[tuple[
     problems: list[Problem] = []
     for part in text.split(","):
         name, _, weight = part.strip().partition("=")
-        if not NAME_RE.fullmatch(name) or not weight.isdigit() or int(weight) > MAX_WEIGHT:
+        if not NAME_RE.fullmatch(name) or not (weight.isascii() and weight.isdigit()) or int(weight) > MAX_WEIGHT:
             problems.append(Problem(key, f"{part.strip()[:80]!r} is not variant=weight (a whole number 0-1000)"))
         elif name not in variants:
             problems.append(Problem(key, f"names variant {name!r}, which does not exist"))

@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from flowproxy.faults import internal_error
 from flowproxy.model import Desired, Instance, Intent, Problem, Route
 
 HOSTNAME_RE = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9-]{1,63})*")
@@ -155,23 +156,12 @@ def make_plan(desired: Desired, health: Mapping[str, list[Instance]]) -> Plan:
         for b in by_route.get(route.name, []):
             for c in claims_for(b.intent, b.name, b.variant):
                 preview.setdefault(c.slot, c)  # same variant name, same slot: the older route keeps it
-        state = _inactive_state(route)
-        if state is not None:
-            states[route.name] = state
-            continue
-        serving = canary_backend(route, backends) if route.weights else serving_backend(route, backends)
-        backends[serving.name] = serving
-        mine = claims_for(serving.intent, serving.name)
-        clashes = sorted({owners[claims[m.slot].backend] for m in mine if m.slot in claims})
-        if clashes:
-            states[route.name] = _conflict_state(route, route.active or "", clashes, desired.prefix)
-            continue
-        claims.update((c.slot, c) for c in mine)
-        owners[serving.name] = route.name
-        names = {name for name, _ in route.weights} or {route.active or ""}
-        keys = [v.key for v in route.variants if v.name in names]
-        route_notes = tuple(n for k in keys for n in notes[k])
-        states[route.name] = RouteState(route.name, "serving", route.active, (), len(serving.servers), route_notes)
+        try:
+            states[route.name] = _serve(route, backends, claims, owners=owners, notes=notes, prefix=desired.prefix)
+        except Exception as exc:  # a bug met by one route rejects that route, never the plan
+            key = route.active_key or (route.variants[0].key if route.variants else route.name)
+            states[route.name] = RouteState(route.name, "rejected", route.active,
+                                            (internal_error(key, "planning", exc),))
     return Plan(
         backends=tuple(backends[k] for k in sorted(backends)),
         claims=tuple(sorted(claims.values(), key=lambda c: c.slot)),
@@ -179,6 +169,26 @@ def make_plan(desired: Desired, health: Mapping[str, list[Instance]]) -> Plan:
         stray=desired.stray,
         preview=tuple(sorted(preview.values(), key=lambda c: c.slot)),
     )
+
+
+def _serve(route: Route, backends: dict[str, Backend], claims: dict[tuple[str, str, str, str], Claim], *,
+           owners: dict[str, str], notes: Mapping[str, list[str]], prefix: str) -> RouteState:
+    """Give an active route its public claims, unless another route holds one already; its state."""
+    state = _inactive_state(route)
+    if state is not None:
+        return state
+    serving = canary_backend(route, backends) if route.weights else serving_backend(route, backends)
+    backends[serving.name] = serving
+    mine = claims_for(serving.intent, serving.name)
+    clashes = sorted({owners[claims[m.slot].backend] for m in mine if m.slot in claims})
+    if clashes:
+        return _conflict_state(route, route.active or "", clashes, prefix)
+    claims.update((c.slot, c) for c in mine)
+    owners[serving.name] = route.name
+    names = {name for name, _ in route.weights} or {route.active or ""}
+    keys = [v.key for v in route.variants if v.name in names]
+    route_notes = tuple(n for k in keys for n in notes[k])
+    return RouteState(route.name, "serving", route.active, (), len(serving.servers), route_notes)
 
 
 def serving_backend(route: Route, backends: Mapping[str, Backend]) -> Backend:

@@ -28,12 +28,12 @@ from flowproxy.edge_render import (
     userlists,
     with_backend_lines,
 )
+from flowproxy.faults import internal_error
+from flowproxy.fragment_rules import fragment_errors
 from flowproxy.plan import Backend, Claim, Plan, RouteState
 
 PUBLIC_MAPS = ("host_exact", "host_reg", "host_beg", "path_exact", "path_reg", "path_beg")
 MAP_FILES = PUBLIC_MAPS + tuple(f"preview_{name}" for name in PUBLIC_MAPS) + EDGE_MAPS
-SECTION_KEYWORDS = frozenset({"global", "defaults", "frontend", "listen", "backend", "peers", "resolvers",
-                              "userlist", "program", "cache", "ring", "http-errors", "mailers", "crt-store"})
 
 
 @dataclass(frozen=True)
@@ -81,19 +81,23 @@ def environment(folder: Path) -> jinja2.Environment:
     )
 
 
-def render(plan: Plan, templates: Templates, certs: Mapping[str, bytes] | None = None) -> tuple[Bundle, Plan]:
-    """Render the bundle; routes whose custom template fails are dropped and marked rejected.
+def render(plan: Plan, templates: Templates, certs: Mapping[str, bytes] | None = None,
+           custom: Mapping[str, Mapping[str, str]] | None = None) -> tuple[Bundle, Plan]:
+    """Render the bundle; routes whose custom template failed are dropped and marked rejected.
 
-    `certs` are vetted PEM files by name; with any, the HTTPS listener serves them by SNI.
+    `certs` are vetted PEM files by name; with any, the HTTPS listener serves them by SNI. `custom` holds
+    what the sandbox answered for each backend with a custom template (`template_sandbox.render_plan`).
     """
     env = environment(templates.folder)
     fragments: list[str] = []
     failed: dict[str, str] = {}
     for backend in plan.backends:
         try:
-            fragments.append(render_backend(env, backend, templates))
+            fragments.append(render_backend(env, backend, custom or {}))
         except (jinja2.TemplateError, ValueError) as exc:
             failed[backend.name] = f"{backend.key}: template: {exc}"
+        except Exception as exc:  # a bug met by one backend must not take the others down
+            failed[backend.name] = internal_error(backend.key, "rendering", exc)
     if failed:
         plan = drop_backends(plan, failed)
     maps = render_maps(plan.claims) | render_maps(plan.preview, "preview_") | edge_maps(plan)
@@ -122,57 +126,44 @@ def backend_data(backend: Backend) -> dict[str, Any]:
 _DEFAULT_RENDERS: dict[tuple[jinja2.Template, Backend], str] = {}
 
 
-def render_backend(env: jinja2.Environment, backend: Backend, templates: Templates) -> str:
-    name = backend.intent.template
-    if name is None:
-        # Cached by template object and backend value (both immutable; an edited file loads as a new
-        # template object): the default template rendered 1,000 backends in ~20 ms on every change.
-        template = env.get_template("backend.cfg.j2")
-        text = _DEFAULT_RENDERS.get((template, backend))
-        if text is None:  # (a fleet test runs several appliers in one process: no check-then-read)
-            if len(_DEFAULT_RENDERS) > 50_000:
-                _DEFAULT_RENDERS.clear()
-            text = _finish(template.render(backend=backend_data(backend)), backend)
-            _DEFAULT_RENDERS[(template, backend)] = text
-        return text
-    elif name in templates.from_kv:
-        template = env.from_string(templates.from_kv[name])
-    else:
-        try:
-            template = env.get_template(f"routes/{name}.j2")
-        except jinja2.TemplateNotFound:
-            raise ValueError(f"template {name!r} is in neither KV templates/{name} nor the node's "
-                             f"templates/routes/{name}.j2") from None
-    return _finish(template.render(backend=backend_data(backend)), backend)
+def render_backend(env: jinja2.Environment, backend: Backend, custom: Mapping[str, Mapping[str, str]]) -> str:
+    if backend.intent.template is not None:
+        answer = custom.get(backend.name)
+        if answer is None:
+            raise ValueError(f"template {backend.intent.template!r} was not rendered")
+        if "error" in answer:
+            raise ValueError(answer["error"])
+        return _finish(answer["text"], backend)
+    # Cached by template object and backend value (both immutable; an edited file loads as a new
+    # template object): the default template rendered 1,000 backends in ~20 ms on every change.
+    template = env.get_template("backend.cfg.j2")
+    text = _DEFAULT_RENDERS.get((template, backend))
+    if text is None:  # (a fleet test runs several appliers in one process: no check-then-read)
+        if len(_DEFAULT_RENDERS) > 50_000:
+            _DEFAULT_RENDERS.clear()
+        text = _finish(template.render(backend=backend_data(backend)), backend)
+        _DEFAULT_RENDERS[(template, backend)] = text
+    return text
 
 
 def _finish(text: str, backend: Backend) -> str:
-    check_fragment(text, backend.name)
+    errors = fragment_errors(text, backend.name)
+    if errors:
+        raise ValueError("; ".join(errors[:5]))
     return with_backend_lines(text if text.endswith("\n") else text + "\n", backend_lines(backend))
 
 
-def check_fragment(text: str, name: str) -> None:
-    """A route's fragment may define its own backend and nothing else."""
-    if "\r" in text or "\0" in text:
-        raise ValueError("rendered text contains CR or NUL")
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
-    if not lines or lines[0].split() != ["backend", name]:
-        raise ValueError(f"rendered text must start with 'backend {name}'")
-    for line in lines[1:]:
-        if line.split()[0] in SECTION_KEYWORDS:
-            raise ValueError(f"rendered text opens another section: {line[:80]!r}")
-
-
-def custom_fragments(plan: Plan, templates: Templates) -> dict[str, str]:
-    """The rendered text of every backend that uses a custom template (they need their own check)."""
-    env = environment(templates.folder)
+def custom_fragments(plan: Plan, custom: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
+    """The finished text of every backend with a custom template that rendered and passed the rules
+    (they need their own `haproxy -c`); the others were rejected by render()."""
     out = {}
     for backend in plan.backends:
-        if backend.intent.template is not None:
+        answer = custom.get(backend.name)
+        if backend.intent.template is not None and answer is not None and "text" in answer:
             try:
-                out[backend.name] = render_backend(env, backend, templates)
-            except (jinja2.TemplateError, ValueError):
-                continue  # render() has already rejected it
+                out[backend.name] = _finish(answer["text"], backend)
+            except ValueError:
+                continue
     return out
 
 
@@ -204,17 +195,33 @@ def key_regex(literal_prefix: str, path_regex: str) -> str:
     return f"^{literal}(?=/).*?(?:{path_regex})"
 
 
+def map_key(c: Claim) -> str:
+    """The claim's key in its map file: host+path, or a regex over them for regex paths."""
+    literal = f"{c.variant}~{c.host}" if c.variant else c.host
+    if c.path_type == "regex" and literal:
+        return key_regex(literal, c.path)
+    return literal + c.path
+
+
+def regexes(plan: Plan) -> dict[str, set[str]]:
+    """Every regex HAProxy will compile, by backend: regex map keys (public and preview) and rewrites."""
+    out: dict[str, set[str]] = {}
+    for c in plan.claims + plan.preview:
+        if c.path_type == "regex":
+            out.setdefault(c.backend, set()).add(map_key(c))
+    for b in plan.backends:
+        if b.intent.rewrite is not None:
+            out.setdefault(b.name, set()).add(b.intent.rewrite[0])
+    return out
+
+
 def render_maps(claims: tuple[Claim, ...], prefix: str = "") -> dict[str, str]:
     """Map files keyed host+path (or path); preview keys start with `<variant>~` (no name holds a `~`)."""
     rows: dict[str, list[tuple[str, str]]] = {prefix + name: [] for name in PUBLIC_MAPS}
     for c in (c for c in claims if c.path_type in ("exact", "prefix", "regex")):
         scope = "host" if c.host else "path"
         kind = {"exact": "exact", "prefix": "beg", "regex": "reg"}[c.path_type]
-        literal = f"{c.variant}~{c.host}" if c.variant else c.host
-        key = literal + c.path
-        if c.path_type == "regex" and literal:
-            key = key_regex(literal, c.path)
-        rows[f"{prefix}{scope}_{kind}"].append((key, c.backend))
+        rows[f"{prefix}{scope}_{kind}"].append((map_key(c), c.backend))
     out = {}
     for name, entries in rows.items():
         # map_reg takes the first match in file order: longer (more specific) patterns first.

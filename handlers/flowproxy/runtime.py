@@ -16,8 +16,9 @@ from __future__ import annotations
 import ipaddress
 
 from flowproxy.errors import HAProxyError
+from flowproxy.fragment_rules import SECTION_KEYWORDS
 from flowproxy.haproxy import HAProxySocket
-from flowproxy.render import SECTION_KEYWORDS, Bundle
+from flowproxy.render import Bundle
 
 MAX_COMMANDS = 200  # past this a reload is as quick and leaves nothing half-applied for long
 
@@ -131,7 +132,8 @@ def weight_change(old: list[str], new: list[str]) -> str | None:
     if len(old) != len(new) or "weight" not in new:
         return None
     at = new.index("weight") + 1
-    if at >= len(new) or old[:at] != new[:at] or old[at + 1:] != new[at + 1:] or not new[at].isdigit():
+    same_rest = at < len(new) and old[:at] == new[:at] and old[at + 1:] == new[at + 1:]
+    if not same_rest or not (new[at].isascii() and new[at].isdigit()):
         return None
     return new[at]
 

@@ -28,7 +28,7 @@ def register(store: ConsulStore, settings: Settings) -> None:
     host, _, port = settings.http_bind.rpartition(":")
     store.register_service({
         "Name": SERVICE, "ID": service_id(settings), "Address": host if host not in ("", "*", "0.0.0.0") else "",
-        "Port": int(port) if port.isdigit() else 0,
+        "Port": int(port) if port.isascii() and port.isdigit() else 0,
         "Meta": {"node": settings.node, "version": __version__},
         "Check": {"CheckID": check_id(settings), "Name": "HAProxy up and last apply ok", "TTL": TTL,
                   "Status": "critical"},

@@ -6,7 +6,10 @@ agent's environment (plus CONSUL_INDEX); `node up` sets them for the agent it st
 
 from __future__ import annotations
 
+import grp
+import hashlib
 import os
+import pwd
 import re
 import socket
 from collections.abc import Mapping
@@ -20,6 +23,20 @@ NODE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 REPO_TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 # Without FLOWPROXY_STATS_AUTH the stats page answers nobody: a password no one was told.
 LOCKED_STATS = f"locked:{os.urandom(16).hex()}"
+
+
+def unprivileged() -> dict[str, str]:
+    """FP_USER/FP_GROUP for HAProxy's workers when flowproxy runs as root: `flowproxy` if that user exists,
+    else `nobody`. Without root there is nothing to drop (and HAProxy could not change user anyway)."""
+    if os.geteuid() != 0:
+        return {}
+    for name in ("flowproxy", "nobody"):
+        try:
+            user = pwd.getpwnam(name)
+        except KeyError:
+            continue
+        return {"FP_USER": name, "FP_GROUP": grp.getgrgid(user.pw_gid).gr_name}
+    return {"FP_USER": "65534", "FP_GROUP": "65534"}
 
 
 @dataclass(frozen=True)
@@ -101,11 +118,17 @@ class Settings:
         shared = self.https_bind is not None and self.https_bind == self.sni_bind
         return {"FP_HTTP_BIND": self.http_bind, "FP_PREVIEW_BIND": own("preview.sock", self.preview_bind),
                 "FP_HTTPS_BIND": own("https.sock", None if shared else self.https_bind),
-                "FP_HTTPS_HANDOVER": own("https-handover.sock", None),
+                # Abstract: workers that dropped root cannot reach into the node's 0700 folder.
+                "FP_HTTPS_HANDOVER": f"abns@flowproxy-{self.handover_id}",
                 "FP_SNI_FALLBACK": "fp_tls_handover" if shared else "fp_no_route_tcp",
                 "FP_SNI_BIND": own("sni.sock", self.sni_bind),
                 "FP_METRICS_BIND": own("metrics.sock", self.metrics_bind), "FP_TCP_HOST": self.tcp_host,
-                "FP_STATS_SOCKET": str(self.stats_socket), "FP_STATS_AUTH": self.stats_auth or LOCKED_STATS}
+                "FP_STATS_SOCKET": str(self.stats_socket), "FP_STATS_AUTH": self.stats_auth or LOCKED_STATS,
+                } | unprivileged()
+
+    @property
+    def handover_id(self) -> str:
+        return hashlib.sha256(str(self.haproxy_dir).encode()).hexdigest()[:16]
 
     @property
     def haproxy_dir(self) -> Path:

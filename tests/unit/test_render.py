@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,17 +15,26 @@ import pytest
 from flowproxy.kv import desired_from_kv
 from flowproxy.model import KVEntry
 from flowproxy.plan import Plan, make_plan
-from flowproxy.render import Templates, drop_backends, render
+from flowproxy.render import Bundle, Templates, drop_backends, render
+from flowproxy.template_sandbox import render_plan
 from flowproxy.settings import REPO_TEMPLATES
 from tests.scenarios import CUSTOM_TEMPLATE, SCENARIOS, P, routes
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 
 
+def render_with_sandbox(plan: Plan, templates: Templates, certs: dict[str, bytes] | None = None) -> tuple[
+        Bundle, Plan]:
+    """render() with the custom templates rendered the way a node renders them (the sandbox child)."""
+    run_dir = Path(tempfile.mkdtemp(prefix="fp-render-"))
+    return render(plan, templates, certs, render_plan(plan, templates, run_dir))
+
+
 def render_scenario(name: str) -> dict[str, bytes]:
     entries, health = SCENARIOS[name]
     desired = desired_from_kv(P, entries)
-    bundle, _ = render(make_plan(desired, health), Templates(REPO_TEMPLATES, desired.templates), desired.certs)
+    bundle, _ = render_with_sandbox(make_plan(desired, health), Templates(REPO_TEMPLATES, desired.templates),
+                                    desired.certs)
     return dict(bundle.files)
 
 
@@ -46,7 +56,7 @@ def test_render_is_deterministic_whatever_the_input_order(name: str) -> None:
     shuffled_health = {k: v[::-1] for k, v in reversed(list(health.items()))}
     desired = desired_from_kv(P, entries[::-1])
     plan = make_plan(desired, shuffled_health)
-    bundle, _ = render(plan, Templates(REPO_TEMPLATES, desired.templates), desired.certs)
+    bundle, _ = render_with_sandbox(plan, Templates(REPO_TEMPLATES, desired.templates), desired.certs)
     assert dict(bundle.files) == render_scenario(name)
 
 
@@ -55,7 +65,7 @@ BAD_TEMPLATES = [
     ("syntax-error", "backend {{ backend.name \n", "template:"),
     ("other-section", "backend {{ backend.name }}\nfrontend evil\n  bind :81\n", "opens another section"),
     ("wrong-backend", "backend other\n", "must start with 'backend api:live'"),
-    ("crlf-injection", 'backend {{ backend.name }}{{ "\\r" }}\n    {{ "\\x00" }}\n', "CR or NUL"),
+    ("crlf-injection", 'backend {{ backend.name }}{{ "\\r" }}\n    {{ "\\x00" }}\n', "control character"),
     ("sandbox-escape", "backend {{ backend.name }}\n# {{ ''.__class__.__mro__ }}\n", "unsafe"),
     ("missing", None, "is in neither KV templates/missing"),
 ]
@@ -67,7 +77,7 @@ def test_bad_template_rejects_only_its_route(body: str | None, message: str) -> 
     entries = routes({"api": {"service": "s1", "paths": ["/api"], "template": name},
                       "web": {"service": "s1", "paths": ["/web"]}}, {} if body is None else {"t": body})
     desired = desired_from_kv(P, entries)
-    bundle, plan = render(make_plan(desired, {}), Templates(REPO_TEMPLATES, desired.templates))
+    bundle, plan = render_with_sandbox(make_plan(desired, {}), Templates(REPO_TEMPLATES, desired.templates))
     states = {s.route: s for s in plan.states}
     assert states["web"].state == "serving"
     assert states["api"].state == "rejected"
