@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from flowproxy.watches import prefix_watch
@@ -14,27 +15,46 @@ if TYPE_CHECKING:
 DEFAULT_PREFIX = "flowproxy/"
 
 
+@dataclass(frozen=True)
+class AgentTLS:
+    """The agent's own certificates: the HTTP API only as HTTPS, RPC verified both ways (`consul tls`)."""
+
+    ca_file: str
+    cert_file: str
+    key_file: str
+
+    def config(self) -> dict[str, object]:
+        return {"ca_file": self.ca_file, "cert_file": self.cert_file, "key_file": self.key_file,
+                "verify_outgoing": True, "verify_incoming_rpc": True, "verify_server_hostname": True}
+
+
 def consul_argv(spec: NodeSpec) -> list[str]:
     s = spec.settings
-    ports = {"http": spec.http_port, "serf_lan": spec.serf_port, "serf_wan": -1, "server": spec.server_port,
-             "dns": -1, "grpc": -1}
+    api = {"https": spec.http_port, "http": -1} if spec.tls is not None else {"http": spec.http_port}
+    ports = api | {"serf_lan": spec.serf_port, "serf_wan": -1, "server": spec.server_port, "dns": -1, "grpc": -1}
     agent_file = s.data_dir / "consul-agent.json"
     # Every local client shares 127.0.0.1: watches, handlers, the CLI, the supervisor. Consul's default
     # of 200 connections per client IP is too tight for a proxy node.
     config: dict[str, object] = {"ports": ports, "performance": {"raft_multiplier": 1},
                                  "limits": {"http_max_conns_per_client": 4096}, "disable_update_check": True}
+    if spec.encrypt:
+        config["encrypt"] = spec.encrypt
+    if spec.tls is not None:
+        config |= spec.tls.config()
     if spec.acl:
         tokens = {k: v for k, v in (("default", s.consul_token), ("agent", s.consul_token),
                                     ("master", spec.acl_master)) if v}
         config["acl"] = {"enabled": True, "default_policy": "deny", "down_policy": "extend-cache",
                          "tokens": tokens}
     agent_file.write_text(json.dumps(config, indent=2))
-    agent_file.chmod(0o600)  # it may hold tokens
+    agent_file.chmod(0o600)  # it may hold tokens and the gossip key
     s.watch_dir.mkdir(parents=True, exist_ok=True)
     for old in s.watch_dir.glob("*.json"):
         old.unlink()  # armed again after the join, see Node.arm_watches
     argv = [spec.consul_bin, "agent", "-node", s.node, "-data-dir", str(s.data_dir / "consul"),
-            "-bind", spec.bind, "-advertise", spec.bind, "-client", spec.bind,
+            # Serf and RPC where the cluster reaches the node; the HTTP API (tokens, KV) on loopback
+            # unless asked: a LAN --bind must not open the API to the LAN.
+            "-bind", spec.bind, "-advertise", spec.advertise or spec.bind, "-client", spec.client,
             "-config-file", str(agent_file), "-config-dir", str(s.watch_dir)]
     if spec.dev:
         argv += ["-server", "-bootstrap-expect", "1"]

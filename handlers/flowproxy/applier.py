@@ -69,13 +69,17 @@ class Applier:
         # would be simpler but is process-wide, and the supervisor's tick thread writes files meanwhile.)
         self.path.chmod(0o600)
         server.applier = self
-        self.store = ConsulStore(self.settings.consul_addr, self.settings.consul_token)
+        settings = self.settings
+        self.store = ConsulStore(settings.consul_addr, settings.consul_token, tls=settings.consul_tls)
         self._server = server
         self._open_log()
         threading.Thread(target=server.serve_forever, name="applier", daemon=True).start()
         log.info("applier listening on %s", self.path)
 
     def _open_log(self) -> None:
+        target = str(self.settings.data_dir / "handler.log")
+        if any(getattr(h, "baseFilename", None) == target for h in logging.getLogger().handlers):
+            return  # the process logs there already (`node run`)
         self._log = log_file_handler(self.settings)
         if self._log is None:
             return

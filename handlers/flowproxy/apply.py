@@ -8,7 +8,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,8 +18,9 @@ from typing import Any
 from flowproxy import fragments, ports, regex_vet, release, runstate, runtime, template_sandbox, watches
 from flowproxy.certs import vet_certs
 from flowproxy.consul_io import ConsulStore
-from flowproxy.errors import ApplyIOError, EmptyRefused, FlowproxyError, HAProxyError
+from flowproxy.errors import ApplyIOError, CandidateRefused, EmptyRefused, FlowproxyError, HAProxyError
 from flowproxy.haproxy import HAProxySocket, check_config, recent_alerts
+from flowproxy.isolate import find_culprits
 from flowproxy.kv import desired_from_kv
 from flowproxy.model import Desired, Instance, KVEntry, Snapshot
 from flowproxy.plan import Plan, make_plan
@@ -37,7 +40,7 @@ class Outcome:
 
 
 def store_for(settings: Settings) -> ConsulStore:
-    return ConsulStore(settings.consul_addr, settings.consul_token)
+    return ConsulStore(settings.consul_addr, settings.consul_token, tls=settings.consul_tls)
 
 
 def read_config_kv(store: ConsulStore, prefix: str) -> tuple[int, list[KVEntry]]:
@@ -49,8 +52,9 @@ def read_config_kv(store: ConsulStore, prefix: str) -> tuple[int, list[KVEntry]]
     """
     routes_index, routes = store.read_prefix(prefix + "routes/")
     optional = [store.read_prefix(prefix + folder) for folder in ("templates/", "certs/")]
-    known = tuple(prefix + folder for folder in ("routes/", "templates/", "certs/", "status/"))
-    others = [KVEntry(key, b"?") for key in store.keys(prefix) if not key.startswith(known) and key != prefix]
+    known = tuple(prefix + folder for folder in ("routes/", "templates/", "certs/"))
+    others = [KVEntry(key, b"?") for key in store.keys(prefix)
+              if not key.startswith(known) and key != prefix and not runstate.is_status_key(prefix, key)]
     index = max([routes_index] + [i for i, entries in optional if entries])
     return index, routes + [e for _, entries in optional for e in entries] + others
 
@@ -71,7 +75,7 @@ def from_payload(store: ConsulStore, prefix: str, snapshot: Snapshot) -> tuple[i
         return None
     used = tuple(prefix + folder for folder in ("routes/", "templates/", "certs/"))
     entries = [e if e.key.startswith(used) else KVEntry(e.key, b"?") for e in snapshot.entries
-               if e.key != prefix and not e.key.startswith(prefix + "status/")]
+               if e.key != prefix and not runstate.is_status_key(prefix, e.key)]
     return index, entries
 
 
@@ -86,7 +90,8 @@ def gather(settings: Settings, store: ConsulStore,
     return desired, health, fingerprint
 
 
-def build(settings: Settings, desired: Desired, health: dict[str, list[Instance]]) -> tuple[Bundle, Plan]:
+def build(settings: Settings, desired: Desired, health: dict[str, list[Instance]],
+          refuse: Mapping[str, str] | None = None) -> tuple[Bundle, Plan]:
     """plan -> render -> vet -> (drop what was refused, render once more) for this node.
 
     Custom templates render once, in the sandbox. Vetting judges what HAProxy would refuse, each thing
@@ -99,9 +104,10 @@ def build(settings: Settings, desired: Desired, health: dict[str, list[Instance]
     custom = template_sandbox.render_plan(plan, templates, settings.run_dir)
     bundle, plan = render(plan, templates, certs, custom)
     refusals = vet(settings, plan, custom)
-    if not refusals.reasons:
+    reasons = refusals.reasons | dict(refuse or {})
+    if not reasons:
         return bundle, plan
-    bundle, plan = render(drop_backends(plan, refusals.reasons), templates, certs, custom)
+    bundle, plan = render(drop_backends(plan, reasons), templates, certs, custom)
     return bundle, dataclasses.replace(plan, waiting=refusals.waiting)
 
 
@@ -130,20 +136,70 @@ def vet(settings: Settings, plan: Plan, custom: dict[str, dict[str, str]]) -> Re
     return Refusals(reasons | held, waiting)
 
 
-def guard_empty(settings: Settings, desired: Desired, accept_empty: bool) -> None:
-    """Refuse an empty route table that is not newer than what runs (an election or a restore, not a delete).
+def isolate_refused(settings: Settings, desired: Desired, health: dict[str, list[Instance]],
+                    candidate: tuple[Bundle, Plan], refused: CandidateRefused) -> tuple[Bundle, Plan]:
+    """The candidate without the backends that make `haproxy -c` refuse it, each rejected with HAProxy's
+    words; raises `refused` when no backend is to blame (the node then keeps its config and retries).
 
-    Deleting every route leaves tombstones at a newer index, which passes. Peers lost whole sites to empty
-    answers during Consul elections; here the last good config keeps serving and the tick retries.
+    Backends that differ from the running config are suspected first: the running config passed.
+    """
+    bundle, plan = candidate
+    current = release.read_bundle(settings.current)
+    new = runtime.backend_bodies(bundle.config.decode())
+    old = runtime.backend_bodies(current.config.decode()) if current is not None else {}
+    everyone = sorted(new)
+    changed = [name for name in everyone if old.get(name) != new[name]]
+
+    def passes(removed: frozenset[str]) -> bool:
+        candidate, _ = build(settings, desired, health, dict.fromkeys(removed, "suspect"))
+        return candidate_passes(settings, candidate)
+
+    found = find_culprits(changed, passes) if changed else None
+    if found is None and changed != everyone:
+        found = find_culprits(everyone, passes)
+    if not found:
+        raise refused
+    keys = {b.name: b.key for b in plan.backends}
+    words = str(refused).split(": ", 1)[-1]
+    reasons = {name: f"{keys.get(name, name)}: HAProxy refuses the config with this backend: {words}"
+               for name in sorted(found)}
+    log.warning("haproxy -c refused the candidate; left out %s", ", ".join(sorted(found)))
+    return build(settings, desired, health, reasons)
+
+
+def candidate_passes(settings: Settings, bundle: Bundle) -> bool:
+    """`haproxy -c` on a candidate written to a scratch folder (never a release, never `current`)."""
+    folder = settings.run_dir / "candidate"
+    shutil.rmtree(folder, ignore_errors=True)
+    for name, data in bundle.files.items():
+        (folder / name).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    try:
+        check_config(settings.haproxy_bin, folder / "haproxy.cfg", settings.haproxy_env())
+    except HAProxyError:
+        return False
+    return True
+
+
+def guard_empty(settings: Settings, store: ConsulStore, desired: Desired, accept_empty: bool) -> None:
+    """Refuse an empty route table unless the routes were really deleted, or an operator accepts it.
+
+    A real delete leaves tombstones newer than what runs. A snapshot restore or an election's empty answer
+    leaves none, and its refusal holds whatever happens to indexes afterwards (status writes move the
+    index Consul gives an empty prefix), until `flowproxy handle --accept-empty` on the node, or the KV
+    marker `<prefix>accept-empty` for the whole fleet. Peers lost whole sites to such answers.
     """
     last = runstate.load(settings.run_dir, runstate.LAST_APPLY)
-    if desired.routes or accept_empty or not last.get("routes"):
+    if desired.routes or accept_empty or desired.accept_empty or not last.get("routes"):
         return
-    if desired.index <= int(last.get("kv_index", 0)):
-        raise EmptyRefused(
-            f"Consul answered no routes at KV index {desired.index}, not newer than the applied index "
-            f"{last.get('kv_index')} with {last.get('routes')} routes; keeping the running config. If the "
-            "KV store was restored on purpose, run `flowproxy handle --accept-empty` on this node.")
+    if store.deleted_since(settings.prefix + "routes/", int(last.get("kv_index", 0))):
+        return
+    raise EmptyRefused(
+        f"Consul answered no routes (KV index {desired.index}) where {last.get('routes')} routes were applied "
+        f"at index {last.get('kv_index')}, and no delete of them is recorded after that: a snapshot restore "
+        "or an empty answer, not a delete. Keeping the running config. If the empty table is meant, run "
+        f"`flowproxy handle --accept-empty` on this node, or write the key {settings.prefix}accept-empty for "
+        "every node (delete it afterwards).")
 
 
 def deploy(settings: Settings, bundle: Bundle) -> bool:
@@ -163,10 +219,10 @@ def deploy(settings: Settings, bundle: Bundle) -> bool:
     folder = release.stage(settings.haproxy_dir, bundle)
     try:
         check_config(settings.haproxy_bin, folder / "haproxy.cfg", settings.haproxy_env())
-    except HAProxyError:
+    except HAProxyError as exc:
         if partial:
             reload_or_roll_back(settings, None)  # `current` still holds the last good files
-        raise
+        raise CandidateRefused(str(exc)) from exc
     previous = release.activate(settings.current, folder)
     if not settings.master_socket.exists():
         raise HAProxyError(f"HAProxy is not running ({settings.master_socket} is missing); the new config is "
@@ -221,10 +277,14 @@ def converge(settings: Settings, generation: int = 0, accept_empty: bool = False
     store = shared or store_for(settings)
     try:
         desired, health, fingerprint = gather(settings, store, snapshot)
-        guard_empty(settings, desired, accept_empty)
+        guard_empty(settings, store, desired, accept_empty)
         bundle, plan = build(settings, desired, health)
         started = time.monotonic()
-        reloaded = deploy(settings, bundle)
+        try:
+            reloaded = deploy(settings, bundle)
+        except CandidateRefused as exc:
+            bundle, plan = isolate_refused(settings, desired, health, (bundle, plan), exc)
+            reloaded = deploy(settings, bundle)
         watches.sync(settings.watch_dir, store, desired.services())
     except FlowproxyError as exc:
         _publish_failure(settings, store, str(exc))

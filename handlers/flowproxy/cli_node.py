@@ -8,14 +8,30 @@ from pathlib import Path
 
 import click
 
+from flowproxy.agent import AgentTLS
 from flowproxy.cli import settings_of
+from flowproxy.errors import UsageError
 from flowproxy.node import Node, NodeSpec
-from flowproxy.settings import Settings
+from flowproxy.redact import RedactFilter
+from flowproxy.settings import ConsulTLS, Settings
 
 
 def node_options(fn: click.decorators.FC) -> click.decorators.FC:
     options = [
-        click.option("--bind", default="127.0.0.1", show_default=True, help="Address the Consul agent binds."),
+        click.option("--bind", default="127.0.0.1", show_default=True,
+                     help="Address the Consul agent binds for the cluster (serf, RPC)."),
+        click.option("--client", default="127.0.0.1", show_default=True,
+                     help="Address of the agent's HTTP API: loopback unless you mean to open it."),
+        click.option("--advertise", default=None, help="Serf address other agents reach (default: --bind)."),
+        click.option("--encrypt", envvar="FLOWPROXY_GOSSIP_KEY", default=None,
+                     help="Gossip encryption key from `consul keygen` (env FLOWPROXY_GOSSIP_KEY)."),
+        click.option("--tls-ca", default=None, type=click.Path(exists=True, dir_okay=False),
+                     help="CA of the cluster's TLS: with --tls-cert and --tls-key, the agent serves HTTPS only "
+                          "and verifies RPC."),
+        click.option("--tls-cert", default=None, type=click.Path(exists=True, dir_okay=False),
+                     help="This agent's certificate (`consul tls cert create`)."),
+        click.option("--tls-key", default=None, type=click.Path(exists=True, dir_okay=False),
+                     help="This agent's private key."),
         click.option("--http", "http_bind", envvar="FLOWPROXY_HTTP_BIND", default="127.0.0.1:8080",
                      show_default=True, help="Where HAProxy listens for users (address:port)."),
         click.option("--preview", "preview_bind", envvar="FLOWPROXY_PREVIEW_BIND", default=None,
@@ -31,10 +47,12 @@ def node_options(fn: click.decorators.FC) -> click.decorators.FC:
                      help="Prometheus /metrics and the /stats page here (address:port); off by default."),
         click.option("--stats-auth", envvar="FLOWPROXY_STATS_AUTH", default=None,
                      help="user:password for the /stats page (env FLOWPROXY_STATS_AUTH); without it, locked."),
-        click.option("--consul-http-port", default=8500, show_default=True, type=int),
-        click.option("--serf-port", default=8301, show_default=True, type=int),
-        click.option("--server-port", default=8300, show_default=True, type=int),
-        click.option("--consul-bin", default="consul", show_default=True),
+        click.option("--consul-http-port", default=8500, show_default=True, type=int,
+                     help="Port of the agent's HTTP (or, with TLS, HTTPS) API."),
+        click.option("--serf-port", default=8301, show_default=True, type=int, help="Serf LAN port of the agent."),
+        click.option("--server-port", default=8300, show_default=True, type=int,
+                     help="RPC port of the agent (a server's, with --dev)."),
+        click.option("--consul-bin", default="consul", show_default=True, help="The consul executable."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -42,12 +60,23 @@ def node_options(fn: click.decorators.FC) -> click.decorators.FC:
 
 
 def make_spec(settings: Settings, *, bind: str, consul_http_port: int, serf_port: int, server_port: int,
-              consul_bin: str, join: tuple[str, ...], dev: bool, **listeners: str | None) -> NodeSpec:
+              consul_bin: str, join: tuple[str, ...], dev: bool, client: str = "127.0.0.1",
+              advertise: str | None = None, encrypt: str | None = None, tls_ca: str | None = None,
+              tls_cert: str | None = None, tls_key: str | None = None, **listeners: str | None) -> NodeSpec:
     """`listeners`: http_bind, preview_bind, https_bind, sni_bind, tcp_host, metrics_bind, stats_auth."""
-    settings = dataclasses.replace(settings, consul_addr=f"{bind}:{consul_http_port}",
-                                   **listeners)  # type: ignore[arg-type]  # click gives each as str or None
+    tls = None
+    if tls_ca or tls_cert or tls_key:
+        if not (tls_ca and tls_cert and tls_key):
+            raise UsageError("--tls-ca, --tls-cert and --tls-key go together")
+        tls = AgentTLS(str(Path(tls_ca).absolute()), str(Path(tls_cert).absolute()), str(Path(tls_key).absolute()))
+    scheme = "https://" if tls else ""
+    client_tls = ConsulTLS(enabled=True, ca_file=tls.ca_file, cert_file=tls.cert_file, key_file=tls.key_file) \
+        if tls else settings.consul_tls
+    settings = dataclasses.replace(settings, consul_addr=f"{scheme}{client}:{consul_http_port}",
+                                   consul_tls=client_tls, **listeners)  # type: ignore[arg-type]
     return NodeSpec(settings=settings, bind=bind, http_port=consul_http_port, serf_port=serf_port,
-                    server_port=server_port, join=join, dev=dev, consul_bin=consul_bin)
+                    server_port=server_port, join=join, dev=dev, consul_bin=consul_bin, client=client,
+                    advertise=advertise, encrypt=encrypt, tls=tls)
 
 
 @click.group()
@@ -64,6 +93,8 @@ def node() -> None:
 def up(ctx: click.Context, /, *, join: tuple[str, ...], dev: bool, acl: bool, **opts: str | int) -> None:
     """Start Consul agent + HAProxy for this node; Ctrl-C stops both."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactFilter())
     if not dev and not join:
         raise click.UsageError("give --join ADDR to join an existing Consul, or --dev to run one here")
     spec = dataclasses.replace(make_spec(settings_of(ctx), join=join, dev=dev, **opts), acl=acl)  # type: ignore[arg-type]
@@ -78,6 +109,26 @@ def up(ctx: click.Context, /, *, join: tuple[str, ...], dev: bool, acl: bool, **
         running.stop()
 
 
+@node.command("run")
+@click.pass_context
+def run(ctx: click.Context) -> None:
+    """The production node process, beside the host's own Consul agent and a systemd-managed HAProxy.
+
+    \b
+    It starts neither: it attaches to the agent (CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN or
+    CONSUL_HTTP_TOKEN_FILE, CONSUL_CACERT/CONSUL_CLIENT_CERT/CONSUL_CLIENT_KEY/CONSUL_TLS_SERVER_NAME)
+    and to HAProxy's master socket (<data>/haproxy/master.sock), serves the watches' events warm,
+    registers the node with a TTL check, retries, resyncs, and notifies systemd (Type=notify, watchdog).
+    See ops/systemd/flowproxy.service. Exit codes: 0 stopped by a signal, 2 bad settings.
+    """
+    from flowproxy import attached
+    from flowproxy.handler import setup_logging
+
+    settings = settings_of(ctx)
+    setup_logging(settings)
+    attached.run(settings)
+
+
 @node.command("init")
 @click.pass_context
 def init(ctx: click.Context) -> None:
@@ -85,13 +136,11 @@ def init(ctx: click.Context) -> None:
 
     For an HAProxy started by systemd (ops/systemd/flowproxy-haproxy.service runs this first).
     """
-    from flowproxy.node import ensure_bootstrap_config
+    from flowproxy.attached import prepare
 
     settings = settings_of(ctx)
-    for folder in (settings.data_dir, settings.haproxy_dir):
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    ensure_bootstrap_config(settings)
-    click.echo(f"{settings.current / 'haproxy.cfg'} is ready")
+    prepare(settings)
+    click.echo(f"{settings.current / 'haproxy.cfg'} is ready; the agent may load {settings.watch_dir}")
 
 
 @node.command("env")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import re
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -15,24 +16,49 @@ import requests
 
 from flowproxy.errors import CasConflict, ConsulUnavailable
 from flowproxy.model import Instance, KVEntry
+from flowproxy.redact import redact
+from flowproxy.settings import ConsulTLS
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+class _ServerName(requests.adapters.HTTPAdapter):
+    """Verify the agent's certificate for CONSUL_TLS_SERVER_NAME, not the address dialled (127.0.0.1)."""
+
+    def __init__(self, server_name: str) -> None:
+        self.server_name = server_name
+        super().__init__()
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs |= {"server_hostname": self.server_name, "assert_hostname": self.server_name}
+        super().init_poolmanager(*args, **kwargs)
+
+
 class ConsulStore:
-    def __init__(self, addr: str, token: str | None = None, timeout: float = 10.0) -> None:
+    def __init__(self, addr: str, token: str | None = None, timeout: float = 10.0,
+                 tls: ConsulTLS | None = None) -> None:
+        tls = tls or ConsulTLS()
         scheme, _, hostport = addr.rpartition("://")
+        scheme = scheme or ("https" if tls.enabled else "http")
         host, _, port = hostport.rpartition(":")
         if not host or not (port.isascii() and port.isdigit()):
             raise ConsulUnavailable(f"Consul address {addr!r} is not host:port (set CONSUL_HTTP_ADDR or --consul)")
         self.addr = addr
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            self.client = consul.Consul(host=host, port=int(port), token=token, scheme=scheme or "http")
+            self.client = consul.Consul(host=host, port=int(port), scheme=scheme)
         # python-consul2 silently lets CONSUL_HTTP_ADDR override explicit arguments; pin what we were given.
-        self.client.http = self.client.http_connect(host, int(port), scheme or "http", timeout=timeout)
-        self.client.token = token
+        verify: bool | str = (tls.ca_file or True) if tls.verify else False
+        cert = (tls.cert_file, tls.key_file) if tls.cert_file and tls.key_file else None
+        self.client.http = self.client.http_connect(host, int(port), scheme, verify=verify, cert=cert, timeout=timeout)
+        if tls.server_name and scheme == "https":
+            self.client.http.session.mount("https://", _ServerName(tls.server_name))
+        # The token only ever travels in the header: python-consul2 would put it in every URL (`?token=`),
+        # and URLs end up in exception messages and logs. (It also reads CONSUL_HTTP_TOKEN on its own.)
+        self.client.token = None
+        if token:
+            self.client.http.session.headers["X-Consul-Token"] = token
 
     def close(self) -> None:
         """Close the pooled connection now. python-consul2's client holds reference cycles, so a dropped
@@ -49,11 +75,11 @@ class ConsulStore:
                 time.sleep(0.1)
                 return fn()
         except consul.ACLPermissionDenied as exc:
-            raise ConsulUnavailable(f"Consul at {self.addr} denied {what}: {exc}. "
-                                    "Check the ACL token (CONSUL_HTTP_TOKEN or --token).") from exc
+            raise ConsulUnavailable(redact(f"Consul at {self.addr} denied {what}: {exc}. "
+                                           "Check the ACL token (CONSUL_HTTP_TOKEN or --token).")) from None
         except (consul.ConsulException, requests.RequestException, ValueError) as exc:
-            raise ConsulUnavailable(f"Consul at {self.addr} failed {what}: {exc}. "
-                                    "Is the local agent running and joined to a cluster?") from exc
+            raise ConsulUnavailable(redact(f"Consul at {self.addr} failed {what}: {_cause(exc)}. "
+                                           "Is the local agent running and joined to a cluster?")) from None
 
     def read_prefix(self, prefix: str) -> tuple[int, list[KVEntry]]:
         index, data = self._call(f"to list {prefix}", lambda: self.client.kv.get(prefix, recurse=True))
@@ -66,6 +92,32 @@ class ConsulStore:
         """The keys under `prefix` and the prefix's index (its newest write or tombstone)."""
         index, data = self._call(f"to list keys of {prefix}", lambda: self.client.kv.get(prefix, keys=True))
         return int(index), [str(k) for k in data or []]
+
+    def leader(self) -> str:
+        """The cluster leader's address as this agent knows it; "" while there is none."""
+        return str(self._call("to ask for the leader", self.client.status.leader) or "")
+
+    def table_index(self, key: str) -> int:
+        """The whole KV table's index: Consul answers a read of one key with it, found or not."""
+        index, _ = self._call(f"to read {key}", lambda: self.client.kv.get(key))
+        return int(index)
+
+    def deleted_since(self, prefix: str, index: int) -> bool:
+        """Whether `prefix` is empty because its keys were deleted after `index` (tombstones prove it).
+
+        Consul indexes an empty prefix by its newest tombstone, or, with none, by the whole table (which
+        every status write moves: field notes). The table is read before and after the listing; only an
+        answer below the table's index, and above `index`, is a tombstone's. A delete that is the newest
+        write of all looks like no tombstone until the next write (the node's own refusal) follows it.
+        """
+        for _ in range(3):
+            before = self.table_index(prefix)
+            listed, keys = self.keys_with_index(prefix)
+            if keys:
+                return False
+            if self.table_index(prefix) == before:
+                return index < listed < before
+        return False
 
     def get(self, key: str) -> KVEntry | None:
         _, data = self._call(f"to read {key}", lambda: self.client.kv.get(key))
@@ -119,7 +171,7 @@ class ConsulStore:
 
     def update_check(self, check_id: str, status: str, output: str) -> None:
         self._call(f"to update check {check_id}", lambda: self.client.http.put(
-            consul.base.CB.bool(), f"/v1/agent/check/update/{check_id}", params=self._token_params(),
+            consul.base.CB.bool(), f"/v1/agent/check/update/{check_id}",
             data=json.dumps({"Status": status, "Output": output[:4000]})))
 
     def deregister_service(self, service_id: str) -> None:
@@ -127,15 +179,20 @@ class ConsulStore:
 
     def reload_agent(self) -> None:
         self._call("to reload the agent", lambda: self.client.http.put(
-            consul.base.CB.bool(), "/v1/agent/reload", params=self._token_params()))
+            consul.base.CB.bool(), "/v1/agent/reload"))
 
     def register_service(self, payload: dict[str, Any]) -> None:
         self._call("to register a service", lambda: self.client.http.put(
-            consul.base.CB.bool(), "/v1/agent/service/register", params=self._token_params(),
+            consul.base.CB.bool(), "/v1/agent/service/register",
             data=json.dumps(payload)))
 
-    def _token_params(self) -> list[tuple[str, str]]:
-        return [("token", self.client.token)] if self.client.token else []
+def _cause(exc: BaseException) -> str:
+    """One line for a failed call: urllib3's chain of wrappers cut down to its last cause."""
+    if isinstance(exc, requests.ConnectionError):
+        errno_text = re.search(r"\[Errno -?\d+\] ([^'\"()]+)", str(exc))
+        detail = errno_text.group(1).strip() if errno_text else (str(exc).splitlines() or [""])[0][-200:]
+        return f"cannot connect ({detail or type(exc).__name__})"
+    return str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__
 
 
 def _entry(d: dict[str, Any]) -> KVEntry:

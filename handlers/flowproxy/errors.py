@@ -41,6 +41,10 @@ class HAProxyError(FlowproxyError):
     exit_code = 5
 
 
+class CandidateRefused(HAProxyError):
+    """`haproxy -c` refused a candidate config; the node looks for the backends that cause it."""
+
+
 class ApplyIOError(FlowproxyError):
     """Writing the configuration to disk failed; the last good configuration keeps serving."""
 

@@ -150,7 +150,7 @@ def _judge(tokens: tuple[str, ...]) -> str:
     if keyword == "filter" and tokens[1:2] and tokens[1] not in ALLOWED_FILTERS:
         return f"filter {tokens[1][:40]!r} is not allowed (only {', '.join(sorted(ALLOWED_FILTERS))})"
     for word in tokens[1:]:
-        if word in FORBIDDEN_WORDS or word.lower() in FORBIDDEN_WORDS:
+        if word.split("(")[0].lower() in FORBIDDEN_WORDS:  # `set-map(file)` is the action set-map
             return f"{word!r} loads files or code, runs programs or reaches outside the route"
         if FORBIDDEN_INSIDE.search(word) or any(ord(c) < 32 or ord(c) == 127 for c in word):
             return f"{word[:60]!r} reads the environment, files or code"

@@ -14,6 +14,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from flowproxy import coalesce, runstate
+from flowproxy.redact import RedactFilter
 from flowproxy.settings import Settings
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ def setup_logging(settings: Settings) -> None:
     root.setLevel(logging.INFO)
     err = logging.StreamHandler(sys.stderr)
     err.setFormatter(log_format(settings))
+    err.addFilter(RedactFilter())
     root.addHandler(err)
     log_file = log_file_handler(settings)
     if log_file is not None:
@@ -48,6 +50,7 @@ def log_file_handler(settings: Settings) -> logging.Handler | None:
         log.warning("cannot open %s/handler.log (%s); logging to stderr only", settings.data_dir, exc)
         return None
     log_file.setFormatter(log_format(settings))
+    log_file.addFilter(RedactFilter())
     return log_file
 
 

@@ -47,8 +47,9 @@ def check_config(haproxy_bin: str, cfg: Path, env: Mapping[str, str]) -> None:
     Not `-q`: it hides the alerts too (field notes), and they are the only words that say why.
     """
     try:
-        proc = subprocess.run([haproxy_bin, "-c", "-f", str(cfg)], env=dict(env) | {"PATH": os.defpath},
-                              capture_output=True, text=True, timeout=60, check=False)
+        path = {"PATH": os.environ.get("PATH", os.defpath)}
+        proc = subprocess.run([haproxy_bin, "-c", "-f", str(cfg)], env=dict(env) | path, capture_output=True,
+                              text=True, timeout=60, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise HAProxyError(f"cannot run {haproxy_bin} -c: {exc}; is HAProxy installed?") from exc
     if proc.returncode != 0:

@@ -7,6 +7,7 @@ Layout under the prefix:
   templates/<name>           a Jinja2 template for routes with `"template": "<name>"`
   certs/<name>               PEM: certificate chain and private key, served by SNI on the HTTPS listener
   status/<node>              written by proxy nodes only
+  accept-empty               any value: an operator accepts an empty route table (after a restore)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from flowproxy.intent import NAME_RE, parse_intent
 from flowproxy.model import Desired, KVEntry, Problem, Route, Variant
 
 ACTIVE = "active"
+ACCEPT_EMPTY = "accept-empty"
 MAX_TEMPLATE_BYTES = 256 * 1024
 MAX_CERT_BYTES = 256 * 1024
 MAX_WEIGHT = 1000
@@ -30,12 +32,16 @@ def desired_from_kv(prefix: str, entries: Iterable[KVEntry], index: int = 0) -> 
     templates: dict[str, str] = {}
     certs: dict[str, bytes] = {}
     stray: list[Problem] = []
+    accept_empty = False
     for entry in sorted(entries, key=lambda e: e.key):
         rel = entry.key[len(prefix):] if entry.key.startswith(prefix) else None
         if rel is None or rel == "" or (rel.endswith("/") and not entry.value):
             continue  # folder markers made by the UI or `consul kv put dir/`
         parts = rel.split("/")
         if parts[0] == "status" and len(parts) == 2:
+            continue
+        if parts == [ACCEPT_EMPTY]:
+            accept_empty = True
             continue
         if parts[0] == "routes" and len(parts) == 3 and _names_ok(parts[1:]):
             if parts[2] == ACTIVE:
@@ -50,7 +56,8 @@ def desired_from_kv(prefix: str, entries: Iterable[KVEntry], index: int = 0) -> 
         stray += [problem] if problem else []
     names = sorted(set(intents) | set(actives))
     routes = tuple(_safe_route(name, intents.get(name, []), actives.get(name)) for name in names)
-    return Desired(prefix=prefix, routes=routes, templates=templates, certs=certs, stray=tuple(stray), index=index)
+    return Desired(prefix=prefix, routes=routes, templates=templates, certs=certs, stray=tuple(stray), index=index,
+                   accept_empty=accept_empty)
 
 
 def _classify(entry: KVEntry, parts: list[str], templates: dict[str, str], certs: dict[str, bytes]) -> Problem | None:

@@ -115,6 +115,7 @@ class Desired:
     certs: dict[str, bytes] = field(default_factory=dict)  # certs/<name>: PEM, not yet vetted
     stray: tuple[Problem, ...] = ()
     index: int = 0
+    accept_empty: bool = False  # the key <prefix>accept-empty: an operator accepts an empty route table
 
     def services(self) -> tuple[str, ...]:
         """Services named by any valid intent, active or staged: previews and flips need them warm."""

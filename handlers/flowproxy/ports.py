@@ -64,3 +64,14 @@ def refused(plan: Plan, host: str, running_cfg: Path) -> dict[str, str]:
 def freed(host: str, ports: Iterable[int]) -> list[int]:
     """The ports, among those a route waits for, that are free now."""
     return [port for port in ports if not held_elsewhere(host, port)]
+
+
+def bind_error(bind: str) -> str:
+    """Why a listener address (`host:port`, `[v6]:port`, `:port`) cannot be bound now, or ""."""
+    host, _, port = bind.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+    if host == "*":
+        host = "0.0.0.0"
+    if not (port.isascii() and port.isdigit()):
+        return ""  # not a TCP address: HAProxy judges it
+    return "the address is already in use" if held_elsewhere(host, int(port)) else ""

@@ -80,5 +80,6 @@ def _alone(settings: Settings, pattern: str) -> str:
 
 
 def _reason(text: str) -> str:
-    found = re.search(r"regex '.*' is invalid \((.*?)\)", text)
-    return found.group(1) if found else text.rsplit(" : ", maxsplit=1)[-1][:300]
+    """PCRE2's own words, `... (at offset N)`; HAProxy's whole alert when it said something else."""
+    found = re.search(r"error=(.*?), erroffset=(\d+)", text)
+    return f"{found.group(1)} (at offset {found.group(2)})" if found else text.rsplit(" : ", maxsplit=1)[-1][:300]

@@ -26,9 +26,15 @@ def kv_fingerprint(prefix: str, pairs: Iterable[tuple[str, bytes]]) -> str:
     for key, value in sorted(pairs):
         if key.startswith(used):
             h.update(key.encode() + b"\0" + hashlib.sha256(value).digest())
-        elif not key.startswith(prefix + "status/") and key != prefix:
+        elif not is_status_key(prefix, key) and key != prefix:
             h.update(key.encode() + b"\0")
     return h.hexdigest()
+
+
+def is_status_key(prefix: str, key: str) -> bool:
+    """`<prefix>status/<node>` (or the folder itself): what nodes write. Anything deeper is a stray key."""
+    rest = key[len(prefix) + len("status/"):] if key.startswith(prefix + "status/") else None
+    return rest is not None and "/" not in rest
 
 
 def payload_entries(payload: str) -> list[tuple[str, bytes, int, int]] | None:

@@ -86,6 +86,16 @@ def server_commands(old: bytes, new: bytes) -> list[str] | None:
     return commands
 
 
+def backend_bodies(text: str) -> dict[str, list[str]]:
+    """backend name -> its lines, for every backend section of a config flowproxy rendered."""
+    out = {}
+    for header, body in sections(text):
+        words = header.split()
+        if len(words) == 2 and words[0] == "backend":
+            out[words[1]] = body
+    return out
+
+
 def sections(text: str) -> list[tuple[str, list[str]]]:
     """(header, body lines) per section; lines before the first header form a section of their own."""
     out: list[tuple[str, list[str]]] = [("", [])]

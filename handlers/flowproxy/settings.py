@@ -40,12 +40,62 @@ def unprivileged() -> dict[str, str]:
 
 
 @dataclass(frozen=True)
+class ConsulTLS:
+    """HTTPS to the Consul agent, from the standard Consul variables (as the `consul` CLI reads them)."""
+
+    enabled: bool = False  # CONSUL_HTTP_SSL, or an https:// address
+    ca_file: str | None = None  # CONSUL_CACERT
+    cert_file: str | None = None  # CONSUL_CLIENT_CERT
+    key_file: str | None = None  # CONSUL_CLIENT_KEY
+    server_name: str | None = None  # CONSUL_TLS_SERVER_NAME
+    verify: bool = True  # CONSUL_HTTP_SSL_VERIFY
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> ConsulTLS:
+        https = _true(env.get("CONSUL_HTTP_SSL", "")) or env.get("CONSUL_HTTP_ADDR", "").startswith("https://")
+        return cls(enabled=https,
+                   ca_file=env.get("CONSUL_CACERT") or None, cert_file=env.get("CONSUL_CLIENT_CERT") or None,
+                   key_file=env.get("CONSUL_CLIENT_KEY") or None,
+                   server_name=env.get("CONSUL_TLS_SERVER_NAME") or None,
+                   verify=not env.get("CONSUL_HTTP_SSL_VERIFY") or _true(env["CONSUL_HTTP_SSL_VERIFY"]))
+
+    def env(self) -> dict[str, str]:
+        values = {"CONSUL_HTTP_SSL": "true" if self.enabled else None, "CONSUL_CACERT": self.ca_file,
+                  "CONSUL_CLIENT_CERT": self.cert_file, "CONSUL_CLIENT_KEY": self.key_file,
+                  "CONSUL_TLS_SERVER_NAME": self.server_name,
+                  "CONSUL_HTTP_SSL_VERIFY": None if self.verify else "false"}
+        return {k: v for k, v in values.items() if v}
+
+
+def _true(value: str) -> bool:
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def token_from(env: Mapping[str, str]) -> str | None:
+    """CONSUL_HTTP_TOKEN, else the first line of CONSUL_HTTP_TOKEN_FILE (a file keeps it out of every
+    process's environment)."""
+    if env.get("CONSUL_HTTP_TOKEN"):
+        return env["CONSUL_HTTP_TOKEN"]
+    path = env.get("CONSUL_HTTP_TOKEN_FILE")
+    if not path:
+        return None
+    try:
+        return Path(path).read_text().strip() or None
+    except OSError as exc:
+        from flowproxy.errors import UsageError
+
+        raise UsageError(f"CONSUL_HTTP_TOKEN_FILE {path}: cannot read it ({exc.strerror})") from None
+
+
+@dataclass(frozen=True)
 class Settings:
     prefix: str = "flowproxy/"
     node: str = "flowproxy"
     data_dir: Path = Path(DEFAULT_DATA_DIR)
     consul_addr: str = "127.0.0.1:8500"
     consul_token: str | None = None
+    consul_token_file: str | None = None  # where the token came from, passed on instead of the token
+    consul_tls: ConsulTLS = ConsulTLS()
     http_bind: str = "127.0.0.1:8080"
     preview_bind: str | None = None
     https_bind: str | None = None
@@ -64,7 +114,9 @@ class Settings:
             "node": env.get("FLOWPROXY_NODE") or socket.gethostname().split(".")[0],
             "data_dir": Path(env.get("FLOWPROXY_DATA_DIR", DEFAULT_DATA_DIR)),
             "consul_addr": env.get("CONSUL_HTTP_ADDR", "127.0.0.1:8500"),
-            "consul_token": env.get("CONSUL_HTTP_TOKEN") or None,
+            "consul_token": token_from(env),
+            "consul_token_file": None if env.get("CONSUL_HTTP_TOKEN") else env.get("CONSUL_HTTP_TOKEN_FILE") or None,
+            "consul_tls": ConsulTLS.from_env(env),
             "http_bind": env.get("FLOWPROXY_HTTP_BIND", "127.0.0.1:8080"),
             "preview_bind": env.get("FLOWPROXY_PREVIEW_BIND") or None,
             "https_bind": env.get("FLOWPROXY_HTTPS_BIND") or None,
@@ -100,8 +152,11 @@ class Settings:
             "FLOWPROXY_HAPROXY": self.haproxy_bin,
             "FLOWPROXY_TEMPLATES": str(self.templates),
         }
-        if self.consul_token:
+        if self.consul_token_file:
+            out["CONSUL_HTTP_TOKEN_FILE"] = self.consul_token_file
+        elif self.consul_token:
             out["CONSUL_HTTP_TOKEN"] = self.consul_token
+        out |= self.consul_tls.env()
         optional = {"FLOWPROXY_PREVIEW_BIND": self.preview_bind, "FLOWPROXY_HTTPS_BIND": self.https_bind,
                     "FLOWPROXY_SNI_BIND": self.sni_bind, "FLOWPROXY_METRICS_BIND": self.metrics_bind,
                     "FLOWPROXY_TCP_HOST": self.tcp_host, "FLOWPROXY_STATS_AUTH": self.stats_auth}

@@ -32,6 +32,14 @@ def watched(path: Path) -> set[str]:
         return set()
 
 
+def ensure_file(watch_dir: Path) -> None:
+    """The service-watch file, empty until a route names a service: the agent loads this folder at start."""
+    path = watch_dir / SERVICES_FILE
+    if not path.exists():
+        watch_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(service_watches(()))
+
+
 def sync(watch_dir: Path, store: ConsulStore, services: Iterable[str]) -> bool:
     """Make sure every routed service has a watch; reload the agent only when one is missing.
 

@@ -108,9 +108,50 @@ def test_an_empty_answer_never_drops_the_routes(node: ProxyNode, tmp_path: Path)
     assert node.get("/demo").status == 200 and serving_hash(node) == before
     assert handle(node).returncode == 8  # refused again, with its own exit code
 
+    # The refusal holds whatever happens to indexes: writes elsewhere move the index Consul answers an
+    # empty prefix with, and the supervisor retries the failed apply every few seconds meanwhile.
+    for i in range(3):
+        store.put(f"elsewhere/bump-{i}", str(i))
+        store.put("flowproxy/junk", str(i))
+        time.sleep(2.5)
+        assert node.get("/demo").status == 200 and serving_hash(node) == before
+    assert "Consul answered no routes" in str(status_of(node).get("last_error"))
+
     done = handle(node, "--accept-empty")  # the operator says the restore was meant
     assert done.returncode == 0, done.stderr
     node.wait_reply("/demo", 404)
+    store.delete("flowproxy/junk")
+
+
+def test_an_empty_table_after_a_restore_is_applied_once_the_fleet_marker_says_so(
+        node: ProxyNode, tmp_path: Path) -> None:
+    store = node.store()
+    store.delete("flowproxy/routes/", recurse=True)  # a real delete: tombstones, applied at once
+    node.wait_reply("/demo", 404)
+    snapshot(node, "save", tmp_path / "empty.snap")
+    store.put("flowproxy/routes/go-demo/live", route(["/demo"]))
+    store.put("flowproxy/routes/go-demo/active", "live")
+    node.wait_reply("/demo", 200)
+    wait_applied(node)
+    snapshot(node, "restore", tmp_path / "empty.snap")  # its tombstones are older than what runs
+    node.wait(lambda: "Consul answered no routes" in str(status_of(node).get("last_error")), "the refusal")
+    assert node.get("/demo").status == 200
+    store.put("flowproxy/accept-empty", "restored on purpose")  # the documented fleet-wide override
+    node.wait_reply("/demo", 404, timeout=30)
+    node.wait(lambda: status_of(node).get("ok") is True, "the node ok again")
+    store.delete("flowproxy/accept-empty")
+
+
+def test_deleting_every_route_is_applied(node: ProxyNode) -> None:
+    """A real delete is no empty answer: it applies, and quickly."""
+    store = node.store()
+    node.wait_reply("/demo", 200)
+    store.delete("flowproxy/routes/", recurse=True)
+    node.wait_reply("/demo", 404, timeout=15)
+    node.wait(lambda: status_of(node).get("ok") is True and not status_of(node).get("routes"), "status: ok, empty")
+    store.put("flowproxy/routes/go-demo/live", route(["/demo"]))
+    store.put("flowproxy/routes/go-demo/active", "live")
+    node.wait_reply("/demo", 200)
 
 
 def test_the_index_going_backwards_is_applied_not_deduplicated(node: ProxyNode, tmp_path: Path) -> None:

@@ -36,6 +36,24 @@ def bad(value: bytes, reason: str) -> tuple[dict[str, bytes], str, dict[str, byt
     return {"routes/bad/live": value, "routes/bad/active": b"live"}, reason, FIX
 
 
+B = b"backend {{ backend.name }}\n"
+
+
+def templated(body: bytes, reason: str) -> tuple[dict[str, bytes], str, dict[str, bytes]]:
+    """A bad template at templates/t, used by routes/bad/live; the fix is the plain intent."""
+    writes = {"templates/t": body, "routes/bad/live": intent(template="t"), "routes/bad/active": b"live"}
+    return writes, f"{K}: template: {reason}", FIX
+
+
+# The template that ran a command as root on the old main: external-check behind a quoted "global".
+RCE = B + b"""    option external-check
+    external-check command /usr/bin/touch
+    server x /tmp/flowproxy-pwned check inter 1s
+"global"
+    external-check
+    insecure-fork-wanted
+"""
+
 # (id, keys written under the prefix, a reason that must be reported, keys that fix it)
 CASES: list[tuple[str, dict[str, bytes], str, dict[str, bytes]]] = [
     ("not-json", *bad(b"{service: go-demo", f"{K}: value is not valid JSON")),
@@ -93,18 +111,63 @@ CASES: list[tuple[str, dict[str, bytes], str, dict[str, bytes]]] = [
      "flowproxy/routes/bad/active: 'live\\nbackend evil' is not a variant name", FIX),
     ("conflict-with-older-route", {"routes/bad/live": intent(paths=["/ok"]), "routes/bad/active": b"live"},
      f"{K}: conflict: claims a (domain, path) already served by flowproxy/routes/anchor", FIX),
-    ("template-fails-to-render", {"templates/broken": b"backend {{ backend.name }}\n  {{ nothing }}\n",
+    ("template-fails-to-render", {"templates/broken": B + b"  {{ nothing }}\n",
                                   "routes/bad/live": intent(template="broken"), "routes/bad/active": b"live"},
-     f"{K}: template: 'nothing' is undefined", FIX),
-    ("template-sandbox-escape", {"templates/evil": b"backend {{ backend.name }}\n# {{ ''.__class__.__mro__ }}\n",
+     f"{K}: template: UndefinedError: 'nothing' is undefined", FIX),
+    ("template-sandbox-escape", {"templates/evil": B + b"# {{ ''.__class__.__mro__ }}\n",
                                  "routes/bad/live": intent(template="evil"), "routes/bad/active": b"live"},
-     f"{K}: template: access to attribute '__class__' of 'str' object is unsafe", FIX),
-    ("template-other-section", {"templates/sneaky": b"backend {{ backend.name }}\nfrontend evil\n    bind :81\n",
-                                "routes/bad/live": intent(template="sneaky"), "routes/bad/active": b"live"},
-     f"{K}: template: rendered text opens another section: 'frontend evil'", FIX),
-    ("template-haproxy-refuses", {"templates/bogus": b"backend {{ backend.name }}\n    bogus_directive on\n",
-                                  "routes/bad/live": intent(template="bogus"), "routes/bad/active": b"live"},
-     f"{K}: template: haproxy -c refused fragment", FIX),
+     f"{K}: template: SecurityError: access to attribute '__class__' of 'str' object is unsafe", FIX),
+    ("template-other-section", *templated(B + b"frontend evil\n    bind :81\n",
+                                          "line 2: opens another section ('frontend')")),
+    ("template-unknown-keyword", *templated(B + b"    bogus_directive on\n",
+                                            "line 2: 'bogus_directive' is not a backend keyword")),
+    ("template-haproxy-refuses", *templated(B + b"    balance nosuchalgo\n",
+                                            "haproxy -c refused fragment: config : parsing [fragment:")),
+    # Read as HAProxy reads it: a quoted or escaped section keyword is still that keyword.
+    ("template-quoted-global", *templated(RCE, "line 2: option 'external-check' is not allowed")),
+    ("template-quoted-frontend", *templated(B + b'"frontend" evil\n  bind 127.0.0.1:1\n',
+                                            "line 2: opens another section ('frontend')")),
+    ("template-split-quotes", *templated(B + b"glo'bal'\n", "line 2: opens another section ('global')")),
+    ("template-hex-escape", *templated(B + b"\\x67lobal\n", "line 2: opens another section ('global')")),
+    ("template-conditional", *templated(B + b".if defined(HOME)\n.endif\n",
+                                        "line 2: '.if' is not a backend keyword")),
+    ("template-env-expansion", *templated(B + b'  http-response set-header X "${HOME}"\n',
+                                          "line 2: '$' (environment expansion) is not allowed")),
+    ("template-env-fetch", *templated(B + b"  http-response set-header X %[env(HOME)]\n",
+                                      "line 2: '%[env(HOME)]' reads the environment, files or code")),
+    ("template-lua", *templated(B + b"  http-request lua.evil\n", "line 2: 'lua.evil' reads the environment")),
+    ("template-use-service", *templated(B + b"  http-request use-service prometheus-exporter\n",
+                                        "line 2: 'use-service' loads files or code")),
+    ("template-file-return", *templated(B + b"  http-request return status 200 file /etc/passwd\n",
+                                        "line 2: 'file' loads files or code")),
+    ("template-map-write", *templated(B + b"  http-request set-map(maps/path_beg.map) /x y\n",
+                                      "line 2: 'set-map(maps/path_beg.map)' loads files or code")),
+    ("template-stats-admin", *templated(B + b"  stats admin if TRUE\n",
+                                        "line 2: 'stats' is not a backend keyword")),
+    ("template-load-state", *templated(B + b"  load-server-state-from-file global\n",
+                                       "line 2: 'load-server-state-from-file' is not a backend keyword")),
+    # Cost: a template may not stall or crash the node, whatever it computes.
+    ("template-range-bomb", *templated(B + b"{% for i in range(10**9) %}x{% endfor %}\n",
+                                       "OverflowError: Range too big")),
+    ("template-cpu-bomb", *templated(B + b"{% for i in range(100000) %}"
+                                     b"{% for j in range(100000) %}{% endfor %}{% endfor %}\n",
+                                     "rendering used more than its CPU time limit")),
+    ("template-recursive-macro", *templated(b"{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}",
+                                            "recursion too deep")),
+    ("template-huge-output", *templated(B + b"# {{ 'x' * 30000000 }}\n",
+                                        "output is over 65536 bytes")),
+    ("template-memory-bomb", *templated(b"{{ 'x' * 10**10 }}", "used more than the memory a template may use")),
+    ("json-nested-deep", *bad(b'{"service": "go-demo", "paths": ["/bad"], "x": ' + b"[" * 10_000 + b"]" * 10_000
+                              + b"}", f"{K}: value nests arrays or objects too deeply")),
+    ("active-weight-superscript", {"routes/bad/live": intent(), "routes/bad/active": "live=²,b=1".encode()},
+     "flowproxy/routes/bad/active: 'live=²' is not variant=weight", FIX),
+    # Regexes are compiled by HAProxy's PCRE2, which refuses what Python's `re` accepts.
+    ("regex-posix-class", *bad(intent(paths=["/[:alpha:]"], path_type="regex"),
+                               f"{K}: regex '/[:alpha:]' is refused by HAProxy's PCRE2: POSIX named classes")),
+    ("rewrite-pcre-refuses", *bad(intent(rewrite={"search": "(?u)x", "replace": "/"}),
+                                  f"{K}: regex '(?u)x' is refused by HAProxy's PCRE2: unrecognized character")),
+    ("status-key-nested", {"status/edge-9/x": b"1"},
+     "flowproxy/status/edge-9/x: key is outside the flowproxy KV contract", {}),
     ("route-name-uppercase", {"routes/Bad/live": intent()},
      "flowproxy/routes/Bad/live: route and variant names must match", {}),
     ("variant-name-space", {"routes/bad/live now": intent()},

@@ -129,3 +129,92 @@ def test_sockets_are_private(acl_cluster: tuple[ProxyNode, ProxyNode, dict[str, 
     env = s.haproxy_env()
     assert env["FP_METRICS_BIND"] == f"unix@{s.haproxy_dir / 'metrics.sock'}"
     assert env["FP_STATS_AUTH"].startswith("locked:") and len(env["FP_STATS_AUTH"]) > 30
+
+
+def proc_text(pid: int, name: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/{name}").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def test_no_token_anywhere_with_the_agent_away(acl_cluster: tuple[ProxyNode, ProxyNode, dict[str, str]],
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """Tokens travel in the X-Consul-Token header only: never in a URL, so never in an error, log or status."""
+    _, edge, tokens = acl_cluster
+    texts = [proc_text(p.pid, "cmdline") for p in edge.node.procs.values()]  # every process argument
+    edge.paused.set()
+    agent = edge.node.procs["consul"]
+    agent.kill()
+    agent.wait()
+    try:
+        edge.node.beat()  # the health check update fails: its error is logged
+        env = {**os.environ, **edge.settings.env(), "CONSUL_HTTP_TOKEN": tokens["node"]}
+        for args in (["handle"], ["status", "--json"], ["render"], ["route", "list"]):
+            done = subprocess.run([FLOWPROXY, *args], env=env, capture_output=True, text=True, timeout=60, check=False)
+            assert done.returncode == 3, (args, done.stdout, done.stderr)
+            assert "Traceback" not in done.stderr
+            texts += [done.stdout, done.stderr]
+    finally:
+        edge.paused.clear()
+        edge.wait(lambda: edge.node.procs["consul"].poll() is None, "the agent revived", timeout=30)
+    texts += [r.getMessage() for r in caplog.records] + [(edge.settings.data_dir / "handler.log").read_text()]
+    texts += [p.read_text(errors="replace") for p in (edge.settings.data_dir / "logs").glob("*.log")]
+    texts += [p.read_text(errors="replace") for p in (edge.settings.data_dir / "run").glob("*.json")]
+    assert any("could not update this node's health check" in t for t in texts)  # the error was there
+    for secret in tokens.values():
+        assert not [t[:200] for t in texts if secret in t]
+        assert "token=" not in "".join(texts)
+
+
+def test_haproxy_workers_are_unprivileged_and_see_no_token(
+        acl_cluster: tuple[ProxyNode, ProxyNode, dict[str, str]]) -> None:
+    _, edge, tokens = acl_cluster
+    from flowproxy.haproxy import HAProxySocket
+
+    info = HAProxySocket(edge.settings.master_socket).show_proc_settled()
+    assert info.workers
+    for pid in info.workers:
+        uid = next(line.split()[1] for line in proc_text(pid, "status").splitlines() if line.startswith("Uid:"))
+        assert os.geteuid() != 0 or uid != "0", f"HAProxy worker {pid} runs as root"
+    for pid in (info.master_pid, *info.workers):
+        environ = proc_text(pid, "environ")
+        assert environ and "CONSUL_HTTP_TOKEN" not in environ
+        assert all(secret not in environ for secret in tokens.values())
+
+
+def test_a_template_cannot_run_a_command(acl_cluster: tuple[ProxyNode, ProxyNode, dict[str, str]],
+                                         tmp_path: Path) -> None:
+    """The template that ran `touch` as root on an older main: refused, and nothing ever runs."""
+    _, edge, tokens = acl_cluster
+    from flowproxy.consul_io import ConsulStore
+
+    marker = tmp_path / "pwned"
+    admin = ConsulStore(edge.node.http_addr(), tokens["master"])
+    admin.put("flowproxy/templates/rce", f"""backend {{{{ backend.name }}}}
+    option external-check
+    external-check command /usr/bin/touch
+    server x {marker} check inter 200ms
+"global"
+    external-check
+    insecure-fork-wanted
+""")
+    admin.put("flowproxy/routes/rce/live", json.dumps({"service": "evil", "paths": ["/rce"], "template": "rce"}))
+    admin.put("flowproxy/routes/rce/active", "live")
+
+    def refused() -> bool:
+        entry = admin.get("flowproxy/status/edge-acl")
+        doc = json.loads(entry.value) if entry else {}
+        route = (doc.get("routes") or {}).get("rce") or {}
+        return route.get("state") == "rejected" and "external-check" in " ".join(route.get("reasons", []))
+
+    edge.wait(refused, "the template refused with its line")
+    assert b"external-check" not in (edge.settings.current / "haproxy.cfg").read_bytes()
+    assert b"insecure-fork-wanted" not in (edge.settings.current / "haproxy.cfg").read_bytes()
+    import time
+
+    time.sleep(2)  # ten check intervals: an external check would have run by now
+    assert not marker.exists()
+    admin.delete("flowproxy/routes/rce/", recurse=True)
+    admin.delete("flowproxy/templates/rce")
+    admin.close()

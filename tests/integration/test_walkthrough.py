@@ -92,7 +92,8 @@ def test_step7_deactivate_keeps_variants_then_remove(
     reply = proxy.wait_reply("/demo/hello", 404)
     assert reply.body == "flowproxy: no route for this request"
     assert proxy.store().get(proxy.settings.prefix + "routes/go-demo/live") is not None
-    assert "go-demo" not in proxy.public_routes()
+    # Traffic moves first (runtime API), the release files a moment later: wait for the files too.
+    proxy.wait(lambda: "go-demo" not in proxy.public_routes(), "the release files to drop the route")
 
     put(proxy, "routes/go-demo/active", "live")
     proxy.wait_reply("/demo/hello", 200)

@@ -16,8 +16,8 @@ from flowproxy.kv import desired_from_kv
 from flowproxy.model import KVEntry
 from flowproxy.plan import Plan, make_plan
 from flowproxy.render import Bundle, Templates, drop_backends, render
-from flowproxy.template_sandbox import render_plan
 from flowproxy.settings import REPO_TEMPLATES
+from flowproxy.template_sandbox import render_plan
 from tests.scenarios import CUSTOM_TEMPLATE, SCENARIOS, P, routes
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
