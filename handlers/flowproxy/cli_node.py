@@ -147,8 +147,10 @@ def init(ctx: click.Context) -> None:
 @click.pass_context
 def env(ctx: click.Context) -> None:
     """Print the FP_* environment HAProxy needs for this node's settings (for a systemd EnvironmentFile)."""
+    # Not FP_USER/FP_GROUP: they depend on who runs HAProxy (as root here, not under the unit's User=).
     for name, value in sorted(settings_of(ctx).haproxy_env().items()):
-        click.echo(f"{name}={value}")
+        if name not in ("FP_USER", "FP_GROUP"):
+            click.echo(f"{name}={value}")
 
 
 @click.command()

@@ -75,8 +75,8 @@ class ConsulStore:
                 time.sleep(0.1)
                 return fn()
         except consul.ACLPermissionDenied as exc:
-            raise ConsulUnavailable(redact(f"Consul at {self.addr} denied {what}: {exc}. "
-                                           "Check the ACL token (CONSUL_HTTP_TOKEN or --token).")) from None
+            raise ConsulUnavailable(redact(f"Consul at {self.addr} denied {what}: {exc}. Check the ACL token "
+                                           "(CONSUL_HTTP_TOKEN, CONSUL_HTTP_TOKEN_FILE or --token).")) from None
         except (consul.ConsulException, requests.RequestException, ValueError) as exc:
             raise ConsulUnavailable(redact(f"Consul at {self.addr} failed {what}: {_cause(exc)}. "
                                            "Is the local agent running and joined to a cluster?")) from None

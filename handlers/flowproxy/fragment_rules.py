@@ -29,14 +29,19 @@ ALLOWED = frozenset({
 })
 # Options that fork (external-check) or write where the node does not look are refused with them.
 FORBIDDEN_OPTIONS = frozenset({"external-check", "log-health-checks", "dontlog-normal", "dontlognull"})
-# Words that load files or code, run programs, or reach outside the route, wherever they appear.
-FORBIDDEN_WORDS = frozenset({
-    "file", "lf-file", "errorfile", "errorfiles", "crt", "crt-list", "ca-file", "crl-file",
-    "external-check", "insecure-fork-wanted", "insecure-setuid-wanted", "use-service", "lua-load",
-    "lua-load-per-thread", "lua-prepend-path", "load-server-state-from-file", "server-state-file-name",
-    "set-map", "del-map", "add-acl", "del-acl", "send-spoe-group",
-    "agent-check", "agent-addr", "agent-port", "agent-send", "agent-inter", "namespace", "-f", "-M",
-})
+# Words refused by where they stand, as HAProxy's grammar gives them meaning (a header value may say
+# "file"; the argument `file /etc/shadow` of `http-request return` may not):
+ANYWHERE = frozenset({"external-check", "insecure-fork-wanted", "insecure-setuid-wanted", "lua-load",
+                      "lua-load-per-thread", "lua-prepend-path", "load-server-state-from-file",
+                      "server-state-file-name", "-f", "-M"})  # -f/-M: ACL patterns from a file
+RULES = frozenset({"http-request", "http-response", "http-after-response", "tcp-request", "tcp-response"})
+RULE_ACTIONS = frozenset({"use-service", "set-map", "del-map", "add-acl", "del-acl", "send-spoe-group"})
+FILE_ACTIONS = frozenset({"return", "deny", "tarpit"})  # their replies may come from files
+FILE_ARGS = frozenset({"file", "lf-file", "errorfile", "errorfiles"})
+SERVERS = frozenset({"server", "default-server", "server-template"})
+SERVER_OPTIONS = frozenset({"crt", "crt-list", "ca-file", "crl-file", "agent-check", "agent-addr", "agent-port",
+                            "agent-send", "agent-inter", "namespace"})
+FORBIDDEN_WORDS = ANYWHERE | RULE_ACTIONS | FILE_ARGS | SERVER_OPTIONS  # every word refused somewhere
 ALLOWED_FILTERS = frozenset({"compression", "cache"})
 # Inside a word: sample fetches and converters that read the process environment or files, and Lua.
 FORBIDDEN_INSIDE = re.compile(r"env\(|\bmap(_\w+)?\(|lua\.|\blua\b|51d\.|wurfl|da-csv|spoe", re.IGNORECASE)
@@ -149,12 +154,27 @@ def _judge(tokens: tuple[str, ...]) -> str:
         return f"option {options[0]!r} is not allowed"
     if keyword == "filter" and tokens[1:2] and tokens[1] not in ALLOWED_FILTERS:
         return f"filter {tokens[1][:40]!r} is not allowed (only {', '.join(sorted(ALLOWED_FILTERS))})"
+    refused = _refused_here(keyword, tokens)
     for word in tokens[1:]:
-        if word.split("(")[0].lower() in FORBIDDEN_WORDS:  # `set-map(file)` is the action set-map
+        head = word.split("(")[0]  # `set-map(file)` is the action set-map
+        if head in refused or head.lower() in refused:
             return f"{word!r} loads files or code, runs programs or reaches outside the route"
         if FORBIDDEN_INSIDE.search(word) or any(ord(c) < 32 or ord(c) == 127 for c in word):
             return f"{word[:60]!r} reads the environment, files or code"
     return ""
+
+
+def _refused_here(keyword: str, tokens: tuple[str, ...]) -> frozenset[str]:
+    """The words a line starting with `keyword` may not hold."""
+    heads = {t.split("(")[0] for t in tokens[1:4]}
+    refused = ANYWHERE
+    if keyword in RULES:
+        refused |= RULE_ACTIONS | (FILE_ARGS if heads & FILE_ACTIONS else frozenset())
+    if keyword == "http-error":
+        refused |= FILE_ARGS
+    if keyword in SERVERS:
+        refused |= SERVER_OPTIONS
+    return refused
 
 
 def sections(config: str) -> list[tuple[str, str]]:

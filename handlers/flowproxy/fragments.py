@@ -51,6 +51,7 @@ def _live(fragments: Mapping[str, str]) -> set[str]:
 
 def _check(settings: Settings, text: str) -> str:
     path = settings.run_dir / "fragment-check.cfg"
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(SHELL + text)
     try:
         check_config(settings.haproxy_bin, path, settings.haproxy_env())

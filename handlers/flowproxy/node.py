@@ -23,11 +23,11 @@ from flowproxy.agent import AgentTLS, consul_argv, install_watches
 from flowproxy.applier import Applier
 from flowproxy.consul_io import ConsulStore
 from flowproxy.errors import FlowproxyError, UsageError
-from flowproxy.settings import Settings
+from flowproxy.settings import Settings, shipped
 from flowproxy.supervisor import Supervisor, apply_due
 
 log = logging.getLogger(__name__)
-REPO_CONSUL_D = Path(__file__).resolve().parents[2] / "consul.d"
+REPO_CONSUL_D = shipped("consul_d", "consul.d")
 __all__ = ["Node", "NodeSpec", "apply_due", "ensure_bootstrap_config", "wait_for"]
 
 

@@ -20,7 +20,13 @@ from flowproxy.forward import DEFAULT_DATA_DIR
 
 PREFIX_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)*/")
 NODE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
-REPO_TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
+def shipped(folder: str, repo_folder: str) -> Path:
+    """A folder of package data: inside the installed package (a wheel), else at the checkout's top."""
+    here = Path(__file__).resolve().parent
+    return here / folder if (here / folder).is_dir() else here.parents[1] / repo_folder
+
+
+REPO_TEMPLATES = shipped("templates", "templates")
 # Without FLOWPROXY_STATS_AUTH the stats page answers nobody: a password no one was told.
 LOCKED_STATS = f"locked:{os.urandom(16).hex()}"
 
@@ -82,9 +88,11 @@ def token_from(env: Mapping[str, str]) -> str | None:
     try:
         return Path(path).read_text().strip() or None
     except OSError as exc:
-        from flowproxy.errors import UsageError
+        # Not fatal here: `node env` and `node init` need no token; a Consul call will be denied and say so.
+        import logging
 
-        raise UsageError(f"CONSUL_HTTP_TOKEN_FILE {path}: cannot read it ({exc.strerror})") from None
+        logging.getLogger(__name__).warning("CONSUL_HTTP_TOKEN_FILE %s: cannot read it (%s)", path, exc.strerror)
+        return None
 
 
 @dataclass(frozen=True)
