@@ -136,9 +136,11 @@ def main() -> None:
     seconds, trials, rounds = (3, 15, 1) if args.quick else (8, 50, 5)
     with fast_backend() as port:
         rows = throughput_rows(port, seconds, rounds)
+    from bench.layouts import layout_rows
     from bench.live import live_rows
 
     rows += live_rows(trials, seconds)
+    rows += layout_rows(min(trials, 30))
     report(rows, args.quick)
 
 

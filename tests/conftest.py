@@ -28,6 +28,9 @@ FIGURES = {
     "property tests (hundreds of generated intents each)": "test_property.py::",
     "faults survived": "test_faults.py::",
     "security checks": "test_security.py::",
+    "custom-template fragment rules (tables and properties)": "test_fragment_rules.py::",
+    "pipeline stages made to raise, each key rejected alone": "test_containment.py::",
+    "production-layout checks (wheel, units, ACL + TLS + gossip agent)": "test_production.py::",
 }
 
 
