@@ -22,6 +22,23 @@ from flowproxy.node import Node, NodeSpec, wait_for
 from flowproxy.render import Bundle
 from flowproxy.settings import Settings
 
+# The least-privilege ACL policies the README documents: a proxy node's token, and an operator's.
+NODE_RULES = """
+key_prefix "flowproxy/" { policy = "read" }
+key_prefix "flowproxy/status/" { policy = "write" }
+service_prefix "" { policy = "read" }
+node_prefix "" { policy = "read" }
+service "flowproxy" { policy = "write" }
+agent_prefix "" { policy = "write" }
+node_prefix "edge-" { policy = "write" }
+"""
+OPERATOR_RULES = """
+key_prefix "flowproxy/" { policy = "read" }
+key_prefix "flowproxy/routes/" { policy = "write" }
+service_prefix "" { policy = "read" }
+node_prefix "" { policy = "read" }
+"""
+
 
 def need(binary: str) -> str:
     """The binary's path; under CI a missing real part fails the run instead of skipping."""

@@ -29,25 +29,10 @@ import requests
 
 from flowproxy.backend import IdentityServer
 from flowproxy.node import wait_for
-from tests.harness import free_port, need
+from tests.harness import NODE_RULES, OPERATOR_RULES, free_port, need
 
 REPO = Path(__file__).resolve().parents[2]
 OPS = REPO / "ops"
-NODE_RULES = """
-key_prefix "flowproxy/" { policy = "read" }
-key_prefix "flowproxy/status/" { policy = "write" }
-service_prefix "" { policy = "read" }
-node_prefix "" { policy = "read" }
-service "flowproxy" { policy = "write" }
-agent_prefix "" { policy = "write" }
-node_prefix "edge-" { policy = "write" }
-"""
-OPERATOR_RULES = """
-key_prefix "flowproxy/" { policy = "read" }
-key_prefix "flowproxy/routes/" { policy = "write" }
-service_prefix "" { policy = "read" }
-node_prefix "" { policy = "read" }
-"""
 
 
 def unit(name: str) -> dict[str, list[str]]:

@@ -16,24 +16,9 @@ import requests
 
 from flowproxy.backend import IdentityServer
 from flowproxy.demo import register_instance
-from tests.harness import ProxyNode, node_spec, start_node
+from tests.harness import NODE_RULES, OPERATOR_RULES, ProxyNode, node_spec, start_node
 
 FLOWPROXY = str(Path(sys.executable).parent / "flowproxy")
-NODE_RULES = """
-key_prefix "flowproxy/" { policy = "read" }
-key_prefix "flowproxy/status/" { policy = "write" }
-service_prefix "" { policy = "read" }
-node_prefix "" { policy = "read" }
-service "flowproxy" { policy = "write" }
-agent_prefix "" { policy = "write" }
-node_prefix "edge-" { policy = "write" }
-"""
-OPERATOR_RULES = """
-key_prefix "flowproxy/" { policy = "read" }
-key_prefix "flowproxy/routes/" { policy = "write" }
-service_prefix "" { policy = "read" }
-node_prefix "" { policy = "read" }
-"""
 
 
 def make_token(addr: str, master: str, name: str, rules: str) -> str:
