@@ -19,7 +19,7 @@ from flowproxy import fragments, ports, regex_vet, release, runstate, runtime, t
 from flowproxy.certs import vet_certs
 from flowproxy.consul_io import ConsulStore
 from flowproxy.errors import ApplyIOError, CandidateRefused, EmptyRefused, FlowproxyError, HAProxyError
-from flowproxy.haproxy import HAProxySocket, check_config, recent_alerts
+from flowproxy.haproxy import HAProxySocket, check_config, drain, recent_alerts
 from flowproxy.isolate import find_culprits
 from flowproxy.kv import desired_from_kv
 from flowproxy.model import Desired, Instance, KVEntry, Snapshot
@@ -64,7 +64,7 @@ def from_payload(store: ConsulStore, prefix: str, snapshot: Snapshot) -> tuple[i
 
     Measured at 50 routes: the four reads took 8 ms of a 16 ms converge. A payload that is not the latest
     (a newer write, or a handler that outlived an agent reload) is not used: the reads follow instead.
-    The index recorded is then the prefix's: never below the config's, so `--wait` holds.
+    The index recorded is the config subtrees' (`config_index`), the number every node reports alike.
     """
     if not any(e.key.startswith(prefix + "routes/") and e.value for e in snapshot.entries):
         # No routes: the empty-table guard needs the config's own index, and the prefix's index counts
@@ -76,7 +76,15 @@ def from_payload(store: ConsulStore, prefix: str, snapshot: Snapshot) -> tuple[i
     used = tuple(prefix + folder for folder in ("routes/", "templates/", "certs/"))
     entries = [e if e.key.startswith(used) else KVEntry(e.key, b"?") for e in snapshot.entries
                if e.key != prefix and not runstate.is_status_key(prefix, e.key)]
-    return index, entries
+    return config_index(store, prefix, entries), entries
+
+
+def config_index(store: ConsulStore, prefix: str, entries: list[KVEntry]) -> int:
+    """The index of the newest write (or delete) that shaped the config, as `read_config_kv` computes it:
+    the same on every node that applied the same state, whatever status writes happened meanwhile (the
+    prefix's own index counts them, and differed from node to node)."""
+    folders = ["routes/"] + [f for f in ("templates/", "certs/") if any(e.key.startswith(prefix + f) for e in entries)]
+    return max(store.keys_with_index(prefix + folder)[0] for folder in folders)
 
 
 def gather(settings: Settings, store: ConsulStore,
@@ -257,8 +265,16 @@ def live_update(settings: Settings, current: Bundle, bundle: Bundle, commands: l
 def reload_or_roll_back(settings: Settings, previous: Path | None) -> None:
     log_file = settings.data_dir / "logs" / "haproxy.log"
     logged = log_file.stat().st_size if log_file.exists() else 0
+    master = HAProxySocket(settings.master_socket)
     try:
-        HAProxySocket(settings.master_socket).reload()
+        before = master.show_proc_settled()
+        master.reload()
+        # Applied means no process of this node answers with the old config any more: the old workers
+        # finish their keep-alive requests first (long-lived connections: at most drain_wait seconds).
+        left = drain(master, before.workers, settings.drain_wait)
+        if left:
+            log.info("old worker(s) %s still hold long-lived connections after %.0f s; reporting the new "
+                     "config as applied", ", ".join(map(str, left)), settings.drain_wait)
     except HAProxyError as exc:
         if previous is not None:
             release.activate(settings.current, previous)  # the files on disk must match what runs

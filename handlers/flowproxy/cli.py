@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,8 @@ from typing import Any
 import click
 
 from flowproxy import __version__
-from flowproxy.errors import FlowproxyError
+from flowproxy.errors import EXIT_CODES, FlowproxyError
+from flowproxy.redact import redact
 from flowproxy.settings import Settings
 
 
@@ -43,7 +45,8 @@ def echo_json(doc: Any) -> None:
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})
-@click.option("--kind", type=click.Choice(["keyprefix", "service", "manual"]), default="manual", show_default=True)
+@click.option("--kind", type=click.Choice(["keyprefix", "service", "manual"]), default="manual", show_default=True,
+              help="Which watch calls (the payload comes on stdin); manual waits for a running apply.")
 @click.option("--accept-empty", is_flag=True, help="Apply an empty route table even if not newer than the running one.")
 def handle(kind: str, accept_empty: bool) -> None:
     """Apply Consul's state to this node (the entry Consul watches call)."""
@@ -81,7 +84,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
     import dataclasses
 
     from flowproxy.apply import store_for
-    from flowproxy.fleet import fleet_report, fleet_view, latest_index, read_statuses
+    from flowproxy.fleet import fleet_exit_code, fleet_report, fleet_view, latest_index, read_statuses
     from flowproxy.selfcheck import SERVICE
     from flowproxy.traffic import counts_report, local_counts
 
@@ -91,13 +94,23 @@ def status(ctx: click.Context, as_json: bool) -> None:
     latest = latest_index(store, settings.prefix)
     rows = fleet_view(docs, store.service_health(SERVICE), latest)
     counts = local_counts(settings.stats_socket)
+    code = fleet_exit_code(rows, docs)
     if as_json:
-        echo_json({"latest_index": latest, "nodes": [dataclasses.asdict(r) for r in rows], "status": docs}
-                  | ({"traffic": counts} if counts is not None else {}))
-        return
-    click.echo(fleet_report(rows, docs, latest), nl=False)
-    if counts:
-        click.echo("\n" + counts_report(counts), nl=False)
+        echo_json({"latest_index": latest, "nodes": [dataclasses.asdict(r) for r in rows], "status": docs,
+                   "exit_code": code} | ({"traffic": counts} if counts is not None else {}))
+    else:
+        click.echo(fleet_report(rows, docs, latest), nl=False)
+        if counts:
+            click.echo("\n" + counts_report(counts), nl=False)
+    sys.exit(code)
+
+
+def with_exit_codes(command: click.Command) -> None:
+    """Every command's --help ends with the exit codes."""
+    command.epilog = EXIT_CODES
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            with_exit_codes(sub)
 
 
 def main() -> None:
@@ -105,6 +118,7 @@ def main() -> None:
 
     cli_route.register(cli)
     cli_node.register(cli)
+    with_exit_codes(cli)
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
@@ -114,5 +128,11 @@ def main() -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except FlowproxyError as exc:
-        click.echo(f"flowproxy: {exc}", err=True)
+        click.echo(f"flowproxy: {redact(str(exc))}", err=True)
         sys.exit(exc.exit_code)
+    except Exception as exc:  # a bug: one line for the user, the traceback only when asked for
+        if os.environ.get("FLOWPROXY_DEBUG"):
+            raise
+        click.echo(f"flowproxy: internal error: {type(exc).__name__}: {redact(str(exc))[:500]} "
+                   "(FLOWPROXY_DEBUG=1 shows the traceback)", err=True)
+        sys.exit(1)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
 
 from flowproxy.cli import echo_json, settings_of
-from flowproxy.errors import IntentRejected, UsageError
+from flowproxy.errors import ConsulUnavailable, IntentRejected, NotFound, RejectedByNode, UsageError
 from flowproxy.intent import BALANCES, NAME_RE, PATH_TYPES, intent_to_json, parse_intent
 from flowproxy.kv import desired_from_kv, parse_weights
 from flowproxy.model import Intent
@@ -18,16 +19,28 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def wait_options(fn: F) -> F:
-    fn = click.option("--timeout", default=30.0, show_default=True, help="Seconds --wait may take.")(fn)
-    return click.option("--wait", is_flag=True, help="Return only when every passing proxy node applied it.")(fn)
+    options = [
+        click.option("--wait", is_flag=True,
+                     help="Return only when every proxy node has applied the write (passing, warning and "
+                          "critical nodes; not those in maintenance); exit 7 if one did not in time or there "
+                          "is no node, exit 9 if a node rejected the route."),
+        click.option("--timeout", default=30.0, show_default=True, help="Seconds --wait may take."),
+        click.option("--min-nodes", default=1, show_default=True, type=click.IntRange(min=0),
+                     help="With --wait: fail unless at least this many nodes applied it (0: none is fine)."),
+        click.option("--ignore-critical", is_flag=True,
+                     help="With --wait: do not wait for nodes whose health check is critical (named in the output)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
 
 
-def settle(ctx: click.Context, index: int, wait: bool, timeout: float) -> None:
-    """With --wait: block until every passing node applied `index`, with a progress line meanwhile."""
-    if not wait:
+def settle(ctx: click.Context, index: int, options: dict[str, Any], route: str) -> None:
+    """With --wait: block until every node the policy names applied `index`, with a progress line meanwhile."""
+    if not options["wait"]:
         return
     from flowproxy.apply import store_for
-    from flowproxy.fleet import wait_converged
+    from flowproxy.fleet import WaitPolicy, wait_converged
 
     shown: set[str] = set()
 
@@ -37,8 +50,9 @@ def settle(ctx: click.Context, index: int, wait: bool, timeout: float) -> None:
             click.echo(line, err=True)
 
     settings = settings_of(ctx)
-    wait_converged(store_for(settings), settings.prefix, index, timeout, progress)
-    click.echo(f"every passing proxy node applied KV index {index}")
+    policy = WaitPolicy(min_nodes=options["min_nodes"], ignore_critical=options["ignore_critical"])
+    click.echo(wait_converged(store_for(settings), settings.prefix, index, options["timeout"], progress,
+                              policy=policy, route=route))
 
 
 def _with_extra(body: str, extra: str | None) -> str:
@@ -71,8 +85,10 @@ def route() -> None:
 @click.option("--path", "-p", "paths", multiple=True, help="Path to route (repeatable).")
 @click.option("--domain", "-d", "domains", multiple=True, help="Host to route, exact or *.wildcard (repeatable).")
 @click.option("--tag", "-t", "tags", multiple=True, help="Instances must carry every tag given (repeatable).")
-@click.option("--path-type", type=click.Choice(PATH_TYPES), default="prefix", show_default=True)
-@click.option("--balance", type=click.Choice(BALANCES), default="roundrobin", show_default=True)
+@click.option("--path-type", type=click.Choice(PATH_TYPES), default="prefix", show_default=True,
+              help="How --path matches: a string prefix, the exact path, or a PCRE regex.")
+@click.option("--balance", type=click.Choice(BALANCES), default="roundrobin", show_default=True,
+              help="HAProxy's balance algorithm for the route's instances.")
 @click.option("--no-check", is_flag=True, help="No HAProxy health checks on top of Consul's.")
 @click.option("--template", default=None, help="Custom template name for this route's backend.")
 @click.option("--activate", is_flag=True, help="Also make this variant the serving one, in the same write.")
@@ -82,7 +98,7 @@ def route() -> None:
 @click.pass_context
 def put(ctx: click.Context, /, *, name: str, variant: str, service: str, paths: tuple[str, ...],
         domains: tuple[str, ...], tags: tuple[str, ...], path_type: str, balance: str, no_check: bool,
-        template: str | None, activate: bool, extra: str | None, wait: bool, timeout: float) -> None:
+        template: str | None, activate: bool, extra: str | None, **waiting: Any) -> None:
     """Stage (and optionally activate) the intent routes/NAME/VARIANT."""
     from flowproxy.apply import store_for
 
@@ -103,9 +119,15 @@ def put(ctx: click.Context, /, *, name: str, variant: str, service: str, paths: 
         current = store.get(active_key)
         ops.append(("cas", active_key, variant.encode(), current.modify_index if current else 0))
     store.txn(ops)
-    click.echo(f"{key} = {body}" + ("  (active)" if activate else ""))
     written = store.get(key)
-    settle(ctx, written.modify_index if written else 0, wait, timeout)
+    if written is None or written.value != body.encode():
+        raise ConsulUnavailable(f"{settings.consul_addr} accepted the write but {key} does not read back as "
+                                "written; is CONSUL_HTTP_ADDR a Consul agent?")
+    click.echo(f"{key} = {body}" + ("  (active)" if activate else ""))
+    if not store.service_health(service):
+        click.echo(f"warning: service {service!r} has no instance registered in Consul's catalog; the route "
+                   "answers 503 until one registers and passes its checks (a typo?)", err=True)
+    settle(ctx, written.modify_index, waiting, name)
 
 
 @route.command("activate")
@@ -113,7 +135,7 @@ def put(ctx: click.Context, /, *, name: str, variant: str, service: str, paths: 
 @click.argument("variant")
 @wait_options
 @click.pass_context
-def activate(ctx: click.Context, /, *, name: str, variant: str, wait: bool, timeout: float) -> None:
+def activate(ctx: click.Context, /, *, name: str, variant: str, **waiting: Any) -> None:
     """Make VARIANT the serving variant of route NAME (one CAS write).
 
     A weighted canary names several: `flowproxy route activate web blue=90,green=10`.
@@ -127,7 +149,7 @@ def activate(ctx: click.Context, /, *, name: str, variant: str, wait: bool, time
     for one in names:
         target = store.get(base + _name(one, "variant"))
         if target is None:
-            raise UsageError(f"{base}{one} does not exist; stage it first with `flowproxy route put`")
+            raise NotFound(f"{base}{one} does not exist; stage it first with `flowproxy route put`")
         _, problems = parse_intent(target.key, target.value)
         if problems:
             raise IntentRejected([str(p) for p in problems])
@@ -137,49 +159,57 @@ def activate(ctx: click.Context, /, *, name: str, variant: str, wait: bool, time
             raise IntentRejected([str(p) for p in weight_problems])
     current = store.get(base + "active")
     store.put(base + "active", variant, cas=current.modify_index if current else 0)
-    click.echo(f"{base}active = {variant}")
     written = store.get(base + "active")
-    settle(ctx, written.modify_index if written else 0, wait, timeout)
+    if written is None or written.value.decode(errors="replace") != variant:
+        raise ConsulUnavailable(f"{settings.consul_addr} accepted the write but {base}active does not read back "
+                                "as written; is CONSUL_HTTP_ADDR a Consul agent?")
+    click.echo(f"{base}active = {variant}")
+    settle(ctx, written.modify_index, waiting, name)
 
 
 @route.command("deactivate")
 @click.argument("name")
 @wait_options
 @click.pass_context
-def deactivate(ctx: click.Context, /, *, name: str, wait: bool, timeout: float) -> None:
+def deactivate(ctx: click.Context, /, *, name: str, **waiting: Any) -> None:
     """Switch route NAME off; its variants stay in KV."""
     from flowproxy.apply import store_for
 
     settings = settings_of(ctx)
     store = store_for(settings)
-    key = f"{settings.prefix}routes/{_name(name, 'route')}/active"
+    folder = f"{settings.prefix}routes/{_name(name, 'route')}/"
+    key = folder + "active"
     current = store.get(key)
     if current is None:
+        if not store.keys(folder):
+            raise NotFound(f"there is no route {name} (no keys under {folder})")
         click.echo(f"{key} is absent: route {name} is already off")
         return
     store.delete(key, cas=current.modify_index)
     click.echo(f"deleted {key}")
-    settle(ctx, store.read_prefix(key)[0], wait, timeout)  # the delete's tombstone index
+    settle(ctx, store.read_prefix(key)[0], waiting, name)  # the delete's tombstone index
 
 
 @route.command("remove")
 @click.argument("name")
 @wait_options
 @click.pass_context
-def remove(ctx: click.Context, /, *, name: str, wait: bool, timeout: float) -> None:
+def remove(ctx: click.Context, /, *, name: str, **waiting: Any) -> None:
     """Delete route NAME with all its variants."""
     from flowproxy.apply import store_for
 
     settings = settings_of(ctx)
     key = f"{settings.prefix}routes/{_name(name, 'route')}/"
     store = store_for(settings)
+    if not store.keys(key):
+        raise NotFound(f"there is no route {name} (no keys under {key})")
     store.delete(key, recurse=True)
     click.echo(f"deleted {key}")
-    settle(ctx, store.read_prefix(key)[0], wait, timeout)
+    settle(ctx, store.read_prefix(key)[0], waiting, name)
 
 
 @route.command("list")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the routes as JSON.")
 @click.pass_context
 def list_routes(ctx: click.Context, as_json: bool) -> None:
     """Every route with its variants, the active one, and what the nodes report."""
@@ -195,7 +225,7 @@ def list_routes(ctx: click.Context, as_json: bool) -> None:
     ignored = [str(p) for p in desired.stray]
     if as_json:
         echo_json({"routes": rows, "ignored": ignored})
-        return
+        sys.exit(RejectedByNode.exit_code if any(row["reasons"] for row in rows) else 0)
     for row in rows:
         click.echo(f"{row['route']:<24} active={row['active'] or '-':<12} variants={','.join(row['variants'])}"
                    f"  nodes: {row['summary']}")
@@ -203,6 +233,8 @@ def list_routes(ctx: click.Context, as_json: bool) -> None:
             click.echo(f"    rejected: {reason}")
     for problem in ignored:
         click.echo(f"ignored: {problem}")
+    if any(row["reasons"] for row in rows):
+        sys.exit(RejectedByNode.exit_code)
 
 
 def _route_row(name: str, r: Any, statuses: dict[str, dict[str, Any]]) -> dict[str, Any]:

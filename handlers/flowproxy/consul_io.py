@@ -77,13 +77,23 @@ class ConsulStore:
         except consul.ACLPermissionDenied as exc:
             raise ConsulUnavailable(redact(f"Consul at {self.addr} denied {what}: {exc}. Check the ACL token "
                                            "(CONSUL_HTTP_TOKEN, CONSUL_HTTP_TOKEN_FILE or --token).")) from None
+        except (TypeError, KeyError, AttributeError) as exc:  # python-consul2 met an answer of another shape
+            raise ConsulUnavailable(redact(f"{self.addr} answered {what} with something that is not Consul's API "
+                                           f"({type(exc).__name__}); is CONSUL_HTTP_ADDR a Consul agent?")) from None
         except (consul.ConsulException, requests.RequestException, ValueError) as exc:
             raise ConsulUnavailable(redact(f"Consul at {self.addr} failed {what}: {_cause(exc)}. "
                                            "Is the local agent running and joined to a cluster?")) from None
 
     def read_prefix(self, prefix: str) -> tuple[int, list[KVEntry]]:
         index, data = self._call(f"to list {prefix}", lambda: self.client.kv.get(prefix, recurse=True))
-        return int(index), [_entry(d) for d in data or []]
+        return self._index(index, prefix), self._call(f"to list {prefix}", lambda: [_entry(d) for d in data or []])
+
+    def _index(self, index: object, what: str) -> int:
+        """Every KV read carries X-Consul-Index; an answer without one is not from Consul."""
+        if not (isinstance(index, (str, int)) and str(index).isascii() and str(index).isdigit()):
+            raise ConsulUnavailable(f"{self.addr} answered a read of {what} without X-Consul-Index: it is not "
+                                    "Consul's API; is CONSUL_HTTP_ADDR a Consul agent?")
+        return int(index)
 
     def keys(self, prefix: str) -> list[str]:
         return self.keys_with_index(prefix)[1]
@@ -91,7 +101,10 @@ class ConsulStore:
     def keys_with_index(self, prefix: str) -> tuple[int, list[str]]:
         """The keys under `prefix` and the prefix's index (its newest write or tombstone)."""
         index, data = self._call(f"to list keys of {prefix}", lambda: self.client.kv.get(prefix, keys=True))
-        return int(index), [str(k) for k in data or []]
+        if data is not None and not isinstance(data, list):
+            raise ConsulUnavailable(f"{self.addr} answered a key listing of {prefix} with something that is not a "
+                                    "list: is CONSUL_HTTP_ADDR a Consul agent?")
+        return self._index(index, prefix), [str(k) for k in data or []]
 
     def leader(self) -> str:
         """The cluster leader's address as this agent knows it; "" while there is none."""
@@ -100,7 +113,7 @@ class ConsulStore:
     def table_index(self, key: str) -> int:
         """The whole KV table's index: Consul answers a read of one key with it, found or not."""
         index, _ = self._call(f"to read {key}", lambda: self.client.kv.get(key))
-        return int(index)
+        return self._index(index, key)
 
     def deleted_since(self, prefix: str, index: int) -> bool:
         """Whether `prefix` is empty because its keys were deleted after `index` (tombstones prove it).
@@ -120,8 +133,9 @@ class ConsulStore:
         return False
 
     def get(self, key: str) -> KVEntry | None:
-        _, data = self._call(f"to read {key}", lambda: self.client.kv.get(key))
-        return _entry(data) if data else None
+        index, data = self._call(f"to read {key}", lambda: self.client.kv.get(key))
+        self._index(index, key)
+        return self._call(f"to read {key}", lambda: _entry(data)) if data else None
 
     def put(self, key: str, value: str | bytes, cas: int | None = None) -> None:
         ok = self._call(f"to write {key}", lambda: self.client.kv.put(key, value, cas=cas))
@@ -164,8 +178,11 @@ class ConsulStore:
         rank = {"passing": 0, "warning": 1, "critical": 2}
         out: dict[str, tuple[str, dict[str, str]]] = {}
         for e in entries:
-            statuses = [c.get("Status", "critical") for c in e.get("Checks") or []]
+            checks = e.get("Checks") or []
+            statuses = [c.get("Status", "critical") for c in checks]
             worst = max(statuses or ["critical"], key=lambda s: rank.get(s, 2))
+            if any(str(c.get("CheckID", "")).startswith(("_node_maintenance", "_service_maintenance")) for c in checks):
+                worst = "maintenance"  # `consul maint`: an operator took it out on purpose
             out[str((e.get("Node") or {}).get("Node", ""))] = (worst, dict((e.get("Service") or {}).get("Meta") or {}))
         return out
 

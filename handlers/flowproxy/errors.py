@@ -35,6 +35,12 @@ class CasConflict(FlowproxyError):
     exit_code = 4
 
 
+class NotFound(FlowproxyError):
+    """A command named a route or variant that is not in KV."""
+
+    exit_code = 4
+
+
 class HAProxyError(FlowproxyError):
     """HAProxy rejected a candidate configuration, failed a reload, or is not reachable."""
 
@@ -58,6 +64,20 @@ class EmptyRefused(FlowproxyError):
 
 
 class NotConverged(FlowproxyError):
-    """`--wait` timed out before every proxy node applied a write."""
+    """`--wait` timed out before every proxy node applied a write (or there was no node to wait for);
+    `status` / `route list`: a node is stale, critical or failing."""
 
     exit_code = 7
+
+
+class RejectedByNode(FlowproxyError):
+    """A node applied the write and rejected the written route (`--wait`); `status` / `route list`: some
+    route is rejected."""
+
+    exit_code = 9
+
+
+EXIT_CODES = """Exit codes: 0 ok; 2 usage; 3 Consul unreachable, refused (ACL) or not Consul; 4 intent rejected by
+the lint, CAS conflict, or no such route/variant; 5 HAProxy refused; 6 config not written; 7 not converged
+(a node did not apply in time, is stale, critical or failing, or there is no node); 8 empty route table
+refused; 9 a node rejected the route."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flowproxy.consul_io import ConsulStore
-from flowproxy.errors import NotConverged
+from flowproxy.errors import NotConverged, RejectedByNode
 from flowproxy.selfcheck import SERVICE
 
 
@@ -64,11 +64,21 @@ def fleet_view(docs: dict[str, dict[str, Any]], health: dict[str, tuple[str, dic
     return rows
 
 
+def fleet_exit_code(rows: list[NodeView], docs: dict[str, dict[str, Any]]) -> int:
+    """7 when a node is stale, critical, failing or differs (or none reported), 9 when a route is rejected."""
+    if not rows or any(not (r.current and r.same and r.ok) or r.health not in ("passing", "maintenance")
+                       for r in rows):
+        return NotConverged.exit_code
+    if any(st.get("state") == "rejected" for d in docs.values() for st in (d.get("routes") or {}).values()):
+        return RejectedByNode.exit_code
+    return 0
+
+
 def fleet_report(rows: list[NodeView], docs: dict[str, dict[str, Any]], latest: int) -> str:
     """A table of nodes, then every rejected route with its reasons. Pure."""
     if not rows:
         return "no proxy node has reported yet (no status keys, no `flowproxy` service)\n"
-    converged = all(r.current and r.same and r.ok for r in rows if r.health == "passing")
+    converged = fleet_exit_code(rows, {}) == 0
     lines = [f"latest write: KV index {latest}; fleet {'converged' if converged else 'NOT converged'}",
              f"{'NODE':<18} {'HEALTH':<12} {'APPLIED':>8} {'STATE':<7} {'CONFIG':<12} {'SAME':<5} "
              f"{'UPDATED':<20} ERROR"]
@@ -81,40 +91,84 @@ def fleet_report(rows: list[NodeView], docs: dict[str, dict[str, Any]], latest: 
                        for reason in st.get("reasons", [])})
     if rejected:
         lines += ["", "rejected routes:"] + [f"  {route}: {reason}" for route, reason in rejected]
+    notes = sorted({(route, note) for d in docs.values() for route, st in (d.get("routes") or {}).items()
+                    for note in st.get("notes") or []})
+    if notes:
+        lines += ["", "notes:"] + [f"  {route}: {note}" for route, note in notes]
     problems = sorted({p for d in docs.values() for p in d.get("problems") or []})
     if problems:
         lines += ["", "ignored keys:"] + [f"  {p}" for p in problems]
     return "\n".join(lines) + "\n"
 
 
-def behind(store: ConsulStore, prefix: str, index: int) -> tuple[list[str], list[str]]:
-    """(passing nodes that have not applied `index`, with what they last reported; nodes not passing)."""
-    docs = read_statuses(store, prefix)
-    waiting, ignored = [], []
-    for node, (status, meta) in sorted(store.service_health(SERVICE).items()):
-        name = meta.get("node", node)
+@dataclass(frozen=True)
+class WaitPolicy:
+    """Which nodes `--wait` waits for. Passing and warning nodes must apply; so must critical ones (a
+    node's check is critical while its HAProxy is down or its last apply failed, which is exactly when a
+    deploy must not be told "done"), unless `ignore_critical`; nodes in maintenance (`consul maint`) are
+    left out and named; nodes with a status key but no catalog entry are gone and named. Fewer than
+    `min_nodes` nodes to wait for is a failure: with no node at all nothing was applied anywhere."""
+
+    min_nodes: int = 1
+    ignore_critical: bool = False
+
+
+@dataclass(frozen=True)
+class Verdict:
+    applied: list[str]
+    waiting: list[str]  # must apply, have not (yet): "name (applied N, last error ...)"
+    skipped: list[str]  # not waited for, with why
+    rejected: list[str]  # "name: reason" for the written route
+
+
+def judge(members: dict[str, str], docs: dict[str, dict[str, Any]], index: int, policy: WaitPolicy,
+          route: str | None = None) -> Verdict:
+    """Pure: where a write stands on every node. `members`: node name -> health from the catalog."""
+    applied, waiting, skipped, rejected = [], [], [], []
+    for name, health in sorted(members.items()):
         doc = docs.get(name, {})
-        applied = int(doc.get("kv_index") or 0)
-        if status != "passing":
-            ignored.append(f"{name} {status}")
-        elif applied < index:
+        if health == "maintenance" or (health == "critical" and policy.ignore_critical):
+            skipped.append(f"{name} ({health})")
+            continue
+        done = int(doc.get("kv_index") or 0)
+        if done < index:
             error = f", last error: {doc['last_error']}" if doc.get("last_error") else ""
-            waiting.append(f"{name} (applied {applied}{error})")
-    return waiting, ignored
+            never = " (never reported)" if not doc else f" (applied {done}{error})"
+            waiting.append(f"{name}{never}" + (f", {health}" if health != "passing" else ""))
+            continue
+        applied.append(name)
+        state = (doc.get("routes") or {}).get(route or "") or {}
+        if route and state.get("state") == "rejected":
+            rejected += [f"{name}: {reason}" for reason in state.get("reasons") or ["rejected"]]
+    skipped += [f"{name} (gone: a status key, no catalog entry)" for name in sorted(set(docs) - set(members))]
+    return Verdict(applied, waiting, skipped, rejected)
 
 
-def wait_converged(store: ConsulStore, prefix: str, index: int, timeout: float,
-                   progress: Callable[[str], None]) -> None:
-    """Return when every passing proxy node has applied `index`; raise NotConverged naming the others."""
+def members(store: ConsulStore) -> dict[str, str]:
+    """Every registered proxy node by name, with its health (passing, warning, critical, maintenance)."""
+    return {meta.get("node", node): status for node, (status, meta) in store.service_health(SERVICE).items()}
+
+
+def wait_converged(store: ConsulStore, prefix: str, index: int, timeout: float, progress: Callable[[str], None], *,
+                   policy: WaitPolicy = WaitPolicy(), route: str | None = None) -> str:
+    """Return a summary once every node the policy names has applied `index`; raise NotConverged naming
+    the others, or RejectedByNode when a node applied it and rejected `route`."""
     deadline = time.monotonic() + timeout
     while True:
-        waiting, ignored = behind(store, prefix, index)
-        skipped = f" (not waited for, not passing: {', '.join(ignored)})" if ignored else ""
-        if not waiting:
-            if ignored:
-                progress(f"applied by every passing node{skipped}")
-            return
+        verdict = judge(members(store), read_statuses(store, prefix), index, policy, route)
+        skipped = f"; not waited for: {', '.join(verdict.skipped)}" if verdict.skipped else ""
+        if verdict.rejected:
+            raise RejectedByNode(f"applied, but rejected: {'; '.join(verdict.rejected)}")
+        enough = len(verdict.applied) >= policy.min_nodes
+        if not verdict.waiting and enough:
+            return f"{len(verdict.applied)} proxy node(s) applied KV index {index}{skipped}"
         if time.monotonic() >= deadline:
-            raise NotConverged(f"not applied within {timeout:.0f}s (KV index {index}): {'; '.join(waiting)}{skipped}")
-        progress(f"waiting for {len(waiting)} node(s) to apply KV index {index}: {', '.join(waiting)}{skipped}")
+            if verdict.waiting:
+                raise NotConverged(f"not applied within {timeout:.0f}s (KV index {index}): "
+                                   f"{'; '.join(verdict.waiting)}{skipped}")
+            raise NotConverged(f"{len(verdict.applied)} proxy node(s) applied KV index {index}, fewer than "
+                               f"--min-nodes {policy.min_nodes}: no node registered as service `{SERVICE}` "
+                               f"to wait for{skipped}")
+        progress(f"waiting for {len(verdict.waiting)} node(s) to apply KV index {index}: "
+                 f"{', '.join(verdict.waiting) or 'none registered yet'}{skipped}")
         time.sleep(0.2)

@@ -30,15 +30,17 @@ class ProcInfo:
     reloads: int
     failed: int
     workers: tuple[int, ...]  # current workers (reload count 0), oldest last
+    old: tuple[int, ...] = ()  # workers of earlier configs still finishing their connections
 
 
 def parse_show_proc(text: str) -> ProcInfo:
     master = MASTER_RE.search(text)
     if master is None:
         raise HAProxyError(f"unexpected `show proc` answer from the master socket: {text[:200]!r}")
-    current = text.split("# old workers", maxsplit=1)[0]
+    current, _, rest = text.partition("# old workers")
     workers = tuple(int(pid) for pid, reloads in WORKER_RE.findall(current) if reloads == "0")
-    return ProcInfo(int(master.group(1)), int(master.group(2)), int(master.group(3)), workers)
+    old = tuple(int(pid) for pid, _ in WORKER_RE.findall(rest.split("# programs", maxsplit=1)[0]))
+    return ProcInfo(int(master.group(1)), int(master.group(2)), int(master.group(3)), workers, old)
 
 
 def check_config(haproxy_bin: str, cfg: Path, env: Mapping[str, str]) -> None:
@@ -118,6 +120,30 @@ class HAProxySocket:
                 if after.workers:
                     return after
         raise HAProxyError(f"reload not confirmed by `show proc` within {timeout:.0f}s")
+
+
+def drain(master: HAProxySocket, old: tuple[int, ...], timeout: float) -> tuple[int, ...]:
+    """Wait until none of the workers `old` holds a client connection: until then one may answer a request
+    on a keep-alive connection it held before the reload, with the old config (`idle-close-on-response`
+    closes each after its next response). Not until they exit: an old worker with 10,000 backends takes
+    seconds to tear down and answers nobody meanwhile. Returns those still holding connections after
+    `timeout` (long-lived connections: WebSockets, TCP)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            alive = tuple(pid for pid in master.show_proc().old if pid in old)
+            busy = tuple(pid for pid in alive if connections(master, pid) > 0)
+        except HAProxyError:
+            busy = old  # the master re-executing for a reload of its own: look again
+        if not busy or time.monotonic() >= deadline:
+            return busy
+        time.sleep(0.02)
+
+
+def connections(master: HAProxySocket, pid: int) -> int:
+    """A worker's client connections (`CurrConns`, through the master CLI); 0 once it has exited."""
+    found = re.search(r"^CurrConns: (\d+)", master.command(f"@!{pid} show info"), re.M)
+    return int(found.group(1)) if found else 0
 
 
 def recent_alerts(log: Path, since: int = 0, most: int = 3) -> list[str]:

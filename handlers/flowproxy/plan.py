@@ -188,6 +188,10 @@ def _serve(route: Route, backends: dict[str, Backend], claims: dict[tuple[str, s
     names = {name for name, _ in route.weights} or {route.active or ""}
     keys = [v.key for v in route.variants if v.name in names]
     route_notes = tuple(n for k in keys for n in notes[k])
+    if not serving.servers:  # serving, but every request gets HAProxy's 503 until an instance passes
+        route_notes += (f"service {serving.intent.service!r} has no passing instance"
+                        + (f" with tags {', '.join(serving.intent.tags)}" if serving.intent.tags else "")
+                        + ": the route answers 503",)
     return RouteState(route.name, "serving", route.active, (), len(serving.servers), route_notes)
 
 

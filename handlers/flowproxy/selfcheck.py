@@ -38,7 +38,9 @@ def register(store: ConsulStore, settings: Settings) -> None:
 def health(settings: Settings) -> tuple[str, str]:
     """(status, output) for the node's check, from HAProxy itself and the last apply's record."""
     try:
-        info = HAProxySocket(settings.master_socket, timeout=2).show_proc()
+        # Settled: the master socket blinks while the master re-executes for a reload, and a node must
+        # not turn critical (and drop out of `--wait`) for that.
+        info = HAProxySocket(settings.master_socket, timeout=2).show_proc_settled(timeout=5)
     except HAProxyError as exc:
         return "critical", f"HAProxy is down: {exc}"
     # No `if not info.workers` here: during a reload `show proc` can list no current worker for a moment

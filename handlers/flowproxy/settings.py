@@ -77,6 +77,13 @@ def _true(value: str) -> bool:
     return value.strip().lower() in ("1", "true", "yes", "on")
 
 
+def _seconds(text: str, default: float) -> float:
+    try:
+        return max(0.0, float(text)) if text.strip() else default
+    except ValueError:
+        return default
+
+
 def token_from(env: Mapping[str, str]) -> str | None:
     """CONSUL_HTTP_TOKEN, else the first line of CONSUL_HTTP_TOKEN_FILE (a file keeps it out of every
     process's environment)."""
@@ -113,6 +120,7 @@ class Settings:
     stats_auth: str | None = None  # user:password for the stats page
     haproxy_bin: str = "haproxy"
     templates: Path = REPO_TEMPLATES
+    drain_wait: float = 10.0  # seconds a reload waits for old workers before it counts as applied
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -134,6 +142,7 @@ class Settings:
             "stats_auth": env.get("FLOWPROXY_STATS_AUTH") or None,
             "haproxy_bin": env.get("FLOWPROXY_HAPROXY", "haproxy"),
             "templates": Path(env.get("FLOWPROXY_TEMPLATES", str(REPO_TEMPLATES))),
+            "drain_wait": _seconds(env.get("FLOWPROXY_DRAIN_WAIT", ""), 10.0),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)  # type: ignore[arg-type]
@@ -159,6 +168,7 @@ class Settings:
             "FLOWPROXY_HTTP_BIND": self.http_bind,
             "FLOWPROXY_HAPROXY": self.haproxy_bin,
             "FLOWPROXY_TEMPLATES": str(self.templates),
+            "FLOWPROXY_DRAIN_WAIT": f"{self.drain_wait:g}",
         }
         if self.consul_token_file:
             out["CONSUL_HTTP_TOKEN_FILE"] = self.consul_token_file

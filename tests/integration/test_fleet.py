@@ -204,7 +204,7 @@ def test_wait_returns_zero_after_convergence_and_names_a_held_back_node(fleet: F
     done = fleet.cli("route", "put", "go-demo", "-v", "blue", "-s", "go-demo", "-t", "blue", "-p", "/demo",
                      "--activate", "--wait")
     assert done.returncode == 0, done.stderr
-    assert "every passing proxy node applied" in done.stdout
+    assert "3 proxy node(s) applied KV index" in done.stdout
     assert all(n.get("/demo/x").status == 200 for n in fleet.nodes)
 
     def all_passing() -> bool:
@@ -248,10 +248,124 @@ def test_a_node_without_its_agent_keeps_serving_shows_stale_then_catches_up(flee
         return not rows["edge-2"]["current"] and rows["edge-2"]["health"] != "passing"
 
     wait_for(reported_stale, 30, "edge-2 to show as stale and not passing")
-    table = fleet.cli("status").stdout
-    assert re.search(r"edge-2\s+\S+\s+\d+\s+STALE", table), table
-    assert "NOT converged" not in table  # only passing nodes count towards convergence
+    status = fleet.cli("status")
+    assert re.search(r"edge-2\s+\S+\s+\d+\s+STALE", status.stdout), status.stdout
+    # "converged" means every node is current: one that is down and stale says NOT, with exit 7.
+    assert "NOT converged" in status.stdout and status.returncode == 7
 
     lonely.paused.clear()  # the supervisor's next tick restarts the agent, which re-arms its watches
     lonely.wait_reply("/next", 200, timeout=30)
     wait_for(lambda: "fleet converged" in fleet.cli("status").stdout, 30, "the fleet to converge again")
+
+
+def test_wait_with_no_node_to_wait_for_fails(tmp_path: Path) -> None:
+    bare = start_node(node_spec(tmp_path / "bare", "bare", dev=True, proxy=False))
+    try:
+        env = {**os.environ, "CONSUL_HTTP_ADDR": bare.node.http_addr()}
+        put = [FLOWPROXY, "route", "put", "x", "-v", "live", "-s", "x", "-p", "/x", "--activate", "--wait",
+               "--timeout", "3"]
+        done = subprocess.run(put, env=env, capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 7, done.stdout + done.stderr
+        assert "fewer than --min-nodes 1" in done.stderr and "no node registered" in done.stderr
+        allowed = subprocess.run([*put, "--min-nodes", "0"], env=env, capture_output=True, text=True, timeout=60,
+                                 check=False)
+        assert allowed.returncode == 0, allowed.stderr
+    finally:
+        bare.stop()
+
+
+def test_wait_fails_when_the_nodes_reject_the_route(fleet: Fleet) -> None:
+    fleet.instance("blue-1", ("blue",))
+    done = fleet.cli("route", "put", "bad", "-v", "live", "-s", "go-demo", "-p", "/bad", "--template", "nosuch",
+                     "--activate", "--wait")
+    assert done.returncode == 9, done.stdout + done.stderr
+    for node in ("edge-1", "edge-2", "edge-3"):
+        assert f"{node}: flowproxy/routes/bad/live: template: template 'nosuch' is in neither" in done.stderr
+    assert fleet.cli("status").returncode == 9
+    assert fleet.cli("route", "list").returncode == 9
+    assert fleet.cli("route", "list", "--json").returncode == 9
+
+
+def test_every_node_reports_the_index_of_the_newest_write(fleet: Fleet) -> None:
+    fleet.blue_green()
+    for i in range(10):  # each write's status writes race the next write's watch events
+        fleet.put(f"routes/r{i}/live", json.dumps({"service": "go-demo", "paths": [f"/r{i}/"]}))
+        fleet.put(f"routes/r{i}/active", "live")
+        fleet.converge(set())
+    time.sleep(3)  # every node's status write (and the resyncs) come and go: nothing moves the number
+    latest = latest_index(fleet.server.store(), "flowproxy/")
+    assert {status_of(n).get("kv_index") for n in fleet.nodes} == {latest}
+    status = fleet.cli("status")
+    assert status.returncode == 0 and "fleet converged" in status.stdout, status.stdout
+
+
+def test_wait_is_never_early_across_reloads(fleet: Fleet) -> None:
+    """30 rounds of a change that reloads, then `route put --activate --wait`, then a request to every node."""
+    fleet.blue_green()
+    for r in range(30):
+        balance = ("leastconn", "roundrobin")[r % 2]
+        fleet.put("routes/go-demo/blue", json.dumps({"service": "go-demo", "tags": ["blue"], "paths": ["/demo"],
+                                                     "balance": balance}))
+        done = fleet.cli("route", "put", f"r{r}", "-v", "live", "-s", "go-demo", "-t", "blue", "-p", f"/r{r}/",
+                         "--activate", "--wait", "--timeout", "60")
+        assert done.returncode == 0, done.stdout + done.stderr
+        for node in fleet.nodes:
+            reply = node.get(f"/r{r}/x")
+            assert (reply.status, reply.instance) == (200, "blue-1"), (r, node.settings.node, reply)
+
+
+def test_once_wait_returns_no_request_reaches_the_old_color(fleet: Fleet) -> None:
+    """A keep-alive client sending back to back across the end of a canary (a change that reloads)."""
+    fleet.blue_green()
+    for _ in range(5):
+        late, seen = canary_exit(fleet)
+        assert {i for _, i in seen} >= {"blue-1", "green-1"}  # the canary served both before
+        assert not late, f"{len(late)} requests after --wait returned reached {set(late)}"
+
+
+def canary_exit(fleet: Fleet) -> tuple[list[str], list[tuple[float, str]]]:
+    """Enter a 50/50 canary, then leave it with --wait while a keep-alive client sends back to back."""
+    import http.client
+
+    canary = fleet.cli("route", "activate", "go-demo", "blue=50,green=50", "--wait")
+    assert canary.returncode == 0, canary.stderr
+    host, port = fleet.nodes[0].settings.http_bind.rsplit(":", 1)
+    seen: list[tuple[float, str]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        conn = http.client.HTTPConnection(host, int(port), timeout=5)
+        while not stop.is_set():
+            sent = time.monotonic()
+            try:
+                conn.request("GET", "/demo/x")
+                reply = conn.getresponse()
+                reply.read()
+                seen.append((sent, reply.getheader("X-Instance", "")))
+            except (OSError, http.client.HTTPException):
+                conn.close()  # the old worker closed it after its last response: reconnect
+                conn = http.client.HTTPConnection(host, int(port), timeout=5)
+        conn.close()
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        time.sleep(0.5)
+        done = fleet.cli("route", "activate", "go-demo", "blue", "--wait")
+        returned = time.monotonic()
+        assert done.returncode == 0, done.stderr
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    return [instance for sent, instance in seen if sent > returned and instance != "blue-1"], seen
+
+
+def test_names_that_do_not_exist_and_a_mistyped_service(fleet: Fleet) -> None:
+    for args in (("route", "remove", "nosuch"), ("route", "deactivate", "nosuch"),
+                 ("route", "activate", "nosuch", "live")):
+        done = fleet.cli(*args)
+        assert done.returncode == 4, (args, done.stdout, done.stderr)
+        assert "nosuch" in done.stderr and "deleted" not in done.stdout
+    typo = fleet.cli("route", "put", "typo", "-v", "live", "-s", "go-dmeo", "-p", "/typo")
+    assert typo.returncode == 0 and "service 'go-dmeo' has no instance registered" in typo.stderr

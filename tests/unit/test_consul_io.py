@@ -96,3 +96,25 @@ def test_txn_permission_denied_is_a_denial_not_a_conflict(store: ConsulStore) ->
                   json={"Results": None, "Errors": [{"OpIndex": 0, "What": "Permission denied"}]})
     with pytest.raises(ConsulUnavailable, match="denied a KV transaction"):
         store.txn([("cas", "flowproxy/routes/a/live", b"{}", 0)])
+
+
+NOT_CONSUL = [
+    ("no-index-404", "GET", "flowproxy/x", {"status": 404, "body": "flowproxy: no route for this request"}, "get"),
+    ("no-index-200", "GET", "flowproxy/", {"status": 200, "json": []}, "read_prefix"),
+    ("keys-not-a-list", "GET", "flowproxy/", {"status": 200, "json": {"a": 1}, "headers": {"X-Consul-Index": "3"}},
+     "keys"),
+    ("html-page", "GET", "flowproxy/", {"status": 200, "body": "<html>hi</html>", "headers": {"X-Consul-Index": "3"}},
+     "read_prefix"),
+]
+
+
+@pytest.mark.parametrize(("method", "key", "reply", "call"), [c[1:] for c in NOT_CONSUL],
+                         ids=[c[0] for c in NOT_CONSUL])
+@responses.activate
+def test_an_answer_that_is_not_consuls_is_consul_unavailable(
+        store: ConsulStore, method: str, key: str, reply: dict[str, object], call: str) -> None:
+    """CONSUL_HTTP_ADDR pointed at something else (the proxy port): one clear error, exit 3, no traceback."""
+    responses.add(method, f"{BASE}/v1/kv/{key}", **reply)  # type: ignore[arg-type]
+    with pytest.raises(ConsulUnavailable) as err:
+        getattr(store, call)(key)
+    assert "Consul" in str(err.value) and "127.0.0.1:8500" in str(err.value)

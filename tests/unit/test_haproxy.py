@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -28,7 +29,7 @@ FAILED = """#<PID>          <type>          <reloads>       <uptime>        <ver
 
 
 @pytest.mark.parametrize(("text", "expected"), [
-    (RELOADED, ProcInfo(2305, 1, 0, (2318,))),
+    (RELOADED, ProcInfo(2305, 1, 0, (2318,), (2306,))),
     (FAILED, ProcInfo(2305, 2, 1, ())),  # the surviving worker predates the failed reload
 ], ids=["reloaded", "failed-reload"])
 def test_parse_show_proc(text: str, expected: ProcInfo) -> None:
@@ -63,3 +64,32 @@ def test_recent_alerts_skip_what_was_logged_before(tmp_path: Path) -> None:
     with log.open("a") as f:
         f.write("[ALERT]    (1) : this one\n")
     assert recent_alerts(log, since=start) == ["this one"]
+
+
+class ScriptedMaster:
+    """A master socket whose old worker 2306 holds connections for `busy_for` of its `show info` answers."""
+
+    def __init__(self, busy_for: int) -> None:
+        self.busy_for = busy_for
+        self.asked = 0
+
+    def show_proc(self) -> ProcInfo:
+        return parse_show_proc(RELOADED)
+
+    def command(self, line: str) -> str:
+        assert line == "@!2306 show info"
+        self.asked += 1
+        return f"Name: HAProxy\nPid: 2306\nCurrConns: {1 if self.asked <= self.busy_for else 0}\n"
+
+
+@pytest.mark.parametrize(("busy_for", "timeout", "left"), [
+    (0, 5.0, ()),  # no connection left on the old worker: applied at once
+    (3, 5.0, ()),  # a keep-alive connection closes after its next response: waited for
+    (10_000, 0.1, (2306,)),  # a long-lived connection: given up after the timeout, and named
+], ids=["idle", "drains", "long-lived"])
+def test_drain_waits_for_old_workers_connections(busy_for: int, timeout: float, left: tuple[int, ...]) -> None:
+    from flowproxy.haproxy import HAProxySocket, drain
+
+    master = ScriptedMaster(busy_for)
+    assert drain(cast(HAProxySocket, master), (2306,), timeout) == left
+    assert master.asked >= min(busy_for + 1, 2)

@@ -23,13 +23,18 @@ ENTRIES = (KVEntry(P, b""), KVEntry(P + "routes/a/live", b"{}", 5, 5), KVEntry(P
 @responses.activate
 def test_payload_is_used_only_at_the_latest_index(now: int, used: bool) -> None:
     keys = [e.key for e in ENTRIES]
+    responses.add(responses.GET, f"{BASE}/v1/kv/{P}routes/", json=keys[1:3], headers={"X-Consul-Index": "6"})
+    responses.add(responses.GET, f"{BASE}/v1/kv/{P}certs/", json=keys[3:4], headers={"X-Consul-Index": "7"})
     responses.add(responses.GET, f"{BASE}/v1/kv/{P}", json=keys, headers={"X-Consul-Index": str(now)})
     got = from_payload(ConsulStore("127.0.0.1:8500"), P, Snapshot(9, ENTRIES))
-    assert len(responses.calls) == 1 and "keys" in str(responses.calls[0].request.url)  # one call, not four
+    urls = [str(c.request.url) for c in responses.calls]
+    assert all("keys" in url for url in urls)  # key listings only, never the values again
     if not used:
-        assert got is None
+        assert got is None and len(urls) == 1
         return
-    assert got == (9, [ENTRIES[1], ENTRIES[2], ENTRIES[3], KVEntry(P + "junk", b"?")])  # no status, no values of strays
+    # The config's own index (certs/ at 7), not the prefix's 9, which counts every node's status writes.
+    assert got == (7, [ENTRIES[1], ENTRIES[2], ENTRIES[3], KVEntry(P + "junk", b"?")])  # no status, no values of strays
+    assert len(urls) == 3
 
 
 def test_payload_entries_parse_the_watch_json() -> None:
