@@ -11,6 +11,7 @@ from typing import Any
 
 from flowproxy.consul_io import ConsulStore
 from flowproxy.errors import NotConverged, RejectedByNode
+from flowproxy.runstate import is_status_key
 from flowproxy.selfcheck import SERVICE
 
 
@@ -31,6 +32,8 @@ def read_statuses(store: ConsulStore, prefix: str) -> dict[str, dict[str, Any]]:
     _, entries = store.read_prefix(prefix + "status/")
     docs: dict[str, dict[str, Any]] = {}
     for entry in entries:
+        if not is_status_key(prefix, entry.key) or entry.key.endswith("/"):
+            continue  # a key nested deeper is no node's status: reported as ignored instead
         try:
             doc = json.loads(entry.value)
         except ValueError:
