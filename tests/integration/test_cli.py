@@ -70,7 +70,7 @@ def test_put_activate_list_status_render_deactivate_remove(
 
 def test_activate_refuses_missing_or_invalid_variant(proxy: ProxyNode) -> None:
     missing = run(proxy, "route", "activate", "ghost", "live")
-    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    assert missing.returncode == 4 and "does not exist" in missing.stderr  # no such variant: exit 4
     proxy.store().put("flowproxy/routes/bad/live", '{"service": "x"}')
     invalid = run(proxy, "route", "activate", "bad", "live")
     assert invalid.returncode == 4
