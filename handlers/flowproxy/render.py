@@ -133,7 +133,7 @@ def render_backend(env: jinja2.Environment, backend: Backend, custom: Mapping[st
             raise ValueError(f"template {backend.intent.template!r} was not rendered")
         if "error" in answer:
             raise ValueError(answer["error"])
-        return _finish(answer["text"], backend)
+        return _finish(answer["text"], backend, untrusted=True)
     # Cached by template object and backend value (both immutable; an edited file loads as a new
     # template object): the default template rendered 1,000 backends in ~20 ms on every change.
     template = env.get_template("backend.cfg.j2")
@@ -146,10 +146,16 @@ def render_backend(env: jinja2.Environment, backend: Backend, custom: Mapping[st
     return text
 
 
-def _finish(text: str, backend: Backend) -> str:
-    errors = fragment_errors(text, backend.name)
-    if errors:
-        raise ValueError("; ".join(errors[:5]))
+def _finish(text: str, backend: Backend, untrusted: bool = False) -> str:
+    """The fragment with flowproxy's own backend lines. A custom template's output (KV: untrusted) must pass
+    the fragment rules; the node's own backend.cfg.j2 only gets its header checked (tokenizing 10,000
+    trusted backends cost a cold full apply a second)."""
+    if untrusted:
+        errors = fragment_errors(text, backend.name)
+        if errors:
+            raise ValueError("; ".join(errors[:5]))
+    elif not text.startswith(f"backend {backend.name}\n"):
+        raise ValueError(f"rendered text must start with 'backend {backend.name}'")
     return with_backend_lines(text if text.endswith("\n") else text + "\n", backend_lines(backend))
 
 
@@ -161,7 +167,7 @@ def custom_fragments(plan: Plan, custom: Mapping[str, Mapping[str, str]]) -> dic
         answer = custom.get(backend.name)
         if backend.intent.template is not None and answer is not None and "text" in answer:
             try:
-                out[backend.name] = _finish(answer["text"], backend)
+                out[backend.name] = _finish(answer["text"], backend, untrusted=True)
             except ValueError:
                 continue
     return out
