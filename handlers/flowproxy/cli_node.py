@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 from pathlib import Path
 
@@ -59,6 +60,13 @@ def node_options(fn: click.decorators.FC) -> click.decorators.FC:
     return fn
 
 
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def make_spec(settings: Settings, *, bind: str, consul_http_port: int, serf_port: int, server_port: int,
               consul_bin: str, join: tuple[str, ...], dev: bool, client: str = "127.0.0.1",
               advertise: str | None = None, encrypt: str | None = None, tls_ca: str | None = None,
@@ -97,6 +105,10 @@ def up(ctx: click.Context, /, *, join: tuple[str, ...], dev: bool, acl: bool, **
         handler.addFilter(RedactFilter())
     if not dev and not join:
         raise click.UsageError("give --join ADDR to join an existing Consul, or --dev to run one here")
+    remote = [a for a in join if not _loopback(a.rpartition(":")[0] or a)]
+    if remote and _loopback(str(opts["bind"])):
+        raise click.UsageError(f"--join {remote[0]} with --bind {opts['bind']}: the cluster cannot reach an agent "
+                               "bound to loopback; give --bind <this host's LAN address>")
     spec = dataclasses.replace(make_spec(settings_of(ctx), join=join, dev=dev, **opts), acl=acl)  # type: ignore[arg-type]
     running = Node(spec)
     try:

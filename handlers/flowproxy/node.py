@@ -24,11 +24,11 @@ from flowproxy.applier import Applier
 from flowproxy.consul_io import ConsulStore
 from flowproxy.errors import FlowproxyError, UsageError
 from flowproxy.settings import Settings, shipped
-from flowproxy.supervisor import Supervisor, apply_due
+from flowproxy.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 REPO_CONSUL_D = shipped("consul_d", "consul.d")
-__all__ = ["Node", "NodeSpec", "apply_due", "ensure_bootstrap_config", "wait_for"]
+__all__ = ["Node", "NodeSpec", "ensure_bootstrap_config", "wait_for"]
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 `haproxy -c` never binds, so a port another program holds passes the check and then fails the reload,
 and that failed reload would keep every other change on the node from landing. Such a route is refused
-alone instead, and the node tries again as soon as the port is free (see `node.apply_due`).
+alone instead, and the node tries again as soon as the port is free (see `supervisor.apply_due`).
 
 Only ports the running config does not listen on yet are tried: HAProxy's own listeners would look taken
 (and may belong to another user). The probe binds as HAProxy does (SO_REUSEADDR), so it fails exactly

@@ -92,3 +92,12 @@ def test_encrypted_tls_node_keeps_its_api_on_loopback(tmp_path: Path) -> None:
         status = subprocess.run([FLOWPROXY, "status"], env=env, capture_output=True, text=True, timeout=60,
                                 check=False)
         assert "edge-up" in status.stdout, status.stdout + status.stderr
+
+
+def test_joining_a_remote_cluster_from_loopback_is_refused(tmp_path: Path) -> None:
+    """An agent bound to 127.0.0.1 would advertise 127.0.0.1 to a remote cluster: refused before anything
+    starts (no traffic leaves loopback)."""
+    done = subprocess.run([FLOWPROXY, "--data-dir", str(tmp_path), "node", "up", "--join", "10.0.0.5:8301"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2 and "give --bind <this host's LAN address>" in done.stderr
+    assert not (tmp_path / "haproxy").exists()
