@@ -200,12 +200,19 @@ def guard_empty(settings: Settings, store: ConsulStore, desired: Desired, accept
     last = runstate.load(settings.run_dir, runstate.LAST_APPLY)
     if desired.routes or accept_empty or desired.accept_empty or not last.get("routes"):
         return
-    if store.deleted_since(settings.prefix + "routes/", int(last.get("kv_index", 0))):
+    applied = int(last.get("kv_index", 0))
+    deleted = store.deleted_since(settings.prefix + "routes/", applied)
+    if deleted is None and _may_touch(settings, applied):  # maybe a delete that is the newest write of all:
+        _touch_status(settings, store)                # move the table's index, look again
+        deleted = store.deleted_since(settings.prefix + "routes/", applied)
+    if deleted:
         return
+    # No moving index in the words: the refusal is published as status, and a status that changed with
+    # every retry would be a write, firing every node's watch, each refusing again.
     raise EmptyRefused(
-        f"Consul answered no routes (KV index {desired.index}) where {last.get('routes')} routes were applied "
-        f"at index {last.get('kv_index')}, and no delete of them is recorded after that: a snapshot restore "
-        "or an empty answer, not a delete. Keeping the running config. If the empty table is meant, run "
+        f"Consul answered no routes where {last.get('routes')} routes were applied at index "
+        f"{last.get('kv_index')}, and no delete of them is recorded after that: a snapshot restore or an "
+        "empty answer, not a delete. Keeping the running config. If the empty table is meant, run "
         f"`flowproxy handle --accept-empty` on this node, or write the key {settings.prefix}accept-empty for "
         "every node (delete it afterwards).")
 
@@ -333,6 +340,22 @@ def _publish(settings: Settings, store: ConsulStore, doc: dict[str, Any]) -> Non
     stamped = doc | {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     store.put(settings.status_key, json.dumps(stamped, sort_keys=True))
     runstate.save(settings.run_dir, runstate.LAST_STATUS, stamped)
+
+
+def _may_touch(settings: Settings, applied: int) -> bool:
+    """Once per applied state: a refused restore touches once, never a fleet of nodes touching in turn."""
+    if runstate.load(settings.run_dir, "empty-probe.json").get("applied") == applied:
+        return False
+    runstate.save(settings.run_dir, "empty-probe.json", {"applied": applied})
+    return True
+
+
+def _touch_status(settings: Settings, store: ConsulStore) -> None:
+    """Rewrite this node's status key with a fresh check time: the one write a node may always make, and
+    it moves the KV table's index, which tells a newest-write delete (its tombstone stays behind) from an
+    empty prefix without tombstones (its index follows the table)."""
+    last = runstate.load(settings.run_dir, runstate.LAST_STATUS)
+    store.put(settings.status_key, json.dumps(last | {"checked": time.time()}, sort_keys=True))
 
 
 def _publish_failure(settings: Settings, store: ConsulStore, error: str) -> None:

@@ -115,13 +115,14 @@ class ConsulStore:
         index, _ = self._call(f"to read {key}", lambda: self.client.kv.get(key))
         return self._index(index, key)
 
-    def deleted_since(self, prefix: str, index: int) -> bool:
+    def deleted_since(self, prefix: str, index: int) -> bool | None:
         """Whether `prefix` is empty because its keys were deleted after `index` (tombstones prove it).
 
         Consul indexes an empty prefix by its newest tombstone, or, with none, by the whole table (which
         every status write moves: field notes). The table is read before and after the listing; only an
-        answer below the table's index, and above `index`, is a tombstone's. A delete that is the newest
-        write of all looks like no tombstone until the next write (the node's own refusal) follows it.
+        answer below the table's index, and above `index`, is a tombstone's. None when the answer equals the
+        table's index above `index`: a delete that is the newest write of all, or no tombstone at all; any
+        later write tells them apart (the caller makes one).
         """
         for _ in range(3):
             before = self.table_index(prefix)
@@ -129,6 +130,8 @@ class ConsulStore:
             if keys:
                 return False
             if self.table_index(prefix) == before:
+                if listed == before and listed > index:
+                    return None
                 return index < listed < before
         return False
 
