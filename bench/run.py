@@ -47,10 +47,19 @@ class Row:
     verdict: str = "-"
 
 
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port free now, never one handed out before in this process: the kernel can hand the
+    same ephemeral port to two binds in a row, and an agent given one port for serf and RPC never starts."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 def pct(values: list[float], q: float) -> float:
