@@ -340,6 +340,9 @@ def test_production_layout_end_to_end(production: Production) -> None:
         prod.host.stop("consul", signal.SIGINT)
         prod.host.run_unit("flowproxy-consul", "consul")
         wait_for(node_passing(prod), 60, "the node passing again after the agent restart")
+        # A restarted agent registers its services again with their checks critical until the first run.
+        wait_for(lambda: len(prod.admin("GET", "/v1/health/service/go-demo?passing=1").json()) == 2, 30,
+                 "Consul's checks of both instances to pass again")
         moved = prod.flowproxy("route", "put", "go-demo", "-v", "green", "-s", "go-demo", "-t", "green",
                                "-p", "/demo", "-p", "/after-restart", "--wait", "--timeout", "60")
         assert moved.returncode == 0, moved.stderr
