@@ -143,6 +143,7 @@ def test_no_token_anywhere_with_the_agent_away(acl_cluster: tuple[ProxyNode, Pro
     finally:
         edge.paused.clear()
         edge.wait(lambda: edge.node.procs["consul"].poll() is None, "the agent revived", timeout=30)
+        edge.wait(lambda: _rejoined(edge), "the revived agent to rejoin its server", timeout=60)
     texts += [r.getMessage() for r in caplog.records] + [(edge.settings.data_dir / "handler.log").read_text()]
     texts += [p.read_text(errors="replace") for p in (edge.settings.data_dir / "logs").glob("*.log")]
     texts += [p.read_text(errors="replace") for p in (edge.settings.data_dir / "run").glob("*.json")]
@@ -150,6 +151,15 @@ def test_no_token_anywhere_with_the_agent_away(acl_cluster: tuple[ProxyNode, Pro
     for secret in tokens.values():
         assert not [t[:200] for t in texts if secret in t]
         assert "token=" not in "".join(texts)
+
+
+def _rejoined(edge: ProxyNode) -> bool:
+    from flowproxy.errors import FlowproxyError
+
+    try:
+        return bool(edge.node.store().leader())
+    except FlowproxyError:
+        return False
 
 
 def test_haproxy_workers_are_unprivileged_and_see_no_token(
