@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -13,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from bench.run import free_port
 from flowproxy import release
 from flowproxy.consul_io import ConsulStore
 from flowproxy.demo import Reply, fetch
@@ -49,21 +49,6 @@ def need(binary: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
-
-
-_GIVEN: set[int] = set()
-
-
-def free_port() -> int:
-    """A loopback port free now, never one handed out before in this process: the kernel can hand the
-    same ephemeral port to two binds in a row, and an agent given one port for serf and RPC never starts."""
-    while True:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        if port not in _GIVEN:
-            _GIVEN.add(port)
-            return port
 
 
 def node_spec(data_dir: Path, name: str, *, dev: bool, join: tuple[str, ...] = (), proxy: bool = True,

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -176,12 +175,8 @@ def isolate_refused(settings: Settings, desired: Desired, health: dict[str, list
 
 
 def candidate_passes(settings: Settings, bundle: Bundle) -> bool:
-    """`haproxy -c` on a candidate written to a scratch folder (never a release, never `current`)."""
-    folder = settings.run_dir / "candidate"
-    shutil.rmtree(folder, ignore_errors=True)
-    for name, data in bundle.files.items():
-        (folder / name).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        (folder / name).write_bytes(data)
+    """`haproxy -c` on a candidate, staged like any release (never made `current`; pruned like the rest)."""
+    folder = release.stage(settings.haproxy_dir, bundle)
     try:
         check_config(settings.haproxy_bin, folder / "haproxy.cfg", settings.haproxy_env())
     except HAProxyError:
@@ -274,11 +269,10 @@ def reload_or_roll_back(settings: Settings, previous: Path | None) -> None:
     logged = log_file.stat().st_size if log_file.exists() else 0
     master = HAProxySocket(settings.master_socket)
     try:
-        before = master.show_proc_settled()
-        master.reload()
+        retired = master.reload()
         # Applied means no process of this node answers with the old config any more: the old workers
         # finish their keep-alive requests first (long-lived connections: at most drain_wait seconds).
-        left = drain(master, before.workers, settings.drain_wait)
+        left = drain(master, retired, settings.drain_wait)
         if left:
             log.info("old worker(s) %s still hold long-lived connections after %.0f s; reporting the new "
                      "config as applied", ", ".join(map(str, left)), settings.drain_wait)

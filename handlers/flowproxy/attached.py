@@ -12,26 +12,13 @@ import logging
 import signal
 import time
 
-from flowproxy import watches
 from flowproxy.errors import FlowproxyError
 from flowproxy.handler import handle
+from flowproxy.node import prepare
 from flowproxy.settings import Settings
 from flowproxy.supervisor import Supervisor, notify
 
 log = logging.getLogger(__name__)
-
-
-def prepare(settings: Settings) -> None:
-    """Folders, a config HAProxy can start with, and the service-watch file the agent loads (possibly
-    before any route exists: an agent whose -config-dir is missing does not start)."""
-    from flowproxy.node import ensure_bootstrap_config
-
-    for folder in (settings.data_dir, settings.haproxy_dir, settings.run_dir, settings.watch_dir):
-        folder.mkdir(parents=True, exist_ok=True)
-    for folder in (settings.data_dir, settings.haproxy_dir, settings.run_dir):
-        folder.chmod(0o700)
-    watches.ensure_file(settings.watch_dir)
-    ensure_bootstrap_config(settings)
 
 
 def run(settings: Settings, poll: float = 2.0) -> None:

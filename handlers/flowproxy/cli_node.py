@@ -148,7 +148,7 @@ def init(ctx: click.Context) -> None:
 
     For an HAProxy started by systemd (ops/systemd/flowproxy-haproxy.service runs this first).
     """
-    from flowproxy.attached import prepare
+    from flowproxy.node import prepare
 
     settings = settings_of(ctx)
     prepare(settings)

@@ -206,6 +206,7 @@ class ConsulStore:
             consul.base.CB.bool(), "/v1/agent/service/register",
             data=json.dumps(payload)))
 
+
 def _cause(exc: BaseException) -> str:
     """One line for a failed call: urllib3's chain of wrappers cut down to its last cause."""
     if isinstance(exc, requests.ConnectionError):

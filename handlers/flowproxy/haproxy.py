@@ -102,8 +102,9 @@ class HAProxySocket:
                     raise
                 time.sleep(0.02)
 
-    def reload(self, timeout: float = 30.0) -> ProcInfo:
-        """Ask for one reload and wait until `show proc` confirms it loaded (or failed)."""
+    def reload(self, timeout: float = 30.0) -> tuple[int, ...]:
+        """Ask for one reload and wait until `show proc` confirms it loaded (or failed); returns the workers
+        it retired (they may still finish connections: see `drain`)."""
         before = self.show_proc_settled()
         self.command("reload")
         deadline = time.monotonic() + timeout
@@ -118,7 +119,7 @@ class HAProxySocket:
                     raise HAProxyError("HAProxy could not load the new configuration; the previous worker "
                                        "keeps serving")
                 if after.workers:
-                    return after
+                    return before.workers
         raise HAProxyError(f"reload not confirmed by `show proc` within {timeout:.0f}s")
 
 

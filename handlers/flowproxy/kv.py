@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from flowproxy.faults import internal_error
 from flowproxy.intent import NAME_RE, parse_intent
 from flowproxy.model import Desired, KVEntry, Problem, Route, Variant
+from flowproxy.runstate import is_status_key
 
 ACTIVE = "active"
 ACCEPT_EMPTY = "accept-empty"
@@ -37,9 +38,9 @@ def desired_from_kv(prefix: str, entries: Iterable[KVEntry], index: int = 0) -> 
         rel = entry.key[len(prefix):] if entry.key.startswith(prefix) else None
         if rel is None or rel == "" or (rel.endswith("/") and not entry.value):
             continue  # folder markers made by the UI or `consul kv put dir/`
-        parts = rel.split("/")
-        if parts[0] == "status" and len(parts) == 2:
+        if is_status_key(prefix, entry.key):
             continue
+        parts = rel.split("/")
         if parts == [ACCEPT_EMPTY]:
             accept_empty = True
             continue

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from flowproxy import ports, release
+from flowproxy import ports, release, watches
 from flowproxy.agent import AgentTLS, consul_argv, install_watches
 from flowproxy.applier import Applier
 from flowproxy.consul_io import ConsulStore
@@ -28,7 +28,7 @@ from flowproxy.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 REPO_CONSUL_D = shipped("consul_d", "consul.d")
-__all__ = ["Node", "NodeSpec", "ensure_bootstrap_config", "wait_for"]
+__all__ = ["Node", "NodeSpec", "ensure_bootstrap_config", "prepare", "wait_for"]
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class Node:
     supervisor: Supervisor = field(init=False)
 
     def __post_init__(self) -> None:
-        self.supervisor = Supervisor(self.settings, consul_addr=self.http_addr())
+        self.supervisor = Supervisor(self.settings)  # settings.consul_addr is this node's agent API
 
     @property
     def settings(self) -> Settings:
@@ -83,14 +83,13 @@ class Node:
         for binary in needed:
             if shutil.which(binary) is None:
                 raise UsageError(f"{binary} is not installed or not on PATH; run `bash .ci/install`")
-        for folder in (self.settings.data_dir, self.settings.haproxy_dir):
-            # Sockets (master, stats, the preview listener when off) live here: owner only.
-            folder.mkdir(parents=True, exist_ok=True)
-            folder.chmod(0o700)
-        (self.settings.data_dir / "logs").mkdir(exist_ok=True)
         if self.spec.proxy:
             refuse_taken_ports(self.settings)
-            ensure_bootstrap_config(self.settings)
+            prepare(self.settings)  # the same folders and first config as `node run` / `node init`
+        else:
+            self.settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (self.settings.data_dir / "logs").mkdir(exist_ok=True)
+        if self.spec.proxy:
             self.start_haproxy()
         self.start_consul()
 
@@ -219,6 +218,18 @@ def refuse_taken_ports(settings: Settings) -> None:
             if holder:
                 raise UsageError(f"{what} {bind}: {holder}; another program (another flowproxy node?) "
                                  "listens there. Choose another address or stop it first.")
+
+
+def prepare(settings: Settings) -> None:
+    """Folders, a config HAProxy can start with, and the service-watch file the agent loads (possibly
+    before any route exists: an agent whose -config-dir is missing does not start). Sockets (master,
+    stats, the listeners a node does not open) live in these folders: owner only."""
+    for folder in (settings.data_dir, settings.haproxy_dir, settings.run_dir, settings.watch_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+    for folder in (settings.data_dir, settings.haproxy_dir, settings.run_dir):
+        folder.chmod(0o700)
+    watches.ensure_file(settings.watch_dir)
+    ensure_bootstrap_config(settings)
 
 
 def ensure_bootstrap_config(settings: Settings) -> None:

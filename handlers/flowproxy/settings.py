@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import grp
 import hashlib
+import logging
 import os
 import pwd
 import re
@@ -20,6 +21,8 @@ from flowproxy.forward import DEFAULT_DATA_DIR
 
 PREFIX_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)*/")
 NODE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
 def shipped(folder: str, repo_folder: str) -> Path:
     """A folder of package data: inside the installed package (a wheel), else at the checkout's top."""
     here = Path(__file__).resolve().parent
@@ -36,13 +39,11 @@ def unprivileged() -> dict[str, str]:
     else `nobody`. Without root there is nothing to drop (and HAProxy could not change user anyway)."""
     if os.geteuid() != 0:
         return {}
-    for name in ("flowproxy", "nobody"):
-        try:
-            user = pwd.getpwnam(name)
-        except KeyError:
-            continue
-        return {"FP_USER": name, "FP_GROUP": grp.getgrgid(user.pw_gid).gr_name}
-    return {"FP_USER": "65534", "FP_GROUP": "65534"}
+    try:
+        user = pwd.getpwnam("flowproxy")
+    except KeyError:
+        user = pwd.getpwnam("nobody")  # every Debian system has it; a KeyError here is a broken system
+    return {"FP_USER": user.pw_name, "FP_GROUP": grp.getgrgid(user.pw_gid).gr_name}
 
 
 @dataclass(frozen=True)
@@ -96,8 +97,6 @@ def token_from(env: Mapping[str, str]) -> str | None:
         return Path(path).read_text().strip() or None
     except OSError as exc:
         # Not fatal here: `node env` and `node init` need no token; a Consul call will be denied and say so.
-        import logging
-
         logging.getLogger(__name__).warning("CONSUL_HTTP_TOKEN_FILE %s: cannot read it (%s)", path, exc.strerror)
         return None
 

@@ -41,7 +41,6 @@ FULL_RESYNC_EVERY = 20.0
 @dataclass
 class Supervisor:
     settings: Settings
-    consul_addr: str = ""  # default: settings.consul_addr
     applier: Applier | None = None
     retry: subprocess.Popen[bytes] | None = None
     last_retry: float = 0.0
@@ -58,7 +57,7 @@ class Supervisor:
         """One client for the node's lifetime: the supervisor calls Consul every tick."""
         if self._store is None:
             s = self.settings
-            self._store = ConsulStore(self.consul_addr or s.consul_addr, s.consul_token, tls=s.consul_tls)
+            self._store = ConsulStore(s.consul_addr, s.consul_token, tls=s.consul_tls)
         return self._store
 
     def start_applier(self) -> None:

@@ -20,10 +20,11 @@ from typing import Any
 
 import pytest
 
+from bench.run import free_port
 from flowproxy.backend import IdentityServer
 from flowproxy.demo import register_instance
 from flowproxy.haproxy import HAProxySocket
-from tests.harness import ProxyNode, free_port, need, node_spec, reset, start_node, status_of, wait_applied
+from tests.harness import ProxyNode, need, node_spec, reset, start_node, status_of, wait_applied
 
 FLOWPROXY = str(Path(sys.executable).parent / "flowproxy")
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.run import free_port
 from flowproxy.backend import IdentityServer
 from flowproxy.demo import fetch
 from flowproxy.kv import desired_from_kv
@@ -14,7 +15,7 @@ from flowproxy.model import Instance, KVEntry
 from flowproxy.plan import make_plan
 from flowproxy.render import Templates, render
 from flowproxy.settings import REPO_TEMPLATES
-from tests.harness import free_port, serve_bundle
+from tests.harness import serve_bundle
 from tests.scenarios import PRECEDENCE, PRECEDENCE_EXPECT, P, routes
 
 
