@@ -155,17 +155,20 @@ def members(store: ConsulStore) -> dict[str, str]:
 def wait_converged(store: ConsulStore, prefix: str, index: int, timeout: float, progress: Callable[[str], None], *,
                    policy: WaitPolicy = WaitPolicy(), route: str | None = None) -> str:
     """Return a summary once every node the policy names has applied `index`; raise NotConverged naming
-    the others, or RejectedByNode when a node applied it and rejected `route`."""
+    the others, or RejectedByNode once every node has answered (or time is up) and any rejected `route`."""
     deadline = time.monotonic() + timeout
     while True:
         verdict = judge(members(store), read_statuses(store, prefix), index, policy, route)
         skipped = f"; not waited for: {', '.join(verdict.skipped)}" if verdict.skipped else ""
-        if verdict.rejected:
-            raise RejectedByNode(f"applied, but rejected: {'; '.join(verdict.rejected)}")
+        out_of_time = time.monotonic() >= deadline
+        if verdict.rejected and (out_of_time or not verdict.waiting):
+            # Every node's verdict, not the first one's: nodes can disagree (their local templates differ).
+            pending = f"; not applied yet: {', '.join(verdict.waiting)}" if verdict.waiting else ""
+            raise RejectedByNode(f"applied, but rejected: {'; '.join(verdict.rejected)}{pending}{skipped}")
         enough = len(verdict.applied) >= policy.min_nodes
         if not verdict.waiting and enough:
             return f"{len(verdict.applied)} proxy node(s) applied KV index {index}{skipped}"
-        if time.monotonic() >= deadline:
+        if out_of_time:
             if verdict.waiting:
                 raise NotConverged(f"not applied within {timeout:.0f}s (KV index {index}): "
                                    f"{'; '.join(verdict.waiting)}{skipped}")

@@ -60,3 +60,29 @@ def view(health: str = "passing", current: bool = True, ok: bool = True, same: b
 ], ids=["fine", "stale", "critical", "failing", "differs", "no-node", "rejected", "maintenance"])
 def test_status_exit_codes(rows: list[NodeView], docs: dict[str, dict[str, Any]], code: int) -> None:
     assert fleet_exit_code(rows, docs) == code
+
+
+def test_wait_reports_every_nodes_rejection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node that rejects first does not cut the wait short: the others' verdicts are reported too."""
+    from flowproxy import fleet
+    from flowproxy.errors import RejectedByNode
+
+    rounds = iter([{"a": doc(10, "rejected"), "b": doc(9)}, {"a": doc(10, "rejected"), "b": doc(10, "rejected")}])
+    monkeypatch.setattr(fleet, "members", lambda store: {"a": "passing", "b": "passing"})
+    monkeypatch.setattr(fleet, "read_statuses", lambda store, prefix: next(rounds))
+    monkeypatch.setattr("time.sleep", lambda seconds: None)
+    with pytest.raises(RejectedByNode) as caught:
+        fleet.wait_converged(None, "flowproxy/", 10, 60, lambda line: None, route="web")  # type: ignore[arg-type]
+    assert str(caught.value) == ("applied, but rejected: a: flowproxy/routes/web/live: bad; "
+                                 "b: flowproxy/routes/web/live: bad")
+
+
+def test_wait_names_the_silent_nodes_when_time_is_up_after_a_rejection(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flowproxy import fleet
+    from flowproxy.errors import RejectedByNode
+
+    monkeypatch.setattr(fleet, "members", lambda store: {"a": "passing", "b": "passing"})
+    monkeypatch.setattr(fleet, "read_statuses", lambda store, prefix: {"a": doc(10, "rejected")})
+    with pytest.raises(RejectedByNode) as caught:
+        fleet.wait_converged(None, "flowproxy/", 10, 0, lambda line: None, route="web")  # type: ignore[arg-type]
+    assert str(caught.value).endswith("; not applied yet: b (never reported)")
