@@ -212,38 +212,50 @@ def guard_empty(settings: Settings, store: ConsulStore, desired: Desired, accept
         "every node (delete it afterwards).")
 
 
-def deploy(settings: Settings, bundle: Bundle) -> bool:
-    """Make `bundle` the running config; False when it already is (no reload for equal bytes).
+def deploy(settings: Settings, bundle: Bundle) -> Deployed:
+    """Make `bundle` the running config (no reload for equal bytes).
 
-    Map and server-slot changes go through the Runtime API; anything else, or any refusal there, reloads.
+    Map and server-slot changes go through the Runtime API; anything else, or any refusal there, reloads,
+    and the result says why.
     """
     current = release.read_bundle(settings.current)
     if current is not None and dict(current.files) == dict(bundle.files):
-        return False
-    commands = runtime.runtime_commands(current, bundle) if current is not None else None
+        return Deployed(changed=False)
+    change = runtime.plan_change(current, bundle) if current is not None else runtime.Reload("first config")
     partial = False
-    if commands is not None and current is not None and settings.master_socket.exists():
-        if live_update(settings, current, bundle, commands):
-            return True
-        partial = True  # some commands may have run: only a reload from files is sure to undo them
+    if isinstance(change, runtime.Reload):
+        why = change.why
+    elif current is None or not settings.master_socket.exists():
+        why = "HAProxy was not running"
+    else:
+        refused = live_update(settings, current, bundle, change)
+        if refused is None:
+            return Deployed(changed=True)
+        why, partial = refused, True  # some commands may have run: only a reload from files undoes them
     folder = release.stage(settings.haproxy_dir, bundle)
     try:
         check_config(settings.haproxy_bin, folder / "haproxy.cfg", settings.haproxy_env())
     except HAProxyError as exc:
         if partial:
-            reload_or_roll_back(settings, None)  # `current` still holds the last good files
+            reload_or_roll_back(settings, None, why)  # `current` still holds the last good files
         raise CandidateRefused(str(exc)) from exc
     previous = release.activate(settings.current, folder)
     if not settings.master_socket.exists():
         raise HAProxyError(f"HAProxy is not running ({settings.master_socket} is missing); the new config is "
                            "in place and loads when HAProxy starts (`flowproxy node up`)")
-    reload_or_roll_back(settings, previous)
+    reload_or_roll_back(settings, previous, why)
     release.prune(settings.haproxy_dir)
-    return True
+    return Deployed(changed=True, reload=why)
 
 
-def live_update(settings: Settings, current: Bundle, bundle: Bundle, commands: list[str]) -> bool:
-    """Runtime API first, then the files; False when HAProxy refused a command (the caller reloads).
+@dataclass(frozen=True)
+class Deployed:
+    changed: bool
+    reload: str | None = None  # why HAProxy reloaded; None when nothing changed or the runtime API did it
+
+
+def live_update(settings: Settings, current: Bundle, bundle: Bundle, commands: list[str]) -> str | None:
+    """Runtime API first, then the files; HAProxy's refusal when it refused a command (the caller reloads).
 
     Commands first because writing and fsyncing a release takes ~10 ms on this disk, a third of a flip.
     If the files then cannot be written, the inverse commands put HAProxy back on the files it loaded.
@@ -253,7 +265,7 @@ def live_update(settings: Settings, current: Bundle, bundle: Bundle, commands: l
         runtime.send(stats, commands)
     except HAProxyError as exc:
         log.warning("%s; reloading instead", exc)
-        return False
+        return str(exc)
     try:
         release.activate(settings.current, release.stage(settings.haproxy_dir, bundle))
     except ApplyIOError:
@@ -261,10 +273,11 @@ def live_update(settings: Settings, current: Bundle, bundle: Bundle, commands: l
         raise
     log.info("applied %d change(s) through the runtime API, no reload", len(commands))
     release.prune(settings.haproxy_dir)
-    return True
+    return None
 
 
-def reload_or_roll_back(settings: Settings, previous: Path | None) -> None:
+def reload_or_roll_back(settings: Settings, previous: Path | None, why: str) -> None:
+    log.info("reloading HAProxy: %s", why)
     log_file = settings.data_dir / "logs" / "haproxy.log"
     logged = log_file.stat().st_size if log_file.exists() else 0
     master = HAProxySocket(settings.master_socket)
@@ -298,10 +311,10 @@ def converge(settings: Settings, generation: int = 0, accept_empty: bool = False
         bundle, plan = build(settings, desired, health)
         started = time.monotonic()
         try:
-            reloaded = deploy(settings, bundle)
+            deployed = deploy(settings, bundle)
         except CandidateRefused as exc:
             bundle, plan = isolate_refused(settings, desired, health, (bundle, plan), exc)
-            reloaded = deploy(settings, bundle)
+            deployed = deploy(settings, bundle)
         watches.sync(settings.watch_dir, store, desired.services())
     except FlowproxyError as exc:
         _publish_failure(settings, store, str(exc))
@@ -313,17 +326,25 @@ def converge(settings: Settings, generation: int = 0, accept_empty: bool = False
             log.warning("route %s rejected: %s", state.route, reason)
     for problem in plan.stray:
         log.warning("ignored: %s", problem)
-    if reloaded:
+    if deployed.changed:
         log.info("applied config %s (KV index %s) in %.0f ms", bundle.config_sha256[:12], desired.index,
                  (time.monotonic() - started) * 1000)
     doc = applied_doc(settings.node, desired.index, bundle.config_sha256, bundle.digest, plan)
-    _publish(settings, store, doc)
+    _publish(settings, store, doc | {"last_reload": last_reload(settings, desired.index, deployed)})
     runstate.save(settings.run_dir, runstate.LAST_APPLY, {"fingerprint": fingerprint, "kv_index": desired.index,
                                                           "generation": generation, "routes": len(desired.routes),
                                                           "ports_held": list(plan.waiting)})
     if shared is None:
         store.close()
-    return Outcome(desired.index, bundle, plan, reloaded)
+    return Outcome(desired.index, bundle, plan, deployed.reload is not None)
+
+
+def last_reload(settings: Settings, index: int, deployed: Deployed) -> dict[str, Any] | None:
+    """This apply's reload (why, at which KV index, when), else the one before it, as the status shows it."""
+    if deployed.reload is None:
+        previous: dict[str, Any] | None = runstate.load(settings.run_dir, runstate.LAST_STATUS).get("last_reload")
+        return previous
+    return {"why": deployed.reload, "kv_index": index, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def _publish(settings: Settings, store: ConsulStore, doc: dict[str, Any]) -> None:

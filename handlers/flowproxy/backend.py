@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import json
 import threading
 import time
@@ -16,6 +18,9 @@ class IdentityHandler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
 
     def do_GET(self) -> None:
+        if self.path == "/echo" and self.headers.get("Upgrade"):
+            self.echo()
+            return
         if self.path == "/health":
             body = b"ok\n"
             status = 503 if self.server.unhealthy.is_set() else 200
@@ -36,6 +41,21 @@ class IdentityHandler(BaseHTTPRequestHandler):
         self.send_header("X-Instance", self.server.name)
         self.end_headers()
         self.wfile.write(body)
+
+    def echo(self) -> None:
+        """A long-lived connection, as a WebSocket or a database session is to the proxy: after `101
+        Switching Protocols` every line comes back prefixed with the instance's name, until the client
+        closes. Through an HTTP route HAProxy tunnels it like a WebSocket; a TCP route carries it as is."""
+        self.send_response(101)
+        self.send_header("Upgrade", self.headers["Upgrade"])
+        self.send_header("Connection", "Upgrade")
+        if key := self.headers.get("Sec-WebSocket-Key"):  # RFC 6455's proof that this server understood
+            digest = hashlib.sha1(key.strip().encode() + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()
+            self.send_header("Sec-WebSocket-Accept", base64.b64encode(digest).decode())
+        self.end_headers()
+        self.close_connection = True
+        while line := self.rfile.readline(65536):
+            self.wfile.write(self.server.name.encode() + b" " + line)
 
     def log_message(self, format: str, *args: object) -> None:
         pass

@@ -85,6 +85,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
 
     from flowproxy.apply import store_for
     from flowproxy.fleet import fleet_exit_code, fleet_report, fleet_view, latest_index, read_statuses
+    from flowproxy.haproxy import local_old_workers
     from flowproxy.selfcheck import SERVICE
     from flowproxy.traffic import counts_report, local_counts
 
@@ -94,12 +95,16 @@ def status(ctx: click.Context, as_json: bool) -> None:
     latest = latest_index(store, settings.prefix)
     rows = fleet_view(docs, store.service_health(SERVICE), latest)
     counts = local_counts(settings.stats_socket)
+    old = local_old_workers(settings.master_socket)
     code = fleet_exit_code(rows, docs)
     if as_json:
         echo_json({"latest_index": latest, "nodes": [dataclasses.asdict(r) for r in rows], "status": docs,
-                   "exit_code": code} | ({"traffic": counts} if counts is not None else {}))
+                   "exit_code": code} | ({"traffic": counts} if counts is not None else {})
+                  | ({"haproxy": dataclasses.asdict(old)} if old is not None else {}))
     else:
         click.echo(fleet_report(rows, docs, latest), nl=False)
+        if old is not None:
+            click.echo(f"\nthis node: {old.reloads} reload(s) since HAProxy started; {old.summary()}")
         if counts:
             click.echo("\n" + counts_report(counts), nl=False)
     sys.exit(code)

@@ -89,6 +89,11 @@ def fleet_report(rows: list[NodeView], docs: dict[str, dict[str, Any]], latest: 
         state = "current" if r.current else "STALE"
         lines.append(f"{r.node:<18} {r.health:<12} {r.kv_index:>8} {state:<7} {str(r.config_sha256 or '-')[:12]:<12} "
                      f"{'yes' if r.same else 'NO':<5} {r.time:<20} {r.last_error or ''}")
+    reloads = [(r.node, last) for r in rows if isinstance(last := docs.get(r.node, {}).get("last_reload"), dict)]
+    if reloads:
+        lines += ["", "last HAProxy reload (every other change went through the runtime API):"]
+        lines += [f"  {node}: KV index {last.get('kv_index')} at {last.get('time')}: {last.get('why')}"
+                  for node, last in reloads]
     rejected = sorted({(route, reason) for d in docs.values()
                        for route, st in (d.get("routes") or {}).items() if st.get("state") == "rejected"
                        for reason in st.get("reasons", [])})

@@ -147,6 +147,44 @@ def connections(master: HAProxySocket, pid: int) -> int:
     return int(found.group(1)) if found else 0
 
 
+@dataclass(frozen=True)
+class OldWorkers:
+    """Workers of earlier configs still finishing long-lived connections, and what they cost."""
+
+    pids: tuple[int, ...]
+    rss_kib: int  # resident memory, summed (pages a worker shares with its siblings count in each)
+    reloads: int  # the master's reload counter
+
+    def summary(self) -> str:
+        if not self.pids:
+            return "old workers: none"
+        return (f"old workers: {len(self.pids)}, {self.rss_kib / 1024:.0f} MiB resident "
+                f"(pids {', '.join(map(str, self.pids))})")
+
+
+def old_workers(info: ProcInfo) -> OldWorkers:
+    return OldWorkers(info.old, sum(rss_kib(pid) for pid in info.old), info.reloads)
+
+
+def local_old_workers(master_socket: Path) -> OldWorkers | None:
+    """This node's old workers, or None when its HAProxy is not reachable from here."""
+    if not master_socket.exists():
+        return None
+    try:
+        return old_workers(HAProxySocket(master_socket, timeout=2).show_proc())
+    except HAProxyError:
+        return None
+
+
+def rss_kib(pid: int) -> int:
+    """A process's resident memory from /proc (0 once it has exited)."""
+    try:
+        found = re.search(r"^VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.M)
+    except OSError:
+        return 0
+    return int(found.group(1)) if found else 0
+
+
 def recent_alerts(log: Path, since: int = 0, most: int = 3) -> list[str]:
     """The last [ALERT] lines HAProxy wrote to its log after byte `since`: why a reload failed (a bind, a
     file), in HAProxy's own words, and not an older failure's."""

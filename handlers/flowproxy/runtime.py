@@ -14,6 +14,7 @@ a fresh node load the same state.
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import dataclass
 
 from flowproxy.errors import HAProxyError
 from flowproxy.fragment_rules import SECTION_KEYWORDS
@@ -28,30 +29,53 @@ def parse_map(data: bytes) -> dict[str, str]:
     return {key: value for key, value in rows}
 
 
+@dataclass(frozen=True)
+class Reload:
+    """Why HAProxy has to reload: said in the node's log and status, so an operator sees what costs one."""
+
+    why: str
+
+
 def runtime_commands(old: Bundle, new: Bundle) -> list[str] | None:
     """The commands that turn running `old` into `new`, or None when only a reload will do."""
+    change = plan_change(old, new)
+    return None if isinstance(change, Reload) else change
+
+
+def plan_change(old: Bundle, new: Bundle) -> list[str] | Reload:
+    """The commands that turn running `old` into `new`, or why only a reload will do."""
     if set(old.files) != set(new.files):
-        return None
+        added, removed = sorted(set(new.files) - set(old.files)), sorted(set(old.files) - set(new.files))
+        return Reload("; ".join([f"new file {', '.join(added)}"] * bool(added)
+                                + [f"file gone {', '.join(removed)}"] * bool(removed)))
     commands = server_commands(old.config, new.config)
-    if commands is None:
-        return None
+    if isinstance(commands, Reload):
+        return commands
     for name in sorted(new.files):
         if name == "haproxy.cfg" or old.files[name] == new.files[name]:
             continue
         if name.startswith("certs/"):
             commands += cert_commands(name, new.files[name])
             continue
-        if not name.startswith("maps/") or name.endswith("_reg.map"):
-            return None  # map_reg takes the first match in file order; `add map` appends
-        before, after = parse_map(old.files[name]), parse_map(new.files[name])
-        commands += [f"del map {name} {key}" for key in sorted(before.keys() - after.keys())]
-        for key, value in sorted(after.items()):
-            if key not in before:
-                commands.append(f"add map {name} {key} {value}")
-            elif before[key] != value:
-                commands.append(f"set map {name} {key} {value}")
-    if len(commands) > MAX_COMMANDS or any(";" in c or "\\" in c for c in commands):
-        return None  # the CLI splits commands on ';' and unescapes '\'
+        if name.endswith("_reg.map"):  # map_reg takes the first match in file order; `add map` appends
+            return Reload(f"{name} changed (a regex map is matched in file order)")
+        if not name.startswith("maps/"):
+            return Reload(f"{name} changed")
+        commands += map_commands(name, parse_map(old.files[name]), parse_map(new.files[name]))
+    if len(commands) > MAX_COMMANDS:
+        return Reload(f"{len(commands)} runtime commands, more than {MAX_COMMANDS}")
+    if any(";" in c or "\\" in c for c in commands):
+        return Reload("a map key or value holds ';' or '\\', which the runtime API would split or unescape")
+    return commands
+
+
+def map_commands(name: str, before: dict[str, str], after: dict[str, str]) -> list[str]:
+    commands = [f"del map {name} {key}" for key in sorted(before.keys() - after.keys())]
+    for key, value in sorted(after.items()):
+        if key not in before:
+            commands.append(f"add map {name} {key} {value}")
+        elif before[key] != value:
+            commands.append(f"set map {name} {key} {value}")
     return commands
 
 
@@ -65,25 +89,35 @@ def cert_commands(name: str, pem: bytes) -> list[str]:
     return [f"set ssl cert {name} <<\n{payload}\n", f"commit ssl cert {name}"]
 
 
-def server_commands(old: bytes, new: bytes) -> list[str] | None:
+def server_commands(old: bytes, new: bytes) -> list[str] | Reload:
     """Commands for configs whose only difference is `server` lines added to or removed from backends."""
     if old == new:
         return []
     before, after = sections(old.decode()), sections(new.decode())
-    if [head for head, _ in before] != [head for head, _ in after]:
-        return None
+    heads_before, heads_after = [head for head, _ in before], [head for head, _ in after]
+    if heads_before != heads_after:
+        return Reload(section_change(heads_before, heads_after))
     commands: list[str] = []
     for (head, old_body), (_, new_body) in zip(before, after, strict=True):
         if old_body == new_body:
             continue
         words = head.split()
-        if words[0] != "backend" or len(words) != 2:
-            return None
+        if words[:1] != ["backend"] or len(words) != 2:
+            return Reload(f"section `{head.strip() or 'global'}` changed")
         change = backend_change(words[1], old_body, new_body)
-        if change is None:
-            return None
+        if isinstance(change, Reload):
+            return change
         commands += change
     return commands
+
+
+def section_change(before: list[str], after: list[str]) -> str:
+    """`new backend x`, `gone: frontend y`: the first few, enough for a log line."""
+    added = [h.strip() for h in after if h not in set(before)]
+    gone = [h.strip() for h in before if h not in set(after)]
+    words = [f"new {h}" for h in added[:3]] + [f"gone: {h}" for h in gone[:3]]
+    more = len(added) + len(gone) - len(words)
+    return ", ".join(words + [f"{more} more"] * (more > 0)) or "sections reordered"
 
 
 def backend_bodies(text: str) -> dict[str, list[str]]:
@@ -108,24 +142,26 @@ def sections(text: str) -> list[tuple[str, list[str]]]:
     return out
 
 
-def backend_change(backend: str, old: list[str], new: list[str]) -> list[str] | None:
+def backend_change(backend: str, old: list[str], new: list[str]) -> list[str] | Reload:
     """Add and delete servers; any other difference (options, order of other lines) needs a reload."""
     old_servers, new_servers = servers(old), servers(new)
-    if old_servers is None or new_servers is None or others(old) != others(new):
-        return None
+    if old_servers is None or new_servers is None:
+        return Reload(f"backend {backend}: a server name repeats")
+    if others(old) != others(new):
+        return Reload(f"backend {backend}: settings other than its servers changed")
     commands: list[str] = []
     for name in sorted(old_servers.keys() & new_servers.keys()):
         if old_servers[name] != new_servers[name]:
             weight = weight_change(old_servers[name], new_servers[name])
             if weight is None:
-                return None  # another option changed: the reload reads it
+                return Reload(f"backend {backend}: server {name} changed more than its weight")
             commands.append(f"set server {backend}/{name} weight {weight}")
     # Additions first, so a backend whose instances are replaced never runs empty in between.
     for name in sorted(new_servers.keys() - old_servers.keys()):
         words, target = new_servers[name], f"{backend}/{name}"
         address = endpoint(words[0])
-        if address is None:
-            return None  # a host name would be resolved at run time, unlike the file's init-addr
+        if address is None:  # a host name would be resolved at run time, unlike the file's init-addr
+            return Reload(f"backend {backend}: new server {name} has a host name, not an address")
         # Dynamic servers start in maintenance with checks off. `set server addr` covers a same-named
         # server left in maintenance by an earlier delete that found connections still attached.
         commands += [f"add server {target} {' '.join(words)}",

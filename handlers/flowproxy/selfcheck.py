@@ -9,7 +9,7 @@ from __future__ import annotations
 from flowproxy import __version__, runstate
 from flowproxy.consul_io import ConsulStore
 from flowproxy.errors import HAProxyError
-from flowproxy.haproxy import HAProxySocket
+from flowproxy.haproxy import HAProxySocket, old_workers
 from flowproxy.settings import Settings
 
 SERVICE = "flowproxy"
@@ -50,7 +50,8 @@ def health(settings: Settings) -> tuple[str, str]:
         return "critical", f"last apply failed: {last.get('last_error')}"
     workers = ", ".join(str(pid) for pid in info.workers) or "reloading"
     config = str(last.get("config_sha256"))[:12]
-    return "passing", f"HAProxy master {info.master_pid} (workers: {workers}), config {config}"
+    return "passing", (f"HAProxy master {info.master_pid} (workers: {workers}), config {config}; "
+                       f"{old_workers(info).summary()}")
 
 
 def beat(store: ConsulStore, settings: Settings) -> str:

@@ -21,6 +21,13 @@ from flowproxy.forward import DEFAULT_DATA_DIR
 
 PREFIX_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)*/")
 NODE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+HAPROXY_TIME_RE = re.compile(r"[1-9][0-9]{0,8}(ms|s|m|h|d)")
+# An old worker (the previous config, kept alive by its connections after a reload) holds long-lived
+# connections (WebSockets, TCP, SNI passthrough) until they end, at most this long: a day, so a reload
+# for someone else's change does not cut a database session, at the price of that worker's memory.
+DEFAULT_OLD_WORKER_LIFETIME = "24h"
+# ...and one that has outlived this many later reloads is stopped: the cap on how many can pile up.
+DEFAULT_MAX_OLD_WORKERS = 10
 
 
 def shipped(folder: str, repo_folder: str) -> Path:
@@ -78,6 +85,13 @@ def _true(value: str) -> bool:
     return value.strip().lower() in ("1", "true", "yes", "on")
 
 
+def _count(text: str, default: int) -> int:
+    """A whole number from the environment; a typo is kept as -1, for `checked` to refuse by name."""
+    if not text.strip():
+        return default
+    return int(text) if text.strip().isascii() and text.strip().isdigit() else -1
+
+
 def _seconds(text: str, default: float) -> float:
     try:
         return max(0.0, float(text)) if text.strip() else default
@@ -120,6 +134,8 @@ class Settings:
     haproxy_bin: str = "haproxy"
     templates: Path = REPO_TEMPLATES
     drain_wait: float = 10.0  # seconds a reload waits for old workers before it counts as applied
+    old_worker_lifetime: str = DEFAULT_OLD_WORKER_LIFETIME  # HAProxy's hard-stop-after
+    max_old_workers: int = DEFAULT_MAX_OLD_WORKERS  # HAProxy's mworker-max-reloads
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -142,6 +158,8 @@ class Settings:
             "haproxy_bin": env.get("FLOWPROXY_HAPROXY", "haproxy"),
             "templates": Path(env.get("FLOWPROXY_TEMPLATES", str(REPO_TEMPLATES))),
             "drain_wait": _seconds(env.get("FLOWPROXY_DRAIN_WAIT", ""), 10.0),
+            "old_worker_lifetime": env.get("FLOWPROXY_OLD_WORKER_LIFETIME") or DEFAULT_OLD_WORKER_LIFETIME,
+            "max_old_workers": _count(env.get("FLOWPROXY_MAX_OLD_WORKERS", ""), DEFAULT_MAX_OLD_WORKERS),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)  # type: ignore[arg-type]
@@ -155,6 +173,11 @@ class Settings:
             raise UsageError(f"prefix {self.prefix!r}: use letters, digits and _.- in /-separated parts")
         if not NODE_RE.fullmatch(self.node):
             raise UsageError(f"node name {self.node!r}: use 1-63 letters, digits and _.-")
+        if not HAPROXY_TIME_RE.fullmatch(self.old_worker_lifetime):
+            raise UsageError(f"FLOWPROXY_OLD_WORKER_LIFETIME {self.old_worker_lifetime!r}: a HAProxy time, "
+                             "digits with a unit (ms, s, m, h, d), e.g. 24h")
+        if not 1 <= self.max_old_workers <= 1000:
+            raise UsageError(f"FLOWPROXY_MAX_OLD_WORKERS {self.max_old_workers}: a number from 1 to 1000")
         return replace(self, prefix=prefix, data_dir=self.data_dir.absolute())
 
     def env(self) -> dict[str, str]:
@@ -168,6 +191,8 @@ class Settings:
             "FLOWPROXY_HAPROXY": self.haproxy_bin,
             "FLOWPROXY_TEMPLATES": str(self.templates),
             "FLOWPROXY_DRAIN_WAIT": f"{self.drain_wait:g}",
+            "FLOWPROXY_OLD_WORKER_LIFETIME": self.old_worker_lifetime,
+            "FLOWPROXY_MAX_OLD_WORKERS": str(self.max_old_workers),
         }
         if self.consul_token_file:
             out["CONSUL_HTTP_TOKEN_FILE"] = self.consul_token_file
@@ -196,6 +221,7 @@ class Settings:
                 "FP_SNI_BIND": own("sni.sock", self.sni_bind),
                 "FP_METRICS_BIND": own("metrics.sock", self.metrics_bind), "FP_TCP_HOST": self.tcp_host,
                 "FP_STATS_SOCKET": str(self.stats_socket), "FP_STATS_AUTH": self.stats_auth or LOCKED_STATS,
+                "FP_OLD_WORKER_LIFETIME": self.old_worker_lifetime, "FP_MAX_OLD_WORKERS": str(self.max_old_workers),
                 } | unprivileged()
 
     @property

@@ -6,7 +6,7 @@ import pytest
 
 from flowproxy.errors import HAProxyError
 from flowproxy.render import Bundle
-from flowproxy.runtime import MAX_COMMANDS, accepted, runtime_commands, send
+from flowproxy.runtime import MAX_COMMANDS, Reload, accepted, plan_change, runtime_commands, send
 
 CFG = b"frontend f\n"
 
@@ -129,3 +129,29 @@ def test_a_refused_certificate_is_named_without_its_private_key() -> None:
 @pytest.mark.parametrize(("command", "answer", "ok"), [c[1:] for c in ANSWERS], ids=[c[0] for c in ANSWERS])
 def test_answers(command: str, answer: str, ok: bool) -> None:
     assert accepted(command, answer) is ok
+
+
+REASONS = [
+    ("cert-added", bundle(path_beg=""), bundle(certs={"a": PEM_NEW}, path_beg=""), "new file certs/a.pem"),
+    ("cert-removed", bundle(certs={"a": PEM_OLD}), bundle(), "file gone certs/a.pem"),
+    ("regex-map", bundle(path_reg=""), bundle(path_reg="^/a x:1\n"),
+     "maps/path_reg.map changed (a regex map is matched in file order)"),
+    ("new-backend", bundle(b"backend a\n"), bundle(b"backend a\nbackend b\n"), "new backend b"),
+    ("gone-listener", bundle(b"frontend t\nbackend a\n"), bundle(b"backend a\n"), "gone: frontend t"),
+    ("frontend-changed", bundle(b"frontend t\n    bind :1\n"), bundle(b"frontend t\n    bind :2\n"),
+     "section `frontend t` changed"),
+    ("backend-option", bundle(b"backend a\n    balance roundrobin\n"), bundle(b"backend a\n    balance first\n"),
+     "backend a: settings other than its servers changed"),
+    ("server-option", bundle(b"backend a\n    server s 10.0.0.1:80 check\n"),
+     bundle(b"backend a\n    server s 10.0.0.1:80\n"), "backend a: server s changed more than its weight"),
+    ("host-name", bundle(b"backend a\n"), bundle(b"backend a\n    server s db.local:80\n"),
+     "backend a: new server s has a host name, not an address"),
+    ("too-many", bundle(path_beg=""), bundle(path_beg="".join(f"/r{i} x:1\n" for i in range(MAX_COMMANDS + 1))),
+     f"{MAX_COMMANDS + 1} runtime commands, more than {MAX_COMMANDS}"),
+]
+
+
+@pytest.mark.parametrize(("old", "new", "why"), [c[1:] for c in REASONS], ids=[c[0] for c in REASONS])
+def test_reload_reasons(old: Bundle, new: Bundle, why: str) -> None:
+    """Each reload says why, in words an operator can act on (log and status)."""
+    assert plan_change(old, new) == Reload(why)
