@@ -110,9 +110,16 @@ class ProxyNode:
         return (self.settings.current / "haproxy.cfg").read_bytes()
 
     def public_routes(self) -> str:
-        """What the public listener routes on: every map file except the preview ones."""
+        """What the public listener routes on: every map file except the preview ones (and the spares' list)."""
         maps = sorted((self.settings.current / "maps").glob("*.map"))
-        return "".join(p.read_text() for p in maps if not p.name.startswith("preview_"))
+        return "".join(p.read_text() for p in maps if not p.name.startswith("preview_") and p.name != "slots.map")
+
+    def running_backend(self, name: str) -> str:
+        """The backend HAProxy serves `name` from: its own, or the spare holding it since the last reload."""
+        from flowproxy.spares import slots
+
+        held = slots((self.settings.current / "maps" / "slots.map").read_bytes())
+        return next((spare for spare, backend in held.items() if backend == name), name)
 
     def wait(self, check: Callable[[], bool], what: str, timeout: float = 20) -> None:
         try:

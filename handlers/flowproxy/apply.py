@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flowproxy import fragments, ports, regex_vet, release, runstate, runtime, template_sandbox, watches
+from flowproxy import fragments, ports, regex_vet, release, runstate, runtime, spares, template_sandbox, watches
 from flowproxy.certs import vet_certs
 from flowproxy.consul_io import ConsulStore
 from flowproxy.errors import ApplyIOError, CandidateRefused, EmptyRefused, FlowproxyError, HAProxyError
@@ -213,30 +213,27 @@ def guard_empty(settings: Settings, store: ConsulStore, desired: Desired, accept
 
 
 def deploy(settings: Settings, bundle: Bundle) -> Deployed:
-    """Make `bundle` the running config (no reload for equal bytes).
-
-    Map and server-slot changes go through the Runtime API; anything else, or any refusal there, reloads,
-    and the result says why.
+    """Make `bundle` (a fresh render) what runs: through the runtime API when it can (maps, servers, new
+    backends in spares), else by a reload of `bundle` itself, saying why.
     """
     current = release.read_bundle(settings.current)
-    if current is not None and dict(current.files) == dict(bundle.files):
+    change = live_change(current, bundle)
+    if isinstance(change, runtime.Reload) or current is None:
+        why = change.why if isinstance(change, runtime.Reload) else "first config"
+    elif not change[1] and dict(current.files) == dict(change[0].files):
         return Deployed(changed=False)
-    change = runtime.plan_change(current, bundle) if current is not None else runtime.Reload("first config")
-    partial = False
-    if isinstance(change, runtime.Reload):
-        why = change.why
-    elif current is None or not settings.master_socket.exists():
+    elif not settings.master_socket.exists():
         why = "HAProxy was not running"
     else:
-        refused = live_update(settings, current, bundle, change)
+        refused = live_update(settings, current, *change)
         if refused is None:
             return Deployed(changed=True)
-        why, partial = refused, True  # some commands may have run: only a reload from files undoes them
+        why = refused  # some commands may have run: only a reload from files is sure to undo them
     folder = release.stage(settings.haproxy_dir, bundle)
     try:
         check_config(settings.haproxy_bin, folder / "haproxy.cfg", settings.haproxy_env())
     except HAProxyError as exc:
-        if partial:
+        if not isinstance(change, runtime.Reload) and settings.master_socket.exists():
             reload_or_roll_back(settings, None, why)  # `current` still holds the last good files
         raise CandidateRefused(str(exc)) from exc
     previous = release.activate(settings.current, folder)
@@ -246,6 +243,20 @@ def deploy(settings: Settings, bundle: Bundle) -> Deployed:
     reload_or_roll_back(settings, previous, why)
     release.prune(settings.haproxy_dir)
     return Deployed(changed=True, reload=why)
+
+
+def live_change(current: Bundle | None, fresh: Bundle) -> tuple[Bundle, list[str]] | runtime.Reload:
+    """What the runtime API would run to take HAProxy from `current` to `fresh` (new backends in spares),
+    with the files that then describe it; or why only a reload will do. Pure."""
+    if current is None:
+        return runtime.Reload("first config")
+    if dict(current.files) == dict(fresh.files):
+        return fresh, []
+    target = spares.place(fresh, current)
+    if isinstance(target, runtime.Reload):
+        return target
+    commands = runtime.plan_change(current, target)
+    return commands if isinstance(commands, runtime.Reload) else (target, commands)
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,7 @@ def handle(kind: str, accept_empty: bool) -> None:
 @click.option("--maps", is_flag=True, help="Print the map files after haproxy.cfg.")
 @click.pass_context
 def render(ctx: click.Context, maps: bool) -> None:
-    """Print the config this node would apply now; changes nothing."""
+    """Print the config rendered from KV now (what a reload loads); changes nothing."""
     from flowproxy.apply import build, gather, store_for
 
     settings = settings_of(ctx)
@@ -83,10 +83,13 @@ def status(ctx: click.Context, as_json: bool) -> None:
     """Show every proxy node: applied index, config hash, rejected routes; and this node's traffic per route."""
     import dataclasses
 
+    from flowproxy import release
     from flowproxy.apply import store_for
     from flowproxy.fleet import fleet_exit_code, fleet_report, fleet_view, latest_index, read_statuses
     from flowproxy.haproxy import local_old_workers
+    from flowproxy.render import SLOTS_MAP
     from flowproxy.selfcheck import SERVICE
+    from flowproxy.spares import slots
     from flowproxy.traffic import counts_report, local_counts
 
     settings = settings_of(ctx)
@@ -94,7 +97,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
     docs = read_statuses(store, settings.prefix)
     latest = latest_index(store, settings.prefix)
     rows = fleet_view(docs, store.service_health(SERVICE), latest)
-    counts = local_counts(settings.stats_socket)
+    running = release.read_bundle(settings.current)
+    counts = local_counts(settings.stats_socket, slots(running.files.get(SLOTS_MAP, b"")) if running else {})
     old = local_old_workers(settings.master_socket)
     code = fleet_exit_code(rows, docs)
     if as_json:

@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 
 from flowproxy.errors import ApplyIOError
-from flowproxy.render import Bundle
+from flowproxy.render import CRT_LIST, Bundle
 
 log = logging.getLogger(__name__)
 KEEP_RELEASES = 5
@@ -23,6 +23,8 @@ def read_bundle(folder: Path) -> Bundle | None:
     """The files of a release folder, or None when it is missing or incomplete."""
     try:
         files = {"haproxy.cfg": (folder / "haproxy.cfg").read_bytes()}
+        if (folder / CRT_LIST).exists():
+            files[CRT_LIST] = (folder / CRT_LIST).read_bytes()
         for sub, pattern in (("maps", "*.map"), ("certs", "*.pem")):
             for path in sorted((folder / sub).glob(pattern)):
                 files[f"{sub}/{path.name}"] = path.read_bytes()

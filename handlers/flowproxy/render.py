@@ -33,7 +33,12 @@ from flowproxy.fragment_rules import fragment_errors
 from flowproxy.plan import Backend, Claim, Plan, RouteState
 
 PUBLIC_MAPS = ("host_exact", "host_reg", "host_beg", "path_exact", "path_reg", "path_beg")
-MAP_FILES = PUBLIC_MAPS + tuple(f"preview_{name}" for name in PUBLIC_MAPS) + EDGE_MAPS
+MAP_FILES = PUBLIC_MAPS + tuple(f"preview_{name}" for name in PUBLIC_MAPS) + EDGE_MAPS + ("slots",)
+SLOTS_MAP = "maps/slots.map"
+CRT_LIST = "certs.list"  # the certificates HAProxy serves, in order: the first is for clients without SNI
+# Empty backends a route added between reloads is served from (see spares.py): 24 HTTP, 8 TCP.
+SPARES: tuple[tuple[str, str], ...] = tuple((f"fp_spare_http_{n:02d}", "http") for n in range(24)) + tuple(
+    (f"fp_spare_tcp_{n:02d}", "tcp") for n in range(8))
 
 
 @dataclass(frozen=True)
@@ -103,9 +108,13 @@ def render(plan: Plan, templates: Templates, certs: Mapping[str, bytes] | None =
     maps = render_maps(plan.claims) | render_maps(plan.preview, "preview_") | edge_maps(plan)
     cfg = env.get_template("haproxy.cfg.j2").render(
         version=__version__, fragments=fragments, maps={name: f"maps/{name}.map" for name in MAP_FILES},
-        tcp=tcp_frontends(plan.claims), userlists=userlists(plan), https=bool(certs), codes=REDIRECT_CODES)
+        tcp=tcp_frontends(plan.claims), userlists=userlists(plan), https=bool(certs), codes=REDIRECT_CODES,
+        spares=SPARES, crt_list=CRT_LIST)
     files = {"haproxy.cfg": cfg.encode()} | {f"maps/{n}.map": body.encode() for n, body in maps.items()}
+    files[SLOTS_MAP] = b""  # which spare holds which backend: none in a fresh render (see spares.py)
     files |= {f"certs/{name}.pem": pem for name, pem in sorted((certs or {}).items())}
+    if certs:
+        files[CRT_LIST] = "".join(f"certs/{name}.pem\n" for name in sorted(certs)).encode()
     return Bundle(files), plan
 
 

@@ -1,11 +1,12 @@
 """Changes that HAProxy's Runtime API can make without a reload. The diff is pure; sending is an edge.
 
 Every valid variant already has a backend, so activating, flipping or switching off a route changes only
-map files; instances coming and going change only `server` lines, which `add server` and `del server`
-make at run time, a canary's new weights are `set server weight`, and a renewed certificate is
-`set ssl cert` + `commit ssl cert`. Dynamic servers rather than spare
-disabled slots: each slot's health check reserves a file descriptor, and 4 slots x 10k backends asked
-HAProxy for 40k, over this machine's limit of 20k.
+map files; a new route's backend sits in a spare (spares.py); instances coming and going change only
+`server` lines, which `add server` and `del server` make at run time, a canary's new weights are
+`set server weight`, a renewed certificate is `set ssl cert` + `commit ssl cert`, and a new or removed one
+an entry of the crt-list (`new ssl cert` ... `add ssl crt-list`, `del ssl crt-list` + `del ssl cert`).
+Dynamic servers rather than spare disabled slots: each slot's health check reserves a file descriptor,
+and 4 slots x 10k backends asked HAProxy for 40k, over this machine's limit of 20k.
 Field notes: runtime commands take ~0.1 ms and need no reload, where a reload confirmed with `show proc`
 takes ~40 ms and leaves an old worker behind. The files are written too, so a later reload, a restart or
 a fresh node load the same state.
@@ -19,8 +20,9 @@ from dataclasses import dataclass
 from flowproxy.errors import HAProxyError
 from flowproxy.fragment_rules import SECTION_KEYWORDS
 from flowproxy.haproxy import HAProxySocket
-from flowproxy.render import Bundle
+from flowproxy.render import CRT_LIST, Bundle
 
+CONFIG = "haproxy.cfg"
 MAX_COMMANDS = 200  # past this a reload is as quick and leaves nothing half-applied for long
 
 
@@ -44,15 +46,23 @@ def runtime_commands(old: Bundle, new: Bundle) -> list[str] | None:
 
 def plan_change(old: Bundle, new: Bundle) -> list[str] | Reload:
     """The commands that turn running `old` into `new`, or why only a reload will do."""
-    if set(old.files) != set(new.files):
-        added, removed = sorted(set(new.files) - set(old.files)), sorted(set(old.files) - set(new.files))
+    added, removed = sorted(set(new.files) - set(old.files)), sorted(set(old.files) - set(new.files))
+    listed = (set(crt_list(new)) - set(crt_list(old)), set(crt_list(old)) - set(crt_list(new)))
+    if (set(added), set(removed)) != listed:  # only a certificate in the served list comes or goes
         return Reload("; ".join([f"new file {', '.join(added)}"] * bool(added)
                                 + [f"file gone {', '.join(removed)}"] * bool(removed)))
-    commands = server_commands(old.config, new.config)
-    if isinstance(commands, Reload):
-        return commands
+    servers = server_commands(old.config, new.config)
+    if isinstance(servers, Reload):
+        return servers
+    certs = crt_list_commands(old, new)
+    if isinstance(certs, Reload):
+        return certs
+    # Servers and certificates come first and go last: no map ever points at a backend whose servers are
+    # not there yet, and a route taken out of the maps loses its servers only afterwards (never a 503).
+    leaving = [c for c in servers + certs if c.startswith(("del server ", "del ssl ")) or c.endswith(" state maint")]
+    commands = [c for c in servers + certs if c not in leaving]
     for name in sorted(new.files):
-        if name == "haproxy.cfg" or old.files[name] == new.files[name]:
+        if name in (CONFIG, CRT_LIST) or name not in old.files or old.files[name] == new.files[name]:
             continue
         if name.startswith("certs/"):
             commands += cert_commands(name, new.files[name])
@@ -62,6 +72,7 @@ def plan_change(old: Bundle, new: Bundle) -> list[str] | Reload:
         if not name.startswith("maps/"):
             return Reload(f"{name} changed")
         commands += map_commands(name, parse_map(old.files[name]), parse_map(new.files[name]))
+    commands += leaving
     if len(commands) > MAX_COMMANDS:
         return Reload(f"{len(commands)} runtime commands, more than {MAX_COMMANDS}")
     if any(";" in c or "\\" in c for c in commands):
@@ -79,11 +90,36 @@ def map_commands(name: str, before: dict[str, str], after: dict[str, str]) -> li
     return commands
 
 
+def crt_list_commands(old: Bundle, new: Bundle) -> list[str] | Reload:
+    """Certificates added to or removed from the served list, entry by entry. The first entry is what
+    clients without SNI get, and HAProxy will not remove it: a new first entry is a reload."""
+    before, after = crt_list(old), crt_list(new)
+    if before == after:
+        return []
+    if not before or not after or before[0] != after[0]:
+        return Reload(f"the certificate for clients without SNI changes ({before[:1] or 'none'} -> "
+                      f"{after[:1] or 'none'})")
+    kept = [name for name in before if name in after]
+    if after != kept + [name for name in after if name not in before]:
+        return Reload(f"{CRT_LIST}: certificates reordered")
+    commands = []
+    for name in after[len(kept):]:
+        commands += [f"new ssl cert {name}", *cert_commands(name, new.files[name]),
+                     f"add ssl crt-list {CRT_LIST} {name}"]
+    for name in before:
+        if name not in after:
+            commands += [f"del ssl crt-list {CRT_LIST} {name}", f"del ssl cert {name}"]
+    return commands
+
+
+def crt_list(bundle: Bundle) -> list[str]:
+    return bundle.files.get(CRT_LIST, b"").decode().split()
+
+
 def cert_commands(name: str, pem: bytes) -> list[str]:
-    """A renewed certificate (same file name): a transaction on the running one, then its commit.
+    """A certificate's content: a transaction on the running one (or on a `new ssl cert`), then its commit.
 
     The payload after `<<` ends at the first empty line, so blank lines (legal between PEM blocks) go.
-    A new or removed certificate changes the file set, which reloads: `set ssl cert` only replaces.
     """
     payload = "\n".join(line for line in pem.decode(errors="replace").splitlines() if line.strip())
     return [f"set ssl cert {name} <<\n{payload}\n", f"commit ssl cert {name}"]
@@ -229,6 +265,14 @@ def accepted(command: str, answer: str) -> bool:
         return answer.startswith(("Transaction created for certificate", "Transaction updated for certificate"))
     if command.startswith("commit ssl cert "):
         return answer.endswith("Success!")
+    if command.startswith("new ssl cert "):
+        return answer.startswith("New empty certificate store")
+    if command.startswith("add ssl crt-list "):
+        return answer.endswith("Success!")
+    if command.startswith("del ssl crt-list "):
+        return answer.startswith("Entry ") and " deleted in crtlist " in answer
+    if command.startswith("del ssl cert "):
+        return answer.startswith("Certificate ") and answer.endswith("deleted!")
     if command.startswith("del server "):
         # A server with connections still attached stays in maintenance (no traffic) until the next reload.
         return answer.startswith(("Server deleted.", "Server still has connections attached"))

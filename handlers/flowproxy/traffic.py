@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Mapping
 from pathlib import Path
 
 from flowproxy.errors import HAProxyError
@@ -16,15 +17,17 @@ from flowproxy.haproxy import HAProxySocket
 COUNTS = {"requests": "stot", "4xx": "hrsp_4xx", "5xx": "hrsp_5xx", "conn_errors": "econ", "resp_errors": "eresp"}
 
 
-def route_counts(show_stat: str) -> dict[str, dict[str, int | str]]:
+def route_counts(show_stat: str, slots: Mapping[str, str] | None = None) -> dict[str, dict[str, int | str]]:
     """route -> {variant, requests, 4xx, 5xx, conn_errors, resp_errors}, from the BACKEND rows.
 
-    A route's warm variants are added up; `variant` names the one that took the most requests.
+    A route's warm variants are added up; `variant` names the one that took the most requests. `slots`
+    names the backend each spare holds (a route added since the last reload is served from a spare).
     """
     totals: dict[str, dict[str, int]] = {}
     busiest: dict[str, tuple[int, str]] = {}
     for row in csv.DictReader(io.StringIO(show_stat.lstrip("# "))):
         backend = row.get("pxname", "")
+        backend = (slots or {}).get(backend, backend)
         if row.get("svname") != "BACKEND" or ":" not in backend:
             continue  # flowproxy's own backends (fp_no_route...) have no colon
         route, _, variant = backend.partition(":")
@@ -36,12 +39,12 @@ def route_counts(show_stat: str) -> dict[str, dict[str, int | str]]:
     return {route: {"variant": busiest[route][1], **totals[route]} for route in sorted(totals)}
 
 
-def local_counts(stats_socket: Path) -> dict[str, dict[str, int | str]] | None:
+def local_counts(stats_socket: Path, slots: Mapping[str, str]) -> dict[str, dict[str, int | str]] | None:
     """This node's counts, or None when its HAProxy is not reachable from here."""
     if not stats_socket.exists():
         return None
     try:
-        return route_counts(HAProxySocket(stats_socket).command("show stat -1 2 -1"))
+        return route_counts(HAProxySocket(stats_socket).command("show stat -1 2 -1"), slots)
     except HAProxyError:
         return None
 

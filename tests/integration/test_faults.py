@@ -168,7 +168,7 @@ def test_the_index_going_backwards_is_applied_not_deduplicated(node: ProxyNode, 
 def test_haproxy_refusing_the_candidate_keeps_the_old_config(node: ProxyNode) -> None:
     template = node.settings.templates / "haproxy.cfg.j2"
     good = template.read_text()
-    template.write_text(good.replace("    hard-stop-after 30s\n", "    hard-stop-after 30s\n    no-such-directive\n"))
+    template.write_text(good.replace("    default-path config\n", "    default-path config\n    no-such-directive\n"))
     before = serving_hash(node)
     node.store().put("flowproxy/routes/go-demo/live", route(["/demo", "/next"]))
     node.wait(lambda: "haproxy -c refused" in str(status_of(node).get("last_error")), "the refusal")

@@ -101,7 +101,9 @@ def test_step7_deactivate_keeps_variants_then_remove(
     proxy.wait_reply("/demo/hello", 404)
     status = wait_applied(proxy)
     assert "go-demo" not in status["routes"]
-    assert b"go-demo" not in proxy.config()
+    # Its backend, emptied, may stay in the running file until the next reload: no map points at it.
+    maps = "".join(p.read_text() for p in (proxy.settings.current / "maps").glob("*.map"))
+    assert "go-demo" not in maps
 
 
 def test_step8_custom_templates_from_kv_and_from_the_folder(
@@ -181,7 +183,8 @@ def test_instances_coming_and_going_reload_nothing(proxy: ProxyNode,
     wait_applied(proxy)
     after = master.show_proc()
     assert (after.reloads, after.workers) == (before.reloads, before.workers)
-    running = HAProxySocket(proxy.settings.stats_socket).command("show servers state go-demo:live")
+    running = HAProxySocket(proxy.settings.stats_socket).command(
+        f"show servers state {proxy.running_backend('go-demo:live')}")
     assert f"127.0.0.1:{second.port}" in running and f"127.0.0.1:{first.port}" not in running
     assert f":{first.port}" not in proxy.config().decode() and f":{second.port}" in proxy.config().decode()
     master.reload()  # what the files say is what ran
