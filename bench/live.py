@@ -6,6 +6,7 @@ import fcntl
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -22,7 +23,8 @@ from bench.wrk import WrkResult, run_wrk
 from flowproxy.backend import IdentityServer
 from flowproxy.consul_io import ConsulStore
 from flowproxy.demo import fetch, register_instance
-from flowproxy.haproxy import HAProxySocket
+from flowproxy.fleet import latest_index
+from flowproxy.haproxy import HAProxySocket, old_workers
 from flowproxy.node import Node, NodeSpec, wait_for
 from flowproxy.settings import Settings
 
@@ -63,7 +65,7 @@ def applied(node: Node) -> int:
 
 
 def settle(node: Node, timeout: float = 120) -> None:
-    latest = node.store().read_prefix(P + "routes/")[0]
+    latest = latest_index(node.store(), P)  # routes, templates and certificates
     wait_for(lambda: applied(node) >= latest, timeout, f"the node to apply index {latest}")
 
 
@@ -120,6 +122,7 @@ class System:
     suffix: str
     reloads: Callable[[], int]
     settle: Callable[[], None]
+    master: Path | None = None  # HAProxy's master socket, to count its old workers
 
 
 @dataclass
@@ -288,6 +291,126 @@ def reconfig_failures(systems: Systems, port: int, seconds: int) -> tuple[dict[s
     return failed, {name: after[name] - before[name] for name in after}
 
 
+def mixed_rows(systems: Systems, folder: Path) -> list[Row]:
+    """100 mixed changes on each system, a long-lived client (a WebSocket to /echo) opened every 10: how
+    many reloads, and the old workers (with their resident memory) left holding those clients."""
+    store = systems.node.store()
+    pems = certificates(folder, ("a", "b", "c"))
+    extra = IdentityServer("app-extra").start()
+    tunnels = []
+    for s in systems.members:
+        store.put(f"{s.prefix}certs/a", pems["a"])
+        store.put(f"{s.prefix}routes/echo/live", json.dumps({"service": "app", "paths": ["/echo"]}))
+        store.put(f"{s.prefix}routes/echo/active", "live")
+        store.put(f"{s.prefix}routes/flip/active", "blue")
+        until("echo route", answers(f"{s.url}/echo", 200), 20)
+        s.settle()
+    before = systems.count_reloads()
+    for n in range(100):
+        if n % 10 == 0:
+            tunnels += [open_tunnel(s.url) for s in systems.members]
+        for s in systems.members:
+            MIXED[n % len(MIXED)](store, s.prefix, n, pems, extra.port)
+            s.settle()
+    after = systems.count_reloads()
+    old = {s.name: old_workers(HAProxySocket(s.master).show_proc_settled()) for s in systems.members if s.master}
+    for tunnel in tunnels:
+        tunnel.close()
+    store.client.agent.service.deregister("app-extra")
+    extra.stop()
+    count = {name: after[name] - before[name] for name in after}
+
+    def workers(name: str) -> str:
+        return f"{len(old[name].pids)} / {old[name].rss_kib / 1024:.0f} MiB"
+
+    return [Row("reloads per 100 mixed changes (new routes, removals, flips, canary start/end, instances, "
+                "certificates; 1 custom template)", str(count["flowproxy"]), str(count["baseline"]), "<= 2",
+                verdict(count["flowproxy"] <= 2)),
+            Row("old workers / their resident memory after those 100 changes (a WebSocket opened every 10)",
+                workers("flowproxy"), workers("baseline"))]
+
+
+def certificates(folder: Path, names: tuple[str, ...]) -> dict[str, bytes]:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name in names:
+        key, crt = folder / f"{name}.key", folder / f"{name}.crt"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout", str(key),
+                        "-out", str(crt), "-subj", f"/CN={name}.example.test"], check=True, capture_output=True)
+        out[name] = crt.read_bytes() + key.read_bytes()
+    return out
+
+
+def open_tunnel(base: str) -> socket.socket:
+    """A WebSocket handshake on /echo, left open: a long-lived client of whichever worker accepted it."""
+    host, _, port = base.removeprefix("http://").rpartition(":")
+    sock = socket.create_connection((host, int(port)), timeout=5)
+    sock.sendall(b"GET /echo HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        head += chunk
+    return sock
+
+
+def mixed_new(store: ConsulStore, prefix: str, n: int, pems: dict[str, bytes], extra: int) -> None:
+    store.put(f"{prefix}routes/mixed-{n}/live", json.dumps({"service": "app", "paths": [f"/mixed-{n}/"]}))
+    store.put(f"{prefix}routes/mixed-{n}/active", "live")
+
+
+def mixed_remove(store: ConsulStore, prefix: str, n: int, pems: dict[str, bytes], extra: int) -> None:
+    store.delete(f"{prefix}routes/mixed-{n - 1}", recurse=True)
+
+
+def mixed_canary(store: ConsulStore, prefix: str, n: int, pems: dict[str, bytes], extra: int) -> None:
+    store.put(f"{prefix}routes/flip/active", "blue=90,green=10")
+
+
+def mixed_canary_end(store: ConsulStore, prefix: str, n: int, pems: dict[str, bytes], extra: int) -> None:
+    store.put(f"{prefix}routes/flip/active", "green")
+
+
+def mixed_flip(store: ConsulStore, prefix: str, n: int, pems: dict[str, bytes], extra: int) -> None:
+    store.put(f"{prefix}routes/flip/active", "blue")
+
+
+def mixed_instance(store: ConsulStore, prefix: str, n: int, pems: dict[str, bytes], extra: int) -> None:
+    if prefix == P:  # one registration, seen by both systems
+        if n // 10 % 2 == 0:
+            register_instance(store, "app", "app-extra", extra)
+        else:
+            store.client.agent.service.deregister("app-extra")
+
+
+def mixed_cert(store: ConsulStore, prefix: str, n: int, pems: dict[str, bytes], extra: int) -> None:
+    """Certificate b or c, added in even rounds of ten and removed in odd ones (a, the default, stays)."""
+    name = "b" if n % 10 == 7 else "c"
+    if n // 10 % 2 == 0:
+        store.put(f"{prefix}certs/{name}", pems[name])
+    else:
+        store.delete(f"{prefix}certs/{name}")
+
+
+def mixed_template(store: ConsulStore, prefix: str, n: int, pems: dict[str, bytes], extra: int) -> None:
+    """Once (change 49): a route with a template of its own, which only a reload can add; else a new route."""
+    if n != 49:
+        mixed_new(store, prefix, n, pems, extra)
+        return
+    store.put(f"{prefix}templates/tagged", "backend {{ backend.name }}\n    http-response set-header X-T 1\n"
+              "{% for s in backend.servers %}    server {{ s.name }} {{ s.endpoint }}\n{% endfor %}")
+    intent = {"service": "app", "paths": ["/tagged/"], "template": "tagged"}
+    store.put(f"{prefix}routes/tagged/live", json.dumps(intent))
+    store.put(f"{prefix}routes/tagged/active", "live")
+
+
+# Ten kinds of change, each a real one (never the same value written again), repeated ten times.
+MIXED = [mixed_new, mixed_remove, mixed_canary, mixed_canary_end, mixed_flip, mixed_instance, mixed_new,
+         mixed_cert, mixed_cert, mixed_template]
+
+
 def ms(values: list[float]) -> str:
     return f"p50 {pct(values, 0.5) * 1000:.0f} ms, p95 {pct(values, 0.95) * 1000:.0f} ms"
 
@@ -310,10 +433,13 @@ def live_rows(trials: int, seconds: int) -> list[Row]:
             register_instance(store, "app", "blue-1", blue.port, tags=("blue",))
             register_instance(store, "app", "green-1", green.port, tags=("green",))
             systems = Systems(node, [
-                System("flowproxy", url(node), P, "", lambda: reloads(node), lambda: settle(node)),
-                System("baseline", classic_url, classic.PREFIX, "-classic", pipeline.reloads, pipeline.settle)])
+                System("flowproxy", url(node), P, "", lambda: reloads(node), lambda: settle(node),
+                       node.settings.master_socket),
+                System("baseline", classic_url, classic.PREFIX, "-classic", pipeline.reloads, pipeline.settle,
+                       classic_settings.master_socket)])
             rows += latency_rows(systems, trials)
             rows += failure_rows(*reconfig_failures(systems, port, seconds))
+            rows += mixed_rows(systems, base / "certs")
             took = fresh_node(base / "b", node)
             rows.append(Row("fresh node, 1,000 routes: agent start -> all serving", f"{took:.2f} s", target="<= 5 s",
                             verdict=verdict(took <= 5)))
@@ -354,7 +480,8 @@ def latency_rows(systems: Systems, trials: int) -> list[Row]:
             verdict(pct(member[fp], 0.5) <= 0.05)),
         Row("reloads per membership change (add + remove)", f"{member_reloads[fp]:.1f}",
             f"{member_reloads[bl]:.1f}", "0", verdict(member_reloads[fp] == 0)),
-        Row("reloads per activation", f"{small_reloads[fp]:.1f}", f"{small_reloads[bl]:.1f}"),
+        Row("reloads per activation (a new route: intent, then its active key)", f"{small_reloads[fp]:.2f}",
+            f"{small_reloads[bl]:.1f}", "0", verdict(small_reloads[fp] == 0)),
     ]
 
 

@@ -112,8 +112,8 @@ RELOADS = [
     ("own-settings", {"web": WEB, "api": API | {"timeout_server": "5s"}},
      "new backend api:live (settings other than servers)"),
     ("tcp-listener", {"web": WEB, "db": {"service": "db", "mode": "tcp", "port": 5432}}, "new frontend fp_tcp_5432"),
-    ("no-spare-left", {"web": WEB} | {f"r{i:02d}": {"service": "api", "paths": [f"/r{i}"]} for i in range(25)},
-     "new backend r24:live (no spare backend left)"),
+    ("no-spare-left", {"web": WEB} | {f"r{i:02d}": {"service": "api", "paths": [f"/r{i}"]} for i in range(65)},
+     "new backend r64:live (no spare backend left)"),
 ]
 
 
