@@ -222,7 +222,12 @@ class Settings:
                 "FP_METRICS_BIND": own("metrics.sock", self.metrics_bind), "FP_TCP_HOST": self.tcp_host,
                 "FP_STATS_SOCKET": str(self.stats_socket), "FP_STATS_AUTH": self.stats_auth or LOCKED_STATS,
                 "FP_OLD_WORKER_LIFETIME": self.old_worker_lifetime, "FP_MAX_OLD_WORKERS": str(self.max_old_workers),
-                } | unprivileged()
+                "FP_NODE_METRICS": f"abns@{self.node_metrics_name}"} | unprivileged()
+
+    @property
+    def node_metrics_name(self) -> str:
+        """The abstract socket where the node process serves flowproxy's metrics to HAProxy."""
+        return f"flowproxy-metrics-{self.handover_id}"
 
     @property
     def handover_id(self) -> str:

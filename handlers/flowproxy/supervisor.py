@@ -23,10 +23,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flowproxy import coalesce, ports, runstate, selfcheck
+from flowproxy import coalesce, node_metrics, ports, runstate, selfcheck
 from flowproxy.applier import Applier
 from flowproxy.consul_io import ConsulStore
 from flowproxy.errors import FlowproxyError
+from flowproxy.node_metrics import MetricsServer
 from flowproxy.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class Supervisor:
     last_retry: float = 0.0
     last_resync: float = 0.0
     last_full: float = field(default_factory=time.monotonic)
+    metrics: MetricsServer | None = None
     _store: ConsulStore | None = None
 
     def env(self) -> dict[str, str]:
@@ -64,6 +66,8 @@ class Supervisor:
         if self.applier is None:
             self.applier = Applier(self.settings)
             self.applier.start()  # before any watch fires: its first event finds it listening
+        if self.metrics is None:
+            self.metrics = node_metrics.serve(self.settings)
 
     def register(self) -> None:
         selfcheck.register(self.store(), self.settings)
@@ -123,6 +127,9 @@ class Supervisor:
         if self.applier is not None:
             self.applier.stop()  # a leave fires watches that must not apply against a dying agent
             self.applier = None
+        if self.metrics is not None:
+            self.metrics.stop()
+            self.metrics = None
         if deregister:
             try:
                 self.store().deregister_service(selfcheck.service_id(self.settings))

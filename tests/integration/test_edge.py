@@ -445,3 +445,26 @@ def test_canary_weights_move_without_a_reload(edge: ProxyNode, serve: Callable[.
     assert seen == {"blue-1": 100, "green-1": 100}, seen  # smooth weighted round robin at 50/50: exact
     after = master.show_proc_settled()
     assert (after.reloads, after.workers) == (before.reloads, before.workers)
+
+
+def test_flowproxy_metrics_beside_haproxys(edge: ProxyNode, serve: Callable[..., IdentityServer]) -> None:
+    """`/metrics/flowproxy` on the metrics listener: the node's reloads (and why), old workers and their
+    memory, the applied index; scraped as Prometheus would, the numbers move with a reload."""
+    serve("site", "site-1")
+
+    def scrape() -> dict[str, str]:
+        answer = get(edge.settings.metrics_bind, "/metrics/flowproxy", "x")
+        assert answer.status == 200 and answer.headers["content-type"].startswith("text/plain; version=")
+        lines = (line.rsplit(" ", 1) for line in answer.body.splitlines() if line and not line.startswith("#"))
+        return dict(lines)
+
+    before = scrape()
+    assert before["flowproxy_haproxy_up"] == "1.0" and "flowproxy_old_workers_resident_bytes" in before
+    route(edge, "own", {"service": "site", "paths": ["/own"], "timeout_server": "5s"})  # a reload
+    until(edge, lambda: get(edge.settings.http_bind, "/own", "x").status == 200, "the route")
+    status = wait_applied(edge)
+    after = scrape()
+    assert float(after["flowproxy_haproxy_reloads_total"]) > float(before["flowproxy_haproxy_reloads_total"])
+    assert float(after["flowproxy_applied_kv_index"]) == status["kv_index"]
+    why = 'flowproxy_last_reload_info{kv_index="%d",why="new backend own:live (settings other than servers)"}'
+    assert why % status["last_reload"]["kv_index"] in after
