@@ -26,7 +26,7 @@ from bench.run import free_port
 from flowproxy.backend import IdentityServer
 from flowproxy.consul_io import ConsulStore
 from flowproxy.demo import register_instance
-from flowproxy.haproxy import HAProxySocket
+from flowproxy.haproxy import HAProxySocket, old_workers
 from tests.harness import ProxyNode, need, node_spec, start_node, status_of, wait_applied
 
 FLOWPROXY = str(Path(sys.executable).parent / "flowproxy")
@@ -124,28 +124,34 @@ def reload_for_another_route(node: ProxyNode, n: int) -> None:
 
 def test_tunnels_live_on_across_reloads_for_other_routes(tunnel_node: Callable[..., Routed]) -> None:
     """The default node settings: a WebSocket and a TCP session outlive five reloads and, the bug of
-    #13, the 30 s that `hard-stop-after 30s` gave them; the node reports its old workers and why it
-    reloaded."""
+    #13, the 30 s that `hard-stop-after 30s` gave them. A new WebSocket after each reload keeps each
+    worker alive, so five old workers pile up: the node counts them and their memory (from /proc)."""
     routed = tunnel_node()
     node = routed.node
     ws, pg = Tunnel(address(node.settings.http_bind)), Tunnel(("127.0.0.1", routed.tcp_port))
+    later = []
     first = time.monotonic()
     for n in range(5):
         reload_for_another_route(node, n)
         assert (ws.echo(f"ws {n}"), pg.echo(f"pg {n}")) == (f"echo-1 ws {n}", f"echo-1 pg {n}")
+        later.append(Tunnel(address(node.settings.http_bind)))  # held by the worker of this config
+    old = old_workers(HAProxySocket(node.settings.master_socket).show_proc_settled())
+    assert len(old.pids) == 5 and old.rss_kib > 5 * 1024  # a few MiB each, even for a tiny config
     report = subprocess.run([FLOWPROXY, "status"], env=os.environ | node.settings.env(), capture_output=True,
                             text=True, timeout=30, check=False).stdout
-    assert "old workers: " in report and " MiB resident" in report, report
+    assert "old workers: 5, " in report and " MiB resident" in report, report
+    print(f"\n5 old workers, {old.rss_kib / 1024:.0f} MiB resident in all")
     assert status_of(node)["last_reload"]["why"] == "new backend other-4:live (settings other than servers)"
     closed = []
     while time.monotonic() - first < 35:
         time.sleep(1)
-        closed += [name for name, t in (("ws", ws), ("pg", pg)) if t.echo("tick") != "echo-1 tick"]
+        tunnels = [("ws", ws), ("pg", pg)] + [(f"later-{i}", t) for i, t in enumerate(later)]
+        closed += [name for name, t in tunnels if not t.echo("tick").endswith(" tick")]
         if closed:
             break
-    assert closed == [], f"closed {time.monotonic() - first:.0f} s after the first reload"
-    ws.close()
-    pg.close()
+    assert closed == [], f"{closed} closed {time.monotonic() - first:.0f} s after the first reload"
+    for tunnel in [ws, pg, *later]:
+        tunnel.close()
 
 
 @pytest.mark.parametrize(("settings", "reloads_survived", "closed_within"), [
