@@ -40,6 +40,21 @@ node_prefix "" { policy = "read" }
 """
 
 
+def self_signed(folder: Path, name: str) -> bytes:
+    """A self-signed certificate for <name>.example.test made by openssl; writes <name>.pem (cert and key)
+    into `folder` and returns its bytes."""
+    import subprocess
+
+    need("openssl")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-keyout", str(folder / f"{name}.key"), "-out", str(folder / f"{name}.crt"),
+                    "-subj", f"/CN={name}.example.test", "-addext", f"subjectAltName=DNS:{name}.example.test"],
+                   check=True, capture_output=True)
+    pem = (folder / f"{name}.crt").read_bytes() + (folder / f"{name}.key").read_bytes()
+    (folder / f"{name}.pem").write_bytes(pem)
+    return pem
+
+
 def need(binary: str) -> str:
     """The binary's path; under CI a missing real part fails the run instead of skipping."""
     path = shutil.which(binary)

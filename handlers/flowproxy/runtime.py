@@ -7,7 +7,7 @@ map files; a new route's backend sits in a spare (spares.py); instances coming a
 an entry of the crt-list (`new ssl cert` ... `add ssl crt-list`, `del ssl crt-list` + `del ssl cert`).
 Dynamic servers rather than spare disabled slots: each slot's health check reserves a file descriptor,
 and 4 slots x 10k backends asked HAProxy for 40k, over this machine's limit of 20k.
-Field notes: runtime commands take ~0.1 ms and need no reload, where a reload confirmed with `show proc`
+Field notes: runtime commands take ~0.1 ms (~5 us each when batched on one connection) and need no reload, where a reload confirmed with `show proc`
 takes ~40 ms and leaves an old worker behind. The files are written too, so a later reload, a restart or
 a fresh node load the same state.
 """
@@ -23,7 +23,10 @@ from flowproxy.haproxy import HAProxySocket
 from flowproxy.render import CRT_LIST, Bundle
 
 CONFIG = "haproxy.cfg"
-MAX_COMMANDS = 200  # past this a reload is as quick and leaves nothing half-applied for long
+# Past this, a reload. Over one connection a command takes ~5 us (20,000: ~0.1 s), so this bounds how long
+# a change stands half-applied rather than the time: an instance of a service 5,000 routes use is
+# 20,000 commands.
+MAX_COMMANDS = 20_000
 
 
 def parse_map(data: bytes) -> dict[str, str]:
@@ -245,12 +248,12 @@ def endpoint(text: str) -> tuple[str, int] | None:
 
 
 def send(stats: HAProxySocket, commands: list[str]) -> None:
-    """Run each command; anything but a known success answer is an error (named by its first line only:
-    a certificate's payload holds its private key)."""
-    for command in commands:
-        answer = stats.command(command).strip()
-        if not accepted(command, answer):
-            raise HAProxyError(f"runtime API refused `{command.splitlines()[0]}`: {answer[:300]}")
+    """Run the commands (all of them, over one connection); anything but a known success answer is an error
+    (named by its first line only: a certificate's payload holds its private key), and the caller then
+    reloads from files, which undoes whatever did run."""
+    for command, answer in zip(commands, stats.batch(commands), strict=True):
+        if not accepted(command, answer.strip()):
+            raise HAProxyError(f"runtime API refused `{command.splitlines()[0]}`: {answer.strip()[:300]}")
 
 
 def accepted(command: str, answer: str) -> bool:

@@ -26,7 +26,7 @@ from flowproxy.demo import register_instance
 from flowproxy.haproxy import HAProxySocket
 from flowproxy.render import SLOTS_MAP
 from flowproxy.spares import slots
-from tests.harness import ProxyNode, need, node_spec, reset, start_node, status_of, wait_applied
+from tests.harness import ProxyNode, need, node_spec, reset, self_signed, start_node, status_of, wait_applied
 
 FLOWPROXY = str(Path(sys.executable).parent / "flowproxy")
 
@@ -65,15 +65,9 @@ def serve(edge: ProxyNode) -> Iterator[Callable[..., IdentityServer]]:
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Self-signed certificates made by openssl: a.example.test, b.example.test, c.example.test."""
-    need("openssl")
     folder = tmp_path_factory.mktemp("certs")
     for name in ("a", "b", "c"):
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                        "-keyout", str(folder / f"{name}.key"), "-out", str(folder / f"{name}.crt"),
-                        "-subj", f"/CN={name}.example.test", "-addext", f"subjectAltName=DNS:{name}.example.test"],
-                       check=True, capture_output=True)
-        pem = (folder / f"{name}.crt").read_bytes() + (folder / f"{name}.key").read_bytes()
-        (folder / f"{name}.pem").write_bytes(pem)
+        self_signed(folder, name)
     return folder
 
 

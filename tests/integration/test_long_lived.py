@@ -27,7 +27,7 @@ from flowproxy.backend import IdentityServer
 from flowproxy.consul_io import ConsulStore
 from flowproxy.demo import register_instance
 from flowproxy.haproxy import HAProxySocket, old_workers
-from tests.harness import ProxyNode, need, node_spec, start_node, status_of, wait_applied
+from tests.harness import ProxyNode, node_spec, self_signed, start_node, status_of, wait_applied
 
 FLOWPROXY = str(Path(sys.executable).parent / "flowproxy")
 
@@ -253,22 +253,11 @@ def sni_opens(address: tuple[str, int]) -> bool:
     return answer == "tls-1 hi"
 
 
-def cert(folder: Path, name: str) -> bytes:
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                    "-keyout", str(folder / f"{name}.key"), "-out", str(folder / f"{name}.crt"),
-                    "-subj", f"/CN={name}.example.test", "-addext", f"subjectAltName=DNS:{name}.example.test"],
-                   check=True, capture_output=True)
-    pem = (folder / f"{name}.crt").read_bytes() + (folder / f"{name}.key").read_bytes()
-    (folder / f"{name}.pem").write_bytes(pem)
-    return pem
-
-
 def test_tunnels_stay_open_across_fifty_changes_of_other_routes(tmp_path: Path) -> None:
     """A WebSocket, a TCP session and an SNI passthrough stay open, echoing once a second, while 50 changes
     of other routes land: new routes, removals, flips, canary start and end, certificates added and
     removed, and one custom-template change, the only one that has to reload HAProxy."""
-    need("openssl")
-    pems = {name: cert(tmp_path, name) for name in ("a", "b", "c", "t")}
+    pems = {name: self_signed(tmp_path, name) for name in ("a", "b", "c", "t")}
     node = start_node(node_spec(tmp_path / "node", "mixed", dev=True, edge=True))
     echo, tls = IdentityServer("echo-1").start(), TlsEcho(tmp_path / "t.pem")
     blue, green = IdentityServer("blue-1").start(), IdentityServer("green-1").start()

@@ -93,3 +93,19 @@ def test_drain_waits_for_old_workers_connections(busy_for: int, timeout: float, 
     master = ScriptedMaster(busy_for)
     assert drain(cast(HAProxySocket, master), (2306,), timeout) == left
     assert master.asked >= min(busy_for + 1, 2)
+
+
+def test_prompt_mode_answers_are_split_at_each_prompt_without_payload_prompts() -> None:
+    """What HAProxy 2.6 sends in prompt mode: a prompt after `prompt`, then each answer and a prompt; a
+    payload command's lines are each prompted with "+ " (seen with `set ssl cert ... <<`)."""
+    import socket
+
+    from flowproxy.haproxy import _Prompts
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        theirs.sendall(b"\n> + + + Transaction created for certificate certs/c.pem!\n\n> "
+                       b"\n> New server registered.\n\n> ")
+        prompts = _Prompts(ours)
+        assert [prompts.next() for _ in range(4)] == [
+            "", "Transaction created for certificate certs/c.pem!\n", "", "New server registered.\n"]

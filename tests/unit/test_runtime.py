@@ -118,8 +118,8 @@ ANSWERS = [
 
 def test_a_refused_certificate_is_named_without_its_private_key() -> None:
     class Refusing:
-        def command(self, line: str) -> str:
-            return "Can't update certs/a.pem!"
+        def batch(self, lines: list[str]) -> list[str]:
+            return ["Can't update certs/a.pem!"] * len(lines)
 
     with pytest.raises(HAProxyError) as caught:
         send(Refusing(), [f"set ssl cert certs/a.pem <<\n{PEM_NEW.decode()}"])  # type: ignore[arg-type]
