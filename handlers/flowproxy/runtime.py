@@ -7,9 +7,9 @@ map files; a new route's backend sits in a spare (spares.py); instances coming a
 an entry of the crt-list (`new ssl cert` ... `add ssl crt-list`, `del ssl crt-list` + `del ssl cert`).
 Dynamic servers rather than spare disabled slots: each slot's health check reserves a file descriptor,
 and 4 slots x 10k backends asked HAProxy for 40k, over this machine's limit of 20k.
-Field notes: runtime commands take ~0.1 ms (~5 us each when batched on one connection) and need no reload, where a reload confirmed with `show proc`
-takes ~40 ms and leaves an old worker behind. The files are written too, so a later reload, a restart or
-a fresh node load the same state.
+Field notes: runtime commands take ~0.1 ms (~5 us each batched on one connection) and need no reload,
+where a reload confirmed with `show proc` takes ~40 ms and leaves an old worker behind. The files are
+written too, so a later reload, a restart or a fresh node load the same state.
 """
 
 from __future__ import annotations
