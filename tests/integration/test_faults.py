@@ -7,7 +7,6 @@ import fcntl
 import json
 import os
 import random
-import resource
 import shutil
 import signal
 import socket
@@ -25,6 +24,7 @@ from flowproxy.backend import IdentityServer
 from flowproxy.demo import register_instance
 from flowproxy.errors import HAProxyError
 from flowproxy.haproxy import HAProxySocket, ProcInfo, check_config
+from flowproxy.node import wait_for
 from flowproxy.render import Bundle
 from flowproxy.settings import REPO_TEMPLATES
 from tests.harness import ProxyNode, node_spec, start_node, status_of, wait_applied
@@ -262,9 +262,19 @@ def test_the_haproxy_master_dying_shows_critical_then_comes_back(node: ProxyNode
                                                        text=True, check=False).stdout, "passing again")
 
 
-def limit_file_size() -> None:
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, like ENOSPC
-    resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
+def with_file_size_limit(argv: list[str]) -> list[str]:
+    """`argv` run with writes capped at 2 KiB (a write past it fails with EFBIG, like ENOSPC), set in a
+    wrapper that then execs it: no preexec_fn in a process with threads. Ignored signals stay ignored
+    across exec."""
+    wrapper = ("import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+               "resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048)); os.execv(sys.argv[1], sys.argv[1:])")
+    return [sys.executable, "-c", wrapper, *argv]
+
+
+def waits_for_a_lock(pid: int) -> bool:
+    """The process is blocked on a flock (`->` marks a waiting request in /proc/locks)."""
+    return any(line.split()[1:2] == ["->"] and str(pid) in line.split()
+               for line in Path("/proc/locks").read_text().splitlines())
 
 
 def test_a_failed_disk_write_keeps_the_old_config(node: ProxyNode) -> None:
@@ -279,11 +289,16 @@ def test_a_failed_disk_write_keeps_the_old_config(node: ProxyNode) -> None:
     try:
         node.store().put("flowproxy/routes/go-demo/live", route(["/demo", "/disk"]))
         time.sleep(1)
+        # Ours waits for the lock (a manual run does) before we let go: a watch's handler that starts late
+        # (an agent reload re-fires every watch) would otherwise take it first and apply without the limit.
+        ours = subprocess.Popen(with_file_size_limit([FLOWPROXY, "handle"]), env={**os.environ, **node.settings.env()},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: waits_for_a_lock(ours.pid), 20, "our handler to wait for the apply lock")
     finally:
         os.close(lock)
-    done = handle(node, preexec_fn=limit_file_size)
-    assert done.returncode == 6, done.stderr
-    assert "cannot write release" in done.stderr
+    _, stderr = ours.communicate(timeout=60)
+    assert ours.returncode == 6, stderr
+    assert "cannot write release" in stderr
     assert node.get("/demo").status == 200 and node.get("/disk").status == 404
     assert serving_hash(node) == before
     node.node.applier.start()
