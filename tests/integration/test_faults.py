@@ -4,6 +4,7 @@ recovers by itself. Real Consul, real HAProxy, real backends."""
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import random
@@ -294,7 +295,7 @@ def test_a_failed_disk_write_keeps_the_old_config(node: ProxyNode) -> None:
             ours = subprocess.Popen(with_file_size_limit([FLOWPROXY, "handle"]), text=True,
                                     env={**os.environ, **node.settings.env()}, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE)
-            wait_for(lambda pid=ours.pid: waits_for_a_lock(pid), 20, "our handler to wait for the apply lock")
+            wait_for(functools.partial(waits_for_a_lock, ours.pid), 20, "our handler to wait for the apply lock")
         finally:
             os.close(lock)
         _, stderr = ours.communicate(timeout=60)
