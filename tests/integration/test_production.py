@@ -202,8 +202,17 @@ def start_server(base: Path, tls: Path, key: str, master: str) -> tuple[subproce
 
 def make_token(api: str, ca: str, master: str, name: str, rules: str) -> str:
     headers = {"X-Consul-Token": master}
-    requests.put(f"{api}/v1/acl/policy", headers=headers, verify=ca, timeout=10,
-                 json={"Name": name, "Rules": rules}).raise_for_status()
+    # A leader answers 500 for a moment after its election, while it sets up the ACL system: an operator
+    # would try again, so does this (CI saw it once).
+    answers: list[requests.Response] = []
+
+    def policy_made() -> bool:
+        answers[:] = [requests.put(f"{api}/v1/acl/policy", headers=headers, verify=ca, timeout=10,
+                                   json={"Name": name, "Rules": rules})]
+        return answers[0].status_code < 500
+
+    wait_for(policy_made, 30, f"the ACL system to create policy {name}")
+    answers[0].raise_for_status()
     reply = requests.put(f"{api}/v1/acl/token", headers=headers, verify=ca, timeout=10,
                          json={"Description": name, "Policies": [{"Name": name}]})
     reply.raise_for_status()
