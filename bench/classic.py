@@ -15,11 +15,11 @@ from contextlib import contextmanager
 from typing import Any
 
 from bench import baseline
-from flowproxy.consul_io import ConsulStore
+from flowproxy.consul.store import ConsulStore
+from flowproxy.core.kv import desired_from_kv
+from flowproxy.core.model import Desired, KVEntry
 from flowproxy.errors import HAProxyError
-from flowproxy.haproxy import HAProxySocket
-from flowproxy.kv import desired_from_kv
-from flowproxy.model import Desired, KVEntry
+from flowproxy.haproxy.master import HAProxySocket
 from flowproxy.settings import Settings
 
 PREFIX = "classic/"  # its own keys, so a trial changes one system at a time

@@ -11,11 +11,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from bench.live import FLOWPROXY, P, System, Systems, activation, flips, live_node, ms, reloads, settle, spec, url
-from bench.run import Row
-from flowproxy.agent import install_watches
+from bench.parts import Row
 from flowproxy.backend import IdentityServer
-from flowproxy.demo import register_instance
-from flowproxy.node import Node, wait_for
+from flowproxy.cli.demo import register_instance
+from flowproxy.node.agent import install_watches
+from flowproxy.node.up import Node, wait_for
 
 
 @contextmanager

@@ -18,14 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import baseline, classic
-from bench.run import Row, fast_backend, free_port, haproxy_serving, pct
+from bench.parts import Row, fast_backend, free_port, haproxy_serving, pct
 from bench.wrk import WrkResult, run_wrk
 from flowproxy.backend import IdentityServer
-from flowproxy.consul_io import ConsulStore
-from flowproxy.demo import fetch, register_instance
-from flowproxy.fleet import latest_index
-from flowproxy.haproxy import HAProxySocket, old_workers
-from flowproxy.node import Node, NodeSpec, wait_for
+from flowproxy.cli.demo import fetch, register_instance
+from flowproxy.cli.fleet import latest_index
+from flowproxy.consul.store import ConsulStore
+from flowproxy.haproxy.master import HAProxySocket, old_workers
+from flowproxy.node.up import Node, NodeSpec, wait_for
 from flowproxy.settings import Settings
 
 FLOWPROXY = str(Path(sys.executable).parent / "flowproxy")

@@ -12,14 +12,14 @@ from typing import Any
 
 import pytest
 
-from bench.run import free_port
-from flowproxy import release
-from flowproxy.consul_io import ConsulStore
-from flowproxy.demo import Reply, fetch
+from bench.parts import free_port
+from flowproxy.cli.demo import Reply, fetch
+from flowproxy.consul.store import ConsulStore
+from flowproxy.core.render import Bundle
 from flowproxy.errors import FlowproxyError
-from flowproxy.haproxy import HAProxySocket
-from flowproxy.node import Node, NodeSpec, wait_for
-from flowproxy.render import Bundle
+from flowproxy.haproxy import release
+from flowproxy.haproxy.master import HAProxySocket
+from flowproxy.node.up import Node, NodeSpec, wait_for
 from flowproxy.settings import Settings
 
 # The least-privilege ACL policies the README documents: a proxy node's token, and an operator's.
@@ -131,7 +131,7 @@ class ProxyNode:
 
     def running_backend(self, name: str) -> str:
         """The backend HAProxy serves `name` from: its own, or the spare holding it since the last reload."""
-        from flowproxy.spares import slots
+        from flowproxy.haproxy.spares import slots
 
         held = slots((self.settings.current / "maps" / "slots.map").read_bytes())
         return next((spare for spare, backend in held.items() if backend == name), name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from flowproxy.model import Instance, KVEntry
+from flowproxy.core.model import Instance, KVEntry
 
 P = "flowproxy/"
 

@@ -10,7 +10,7 @@ def main() -> None:
     if args[:1] == ["handle"]:
         payload = None
         if len(args) == 3 and args[1] == "--kind":
-            from flowproxy.forward import KINDS, forward, socket_path
+            from flowproxy.node.forward import KINDS, forward, socket_path
 
             if args[2] in KINDS:
                 data = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
@@ -18,9 +18,9 @@ def main() -> None:
                 if code is not None:
                     sys.exit(code)
                 payload = data.decode(errors="replace")
-        from flowproxy.handler import main as handle_main
+        from flowproxy.node.handler import main as handle_main
 
         sys.exit(handle_main(args[1:], payload))
-    from flowproxy.cli import main as cli_main
+    from flowproxy.cli.main import main as cli_main
 
     cli_main()

@@ -5,7 +5,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from flowproxy.backend import IdentityServer
-from flowproxy.demo import register_instance
+from flowproxy.cli.demo import register_instance
 from tests.harness import ProxyNode, node_spec, reset, start_node
 
 

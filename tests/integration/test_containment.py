@@ -14,12 +14,13 @@ from typing import Any
 
 import pytest
 
-from flowproxy import certs, kv, plan, render
-from flowproxy.apply import build
-from flowproxy.haproxy import check_config
-from flowproxy.kv import desired_from_kv
-from flowproxy.model import Instance, KVEntry
-from flowproxy.release import stage
+from flowproxy.core import kv, plan, render
+from flowproxy.core.kv import desired_from_kv
+from flowproxy.core.model import Instance, KVEntry
+from flowproxy.haproxy import certs
+from flowproxy.haproxy.master import check_config
+from flowproxy.haproxy.release import stage
+from flowproxy.pipeline import build
 from flowproxy.settings import REPO_TEMPLATES, Settings
 from tests.harness import need
 

@@ -20,12 +20,12 @@ from typing import Any
 
 import pytest
 
-from bench.run import free_port
+from bench.parts import free_port
 from flowproxy.backend import IdentityServer
-from flowproxy.demo import register_instance
-from flowproxy.haproxy import HAProxySocket
-from flowproxy.render import SLOTS_MAP
-from flowproxy.spares import slots
+from flowproxy.cli.demo import register_instance
+from flowproxy.core.render import SLOTS_MAP
+from flowproxy.haproxy.master import HAProxySocket
+from flowproxy.haproxy.spares import slots
 from tests.harness import ProxyNode, need, node_spec, reset, self_signed, start_node, status_of, wait_applied
 
 FLOWPROXY = str(Path(sys.executable).parent / "flowproxy")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from flowproxy.backend import IdentityServer
-from flowproxy.demo import register_instance
+from flowproxy.cli.demo import register_instance
 from tests.harness import ProxyNode, node_spec, start_node, wait_applied
 
 

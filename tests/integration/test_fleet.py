@@ -18,9 +18,9 @@ import pytest
 
 from bench.wrk import WrkResult, run_wrk
 from flowproxy.backend import IdentityServer
-from flowproxy.demo import fetch, register_instance
-from flowproxy.fleet import latest_index
-from flowproxy.node import wait_for
+from flowproxy.cli.demo import fetch, register_instance
+from flowproxy.cli.fleet import latest_index
+from flowproxy.node.up import wait_for
 from tests.harness import ProxyNode, need, node_spec, start_node, status_of
 
 FLOWPROXY = str(Path(sys.executable).parent / "flowproxy")

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from flowproxy.backend import IdentityServer
-from flowproxy.demo import register_instance
-from flowproxy.node import wait_for
+from flowproxy.cli.demo import register_instance
+from flowproxy.node.up import wait_for
 from tests.harness import ProxyNode, status_of, wait_applied
 
 FLOWPROXY = str(Path(sys.executable).parent / "flowproxy")

@@ -22,11 +22,11 @@ from typing import Any
 
 import pytest
 
-from bench.run import free_port
+from bench.parts import free_port
 from flowproxy.backend import IdentityServer
-from flowproxy.consul_io import ConsulStore
-from flowproxy.demo import register_instance
-from flowproxy.haproxy import HAProxySocket, old_workers
+from flowproxy.cli.demo import register_instance
+from flowproxy.consul.store import ConsulStore
+from flowproxy.haproxy.master import HAProxySocket, old_workers
 from tests.harness import ProxyNode, node_spec, self_signed, start_node, status_of, wait_applied
 
 FLOWPROXY = str(Path(sys.executable).parent / "flowproxy")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import requests
 
-from bench.run import free_port
-from flowproxy.node import wait_for
+from bench.parts import free_port
+from flowproxy.node.up import wait_for
 from tests.harness import need
 
 FLOWPROXY = str(Path(sys.executable).parent / "flowproxy")

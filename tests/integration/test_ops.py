@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from flowproxy.haproxy import check_config
+from flowproxy.haproxy.master import check_config
 from flowproxy.settings import Settings
 from tests.harness import need
 

@@ -27,9 +27,9 @@ from typing import Any
 import pytest
 import requests
 
-from bench.run import free_port
+from bench.parts import free_port
 from flowproxy.backend import IdentityServer
-from flowproxy.node import wait_for
+from flowproxy.node.up import wait_for
 from tests.harness import NODE_RULES, OPERATOR_RULES, need
 
 REPO = Path(__file__).resolve().parents[2]

@@ -11,13 +11,13 @@ from typing import Any
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from flowproxy import release
-from flowproxy.haproxy import check_config
-from flowproxy.intent import parse_intent
-from flowproxy.kv import desired_from_kv
-from flowproxy.model import Instance, KVEntry
-from flowproxy.plan import make_plan
-from flowproxy.render import Bundle, Templates, render
+from flowproxy.core.intent import parse_intent
+from flowproxy.core.kv import desired_from_kv
+from flowproxy.core.model import Instance, KVEntry
+from flowproxy.core.plan import make_plan
+from flowproxy.core.render import Bundle, Templates, render
+from flowproxy.haproxy import release
+from flowproxy.haproxy.master import check_config
 from flowproxy.settings import REPO_TEMPLATES, Settings
 from tests.harness import need
 

@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from flowproxy.backend import IdentityServer
-from flowproxy.demo import register_instance
+from flowproxy.cli.demo import register_instance
 from tests.harness import NODE_RULES, OPERATOR_RULES, ProxyNode, node_spec, start_node
 
 FLOWPROXY = str(Path(sys.executable).parent / "flowproxy")
@@ -62,7 +62,7 @@ def test_nodes_and_operators_work_with_least_privilege_tokens(
     _, edge, tokens = acl_cluster
     backend = IdentityServer("go-demo-1").start()
     try:
-        from flowproxy.consul_io import ConsulStore
+        from flowproxy.consul.store import ConsulStore
 
         admin = ConsulStore(edge.node.http_addr(), tokens["master"])
         register_instance(admin, "go-demo", "go-demo-1", backend.port)
@@ -165,7 +165,7 @@ def _rejoined(edge: ProxyNode) -> bool:
 def test_haproxy_workers_are_unprivileged_and_see_no_token(
         acl_cluster: tuple[ProxyNode, ProxyNode, dict[str, str]]) -> None:
     _, edge, tokens = acl_cluster
-    from flowproxy.haproxy import HAProxySocket
+    from flowproxy.haproxy.master import HAProxySocket
 
     info = HAProxySocket(edge.settings.master_socket).show_proc_settled()
     assert info.workers
@@ -182,7 +182,7 @@ def test_a_template_cannot_run_a_command(acl_cluster: tuple[ProxyNode, ProxyNode
                                          tmp_path: Path) -> None:
     """The template that ran `touch` as root on an older main: refused, and nothing ever runs."""
     _, edge, tokens = acl_cluster
-    from flowproxy.consul_io import ConsulStore
+    from flowproxy.consul.store import ConsulStore
 
     marker = tmp_path / "pwned"
     admin = ConsulStore(edge.node.http_addr(), tokens["master"])

@@ -142,7 +142,7 @@ def test_bad_intent_is_rejected_alone_and_reported(proxy: ProxyNode, instances: 
 
 def test_activations_flips_and_switching_off_warm_variants_reload_nothing(
         proxy: ProxyNode, instances: Callable[..., IdentityServer]) -> None:
-    from flowproxy.haproxy import HAProxySocket
+    from flowproxy.haproxy.master import HAProxySocket
 
     instances("go-demo", "blue-1", ("blue",))
     instances("go-demo", "green-1", ("green",))
@@ -167,7 +167,7 @@ def test_activations_flips_and_switching_off_warm_variants_reload_nothing(
 def test_instances_coming_and_going_reload_nothing(proxy: ProxyNode,
                                                   instances: Callable[..., IdentityServer]) -> None:
     """Membership goes through `add server`/`del server`; the files say what runs, so a reload changes nothing."""
-    from flowproxy.haproxy import HAProxySocket
+    from flowproxy.haproxy.master import HAProxySocket
 
     first = instances("go-demo", "go-demo-1")
     put(proxy, "routes/go-demo/live", INTENT)

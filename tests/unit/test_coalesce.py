@@ -8,7 +8,7 @@ import threading
 import time
 from pathlib import Path
 
-from flowproxy import coalesce
+from flowproxy.node import coalesce
 
 
 def test_a_busy_lock_sends_the_newcomer_away_and_the_holder_runs_its_change(tmp_path: Path) -> None:
@@ -35,7 +35,7 @@ def test_many_concurrent_processes_never_overlap_and_the_last_change_is_applied(
     script = f"""
 import fcntl, os, sys, time
 sys.path.insert(0, {str(Path(__file__).resolve().parents[2] / 'handlers')!r})
-from flowproxy import coalesce
+from flowproxy.node import coalesce
 run = {str(tmp_path)!r}
 def work(gen):
     fd = os.open(run + '/inside', os.O_CREAT | os.O_RDWR)

@@ -9,7 +9,7 @@ import pytest
 import requests
 import responses
 
-from flowproxy.consul_io import ConsulStore
+from flowproxy.consul.store import ConsulStore
 from flowproxy.errors import CasConflict, ConsulUnavailable
 
 BASE = "http://127.0.0.1:8500"

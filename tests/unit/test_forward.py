@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from flowproxy.forward import forward, socket_path
+from flowproxy.node.forward import forward, socket_path
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flowproxy.fragment_rules import (
+from flowproxy.core.fragment_rules import (
     ANYWHERE,
     FILE_ARGS,
     FORBIDDEN_WORDS,
@@ -20,10 +20,10 @@ from flowproxy.fragment_rules import (
     sections,
     words,
 )
-from flowproxy.kv import desired_from_kv
-from flowproxy.model import KVEntry
-from flowproxy.plan import make_plan
-from flowproxy.render import Templates, render
+from flowproxy.core.kv import desired_from_kv
+from flowproxy.core.model import KVEntry
+from flowproxy.core.plan import make_plan
+from flowproxy.core.render import Templates, render
 from flowproxy.settings import REPO_TEMPLATES
 
 NAME = "api:live"

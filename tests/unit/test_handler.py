@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from flowproxy import runstate
+from flowproxy.node import runstate
 
 HEAVY = ("consul", "jinja2", "click", "requests")
 

@@ -8,7 +8,7 @@ from typing import cast
 import pytest
 
 from flowproxy.errors import HAProxyError
-from flowproxy.haproxy import ProcInfo, parse_show_proc, recent_alerts
+from flowproxy.haproxy.master import ProcInfo, parse_show_proc, recent_alerts
 
 RELOADED = """#<PID>          <type>          <reloads>       <uptime>        <version>
 2305            master          1 [failed: 0]   0d00h00m01s     2.6.12-1+deb12u4
@@ -88,7 +88,7 @@ class ScriptedMaster:
     (10_000, 0.1, (2306,)),  # a long-lived connection: given up after the timeout, and named
 ], ids=["idle", "drains", "long-lived"])
 def test_drain_waits_for_old_workers_connections(busy_for: int, timeout: float, left: tuple[int, ...]) -> None:
-    from flowproxy.haproxy import HAProxySocket, drain
+    from flowproxy.haproxy.master import HAProxySocket, drain
 
     master = ScriptedMaster(busy_for)
     assert drain(cast(HAProxySocket, master), (2306,), timeout) == left
@@ -100,7 +100,7 @@ def test_prompt_mode_answers_are_split_at_each_prompt_without_payload_prompts() 
     payload command's lines are each prompted with "+ " (seen with `set ssl cert ... <<`)."""
     import socket
 
-    from flowproxy.haproxy import _Prompts
+    from flowproxy.haproxy.master import _Prompts
 
     ours, theirs = socket.socketpair()
     with ours, theirs:

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from flowproxy.intent import intent_to_json, parse_intent
-from flowproxy.model import Auth, Intent
+from flowproxy.core.intent import intent_to_json, parse_intent
+from flowproxy.core.model import Auth, Intent
 
 KEY = "flowproxy/routes/api/blue"
 

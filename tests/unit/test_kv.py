@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from flowproxy.kv import desired_from_kv
-from flowproxy.model import KVEntry
+from flowproxy.core.kv import desired_from_kv
+from flowproxy.core.model import KVEntry
 
 P = "flowproxy/"
 GOOD = b'{"service": "go-demo", "paths": ["/demo"]}'
@@ -75,8 +75,8 @@ def test_services_counts_every_valid_intent_active_or_staged() -> None:
 
 
 def test_a_large_status_leaves_serving_routes_out_but_keeps_every_rejection() -> None:
-    from flowproxy.plan import make_plan
-    from flowproxy.status import BUDGET, applied_doc
+    from flowproxy.core.plan import make_plan
+    from flowproxy.core.status import BUDGET, applied_doc
 
     own = [b'{"service": "s", "paths": ["/r%d"]}' % i for i in range(10_000)]
     entries = [KVEntry(f"{P}routes/r{i}/live", own[i], 1, 1) for i in range(10_000)]

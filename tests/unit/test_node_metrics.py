@@ -7,8 +7,8 @@ from pathlib import Path
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from flowproxy import runstate
-from flowproxy.node_metrics import NodeCollector
+from flowproxy.node import runstate
+from flowproxy.node.metrics import NodeCollector
 from flowproxy.settings import Settings
 
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from flowproxy.kv import desired_from_kv
-from flowproxy.model import Instance, KVEntry
-from flowproxy.plan import Claim, make_plan
+from flowproxy.core.kv import desired_from_kv
+from flowproxy.core.model import Instance, KVEntry
+from flowproxy.core.plan import Claim, make_plan
 
 P = "flowproxy/"
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from flowproxy import ports
-from flowproxy.kv import desired_from_kv
-from flowproxy.model import KVEntry
-from flowproxy.plan import Plan, make_plan
+from flowproxy.core.kv import desired_from_kv
+from flowproxy.core.model import KVEntry
+from flowproxy.core.plan import Plan, make_plan
+from flowproxy.haproxy import ports
 
 P = "flowproxy/"
 

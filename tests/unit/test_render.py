@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from flowproxy.kv import desired_from_kv
-from flowproxy.model import KVEntry
-from flowproxy.plan import Plan, make_plan
-from flowproxy.render import Bundle, Templates, drop_backends, render
+from flowproxy.core.kv import desired_from_kv
+from flowproxy.core.model import KVEntry
+from flowproxy.core.plan import Plan, make_plan
+from flowproxy.core.render import Bundle, Templates, drop_backends, render
+from flowproxy.sandbox.runner import render_plan
 from flowproxy.settings import REPO_TEMPLATES
-from flowproxy.template_sandbox import render_plan
 from tests.scenarios import CUSTOM_TEMPLATE, SCENARIOS, P, routes
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"

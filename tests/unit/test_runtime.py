@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from flowproxy.core.render import Bundle
 from flowproxy.errors import HAProxyError
-from flowproxy.render import Bundle
-from flowproxy.runtime import MAX_COMMANDS, Reload, accepted, plan_change, runtime_commands, send
+from flowproxy.haproxy.runtime import MAX_COMMANDS, Reload, accepted, plan_change, runtime_commands, send
 
 CFG = b"frontend f\n"
 

@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 
-from flowproxy.kv import desired_from_kv
-from flowproxy.model import Instance, KVEntry
-from flowproxy.plan import make_plan
-from flowproxy.render import SLOTS_MAP, Bundle, Templates, render
-from flowproxy.runtime import Reload, plan_change, sections
+from flowproxy.core.kv import desired_from_kv
+from flowproxy.core.model import Instance, KVEntry
+from flowproxy.core.plan import make_plan
+from flowproxy.core.render import SLOTS_MAP, Bundle, Templates, render
+from flowproxy.haproxy.runtime import Reload, plan_change, sections
+from flowproxy.haproxy.spares import place
 from flowproxy.settings import REPO_TEMPLATES
-from flowproxy.spares import place
 from tests.scenarios import P
 
 HEALTH = {"web": [Instance("10.0.1.1", 80, tags=("blue",)), Instance("10.0.1.2", 80, tags=("green",))],

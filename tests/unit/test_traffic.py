@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flowproxy.traffic import route_counts
+from flowproxy.haproxy.traffic import route_counts
 
 HEAD = "# pxname,svname,stot,hrsp_4xx,hrsp_5xx,econ,eresp,\n"
 

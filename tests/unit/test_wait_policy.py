@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from flowproxy.fleet import NodeView, Verdict, WaitPolicy, fleet_exit_code, judge
+from flowproxy.cli.fleet import NodeView, Verdict, WaitPolicy, fleet_exit_code, judge
 
 
 def doc(index: int, route_state: str = "serving", error: str | None = None) -> dict[str, Any]:
@@ -64,7 +64,7 @@ def test_status_exit_codes(rows: list[NodeView], docs: dict[str, dict[str, Any]]
 
 def test_wait_reports_every_nodes_rejection(monkeypatch: pytest.MonkeyPatch) -> None:
     """A node that rejects first does not cut the wait short: the others' verdicts are reported too."""
-    from flowproxy import fleet
+    from flowproxy.cli import fleet
     from flowproxy.errors import RejectedByNode
 
     rounds = iter([{"a": doc(10, "rejected"), "b": doc(9)}, {"a": doc(10, "rejected"), "b": doc(10, "rejected")}])
@@ -78,7 +78,7 @@ def test_wait_reports_every_nodes_rejection(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_wait_names_the_silent_nodes_when_time_is_up_after_a_rejection(monkeypatch: pytest.MonkeyPatch) -> None:
-    from flowproxy import fleet
+    from flowproxy.cli import fleet
     from flowproxy.errors import RejectedByNode
 
     monkeypatch.setattr(fleet, "members", lambda store: {"a": "passing", "b": "passing"})

@@ -1,0 +1,228 @@
+"""Consul edge: the only module that talks to Consul's HTTP API (through python-consul2)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import re
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import consul
+import requests
+
+from flowproxy.core.model import Instance, KVEntry
+from flowproxy.errors import CasConflict, ConsulUnavailable
+from flowproxy.redact import redact
+from flowproxy.settings import ConsulTLS
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class _ServerName(requests.adapters.HTTPAdapter):
+    """Verify the agent's certificate for CONSUL_TLS_SERVER_NAME, not the address dialled (127.0.0.1)."""
+
+    def __init__(self, server_name: str) -> None:
+        self.server_name = server_name
+        super().__init__()
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs |= {"server_hostname": self.server_name, "assert_hostname": self.server_name}
+        super().init_poolmanager(*args, **kwargs)
+
+
+class ConsulStore:
+    def __init__(self, addr: str, token: str | None = None, timeout: float = 10.0,
+                 tls: ConsulTLS | None = None) -> None:
+        tls = tls or ConsulTLS()
+        scheme, _, hostport = addr.rpartition("://")
+        scheme = scheme or ("https" if tls.enabled else "http")
+        host, _, port = hostport.rpartition(":")
+        if not host or not (port.isascii() and port.isdigit()):
+            raise ConsulUnavailable(f"Consul address {addr!r} is not host:port (set CONSUL_HTTP_ADDR or --consul)")
+        self.addr = addr
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.client = consul.Consul(host=host, port=int(port), scheme=scheme)
+        # python-consul2 silently lets CONSUL_HTTP_ADDR override explicit arguments; pin what we were given.
+        verify: bool | str = (tls.ca_file or True) if tls.verify else False
+        cert = (tls.cert_file, tls.key_file) if tls.cert_file and tls.key_file else None
+        self.client.http = self.client.http_connect(host, int(port), scheme, verify=verify, cert=cert, timeout=timeout)
+        if tls.server_name and scheme == "https":
+            self.client.http.session.mount("https://", _ServerName(tls.server_name))
+        # The token only ever travels in the header: python-consul2 would put it in every URL (`?token=`),
+        # and URLs end up in exception messages and logs. (It also reads CONSUL_HTTP_TOKEN on its own.)
+        self.client.token = None
+        if token:
+            self.client.http.session.headers["X-Consul-Token"] = token
+
+    def close(self) -> None:
+        """Close the pooled connection now. python-consul2's client holds reference cycles, so a dropped
+        store keeps its socket until the cyclic GC runs, and Consul caps connections per client IP (200)."""
+        self.client.http.session.close()
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        try:
+            try:
+                return fn()
+            except requests.ConnectionError:
+                # The agent closes idle keep-alive connections (a `consul reload` does, too); a request on
+                # such a stale connection dies with a reset. One more try on a fresh connection.
+                time.sleep(0.1)
+                return fn()
+        except consul.ACLPermissionDenied as exc:
+            raise ConsulUnavailable(redact(f"Consul at {self.addr} denied {what}: {exc}. Check the ACL token "
+                                           "(CONSUL_HTTP_TOKEN, CONSUL_HTTP_TOKEN_FILE or --token).")) from None
+        except (TypeError, KeyError, AttributeError) as exc:  # python-consul2 met an answer of another shape
+            raise ConsulUnavailable(redact(f"{self.addr} answered {what} with something that is not Consul's API "
+                                           f"({type(exc).__name__}); is CONSUL_HTTP_ADDR a Consul agent?")) from None
+        except (consul.ConsulException, requests.RequestException, ValueError) as exc:
+            raise ConsulUnavailable(redact(f"Consul at {self.addr} failed {what}: {_cause(exc)}. "
+                                           "Is the local agent running and joined to a cluster?")) from None
+
+    def read_prefix(self, prefix: str) -> tuple[int, list[KVEntry]]:
+        index, data = self._call(f"to list {prefix}", lambda: self.client.kv.get(prefix, recurse=True))
+        return self._index(index, prefix), self._call(f"to list {prefix}", lambda: [_entry(d) for d in data or []])
+
+    def _index(self, index: object, what: str) -> int:
+        """Every KV read carries X-Consul-Index; an answer without one is not from Consul."""
+        if not (isinstance(index, (str, int)) and str(index).isascii() and str(index).isdigit()):
+            raise ConsulUnavailable(f"{self.addr} answered a read of {what} without X-Consul-Index: it is not "
+                                    "Consul's API; is CONSUL_HTTP_ADDR a Consul agent?")
+        return int(index)
+
+    def keys(self, prefix: str) -> list[str]:
+        return self.keys_with_index(prefix)[1]
+
+    def keys_with_index(self, prefix: str) -> tuple[int, list[str]]:
+        """The keys under `prefix` and the prefix's index (its newest write or tombstone)."""
+        index, data = self._call(f"to list keys of {prefix}", lambda: self.client.kv.get(prefix, keys=True))
+        if data is not None and not isinstance(data, list):
+            raise ConsulUnavailable(f"{self.addr} answered a key listing of {prefix} with something that is not a "
+                                    "list: is CONSUL_HTTP_ADDR a Consul agent?")
+        return self._index(index, prefix), [str(k) for k in data or []]
+
+    def leader(self) -> str:
+        """The cluster leader's address as this agent knows it; "" while there is none."""
+        return str(self._call("to ask for the leader", self.client.status.leader) or "")
+
+    def table_index(self, key: str) -> int:
+        """The whole KV table's index: Consul answers a read of one key with it, found or not."""
+        index, _ = self._call(f"to read {key}", lambda: self.client.kv.get(key))
+        return self._index(index, key)
+
+    def deleted_since(self, prefix: str, index: int) -> bool | None:
+        """Whether `prefix` is empty because its keys were deleted after `index` (tombstones prove it).
+
+        Consul indexes an empty prefix by its newest tombstone, or, with none, by the whole table (which
+        every status write moves: field notes). The table is read before and after the listing; only an
+        answer below the table's index, and above `index`, is a tombstone's. None when the answer equals the
+        table's index above `index`: a delete that is the newest write of all, or no tombstone at all; any
+        later write tells them apart (the caller makes one).
+        """
+        for _ in range(3):
+            before = self.table_index(prefix)
+            listed, keys = self.keys_with_index(prefix)
+            if keys:
+                return False
+            if self.table_index(prefix) == before:
+                if listed == before and listed > index:
+                    return None
+                return index < listed < before
+        return False
+
+    def get(self, key: str) -> KVEntry | None:
+        index, data = self._call(f"to read {key}", lambda: self.client.kv.get(key))
+        self._index(index, key)
+        return self._call(f"to read {key}", lambda: _entry(data)) if data else None
+
+    def put(self, key: str, value: str | bytes, cas: int | None = None) -> None:
+        ok = self._call(f"to write {key}", lambda: self.client.kv.put(key, value, cas=cas))
+        if not ok:
+            raise CasConflict(f"{key} changed while this command ran (check-and-set failed); run it again")
+
+    def delete(self, key: str, recurse: bool = False, cas: int | None = None) -> None:
+        ok = self._call(f"to delete {key}", lambda: self.client.kv.delete(key, recurse=recurse or None, cas=cas))
+        if ok is False:
+            raise CasConflict(f"{key} changed while this command ran (check-and-set failed); run it again")
+
+    def txn(self, ops: Iterable[tuple[str, str, bytes | None, int | None]]) -> None:
+        """Apply (verb, key, value, index) KV operations atomically: all or none."""
+        payload: list[dict[str, Any]] = []
+        for verb, key, value, index in ops:
+            op: dict[str, Any] = {"Verb": verb, "Key": key}
+            if value is not None:
+                op["Value"] = base64.b64encode(value).decode()
+            if index is not None:
+                op["Index"] = index
+            payload.append({"KV": op})
+        try:
+            self._call("a KV transaction", lambda: self.client.txn.put(payload))
+        except ConsulUnavailable as exc:
+            if "permission denied" in str(exc).lower():  # Consul answers a denied txn with 409 as well
+                raise ConsulUnavailable(f"Consul at {self.addr} denied a KV transaction: {exc}. "
+                                        "Check the ACL token (CONSUL_HTTP_TOKEN or --token).") from exc
+            if "409" in str(exc) or "cas" in str(exc).lower() or "index" in str(exc).lower():
+                raise CasConflict(f"a key changed while this command ran (check-and-set failed): {exc}") from exc
+            raise
+
+    def healthy(self, service: str) -> list[Instance]:
+        _, entries = self._call(f"to list passing instances of {service}",
+                                lambda: self.client.health.service(service, passing=True))
+        return [_instance(e) for e in entries]
+
+    def service_health(self, service: str) -> dict[str, tuple[str, dict[str, str]]]:
+        """Every instance of a service, passing or not: node name -> (worst check status, service meta)."""
+        _, entries = self._call(f"to list instances of {service}", lambda: self.client.health.service(service))
+        rank = {"passing": 0, "warning": 1, "critical": 2}
+        out: dict[str, tuple[str, dict[str, str]]] = {}
+        for e in entries:
+            checks = e.get("Checks") or []
+            statuses = [c.get("Status", "critical") for c in checks]
+            worst = max(statuses or ["critical"], key=lambda s: rank.get(s, 2))
+            if any(str(c.get("CheckID", "")).startswith(("_node_maintenance", "_service_maintenance")) for c in checks):
+                worst = "maintenance"  # `consul maint`: an operator took it out on purpose
+            out[str((e.get("Node") or {}).get("Node", ""))] = (worst, dict((e.get("Service") or {}).get("Meta") or {}))
+        return out
+
+    def update_check(self, check_id: str, status: str, output: str) -> None:
+        self._call(f"to update check {check_id}", lambda: self.client.http.put(
+            consul.base.CB.bool(), f"/v1/agent/check/update/{check_id}",
+            data=json.dumps({"Status": status, "Output": output[:4000]})))
+
+    def deregister_service(self, service_id: str) -> None:
+        self._call(f"to deregister {service_id}", lambda: self.client.agent.service.deregister(service_id))
+
+    def reload_agent(self) -> None:
+        self._call("to reload the agent", lambda: self.client.http.put(
+            consul.base.CB.bool(), "/v1/agent/reload"))
+
+    def register_service(self, payload: dict[str, Any]) -> None:
+        self._call("to register a service", lambda: self.client.http.put(
+            consul.base.CB.bool(), "/v1/agent/service/register",
+            data=json.dumps(payload)))
+
+
+def _cause(exc: BaseException) -> str:
+    """One line for a failed call: urllib3's chain of wrappers cut down to its last cause."""
+    if isinstance(exc, requests.ConnectionError):
+        errno_text = re.search(r"\[Errno -?\d+\] ([^'\"()]+)", str(exc))
+        detail = errno_text.group(1).strip() if errno_text else (str(exc).splitlines() or [""])[0][-200:]
+        return f"cannot connect ({detail or type(exc).__name__})"
+    return str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__
+
+
+def _entry(d: dict[str, Any]) -> KVEntry:
+    return KVEntry(key=d["Key"], value=d.get("Value") or b"", create_index=int(d.get("CreateIndex", 0)),
+                   modify_index=int(d.get("ModifyIndex", 0)))
+
+
+def _instance(e: dict[str, Any]) -> Instance:
+    svc, node = e.get("Service") or {}, e.get("Node") or {}
+    return Instance(address=str(svc.get("Address") or node.get("Address") or ""), port=int(svc.get("Port") or 0),
+                    service_id=str(svc.get("ID", "")), node=str(node.get("Node", "")),
+                    tags=tuple(str(t) for t in svc.get("Tags") or ()))

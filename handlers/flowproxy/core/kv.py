@@ -1,0 +1,166 @@
+"""Turn a KV listing of the prefix into a `Desired` value (KV contract v1). Pure.
+
+Layout under the prefix:
+  routes/<route>/<variant>   JSON intent
+  routes/<route>/active      plain text: the variant that serves (absent or empty: route off)
+  routes/<route>/active      or weights for a canary: `blue=90,green=10`
+  templates/<name>           a Jinja2 template for routes with `"template": "<name>"`
+  certs/<name>               PEM: certificate chain and private key, served by SNI on the HTTPS listener
+  status/<node>              written by proxy nodes only
+  accept-empty               any value: an operator accepts an empty route table (after a restore)
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+from flowproxy.core.faults import internal_error
+from flowproxy.core.intent import NAME_RE, parse_intent
+from flowproxy.core.model import Desired, KVEntry, Problem, Route, Variant
+from flowproxy.node.runstate import is_status_key
+
+ACTIVE = "active"
+ACCEPT_EMPTY = "accept-empty"
+MAX_TEMPLATE_BYTES = 256 * 1024
+MAX_CERT_BYTES = 256 * 1024
+MAX_WEIGHT = 1000
+
+
+def desired_from_kv(prefix: str, entries: Iterable[KVEntry], index: int = 0) -> Desired:
+    intents: dict[str, list[KVEntry]] = defaultdict(list)
+    actives: dict[str, KVEntry] = {}
+    templates: dict[str, str] = {}
+    certs: dict[str, bytes] = {}
+    stray: list[Problem] = []
+    accept_empty = False
+    for entry in sorted(entries, key=lambda e: e.key):
+        rel = entry.key[len(prefix):] if entry.key.startswith(prefix) else None
+        if rel is None or rel == "" or (rel.endswith("/") and not entry.value):
+            continue  # folder markers made by the UI or `consul kv put dir/`
+        if is_status_key(prefix, entry.key):
+            continue
+        parts = rel.split("/")
+        if parts == [ACCEPT_EMPTY]:
+            accept_empty = True
+            continue
+        if parts[0] == "routes" and len(parts) == 3 and _names_ok(parts[1:]):
+            if parts[2] == ACTIVE:
+                actives[parts[1]] = entry
+            else:
+                intents[parts[1]].append(entry)
+            continue
+        try:
+            problem = _classify(entry, parts, templates, certs)
+        except Exception as exc:  # one key flowproxy fails on is rejected alone
+            problem = Problem(entry.key, internal_error(entry.key, "reading", exc))
+        stray += [problem] if problem else []
+    names = sorted(set(intents) | set(actives))
+    routes = tuple(_safe_route(name, intents.get(name, []), actives.get(name)) for name in names)
+    return Desired(prefix=prefix, routes=routes, templates=templates, certs=certs, stray=tuple(stray), index=index,
+                   accept_empty=accept_empty)
+
+
+def _classify(entry: KVEntry, parts: list[str], templates: dict[str, str], certs: dict[str, bytes]) -> Problem | None:
+    """File a templates/ or certs/ key, or say why a key is outside the contract."""
+    if parts[0] == "templates" and len(parts) == 2:
+        return _template(entry, parts[1], templates)
+    if parts[0] == "certs" and len(parts) == 2:
+        return _cert(entry, parts[1], certs)
+    return Problem(entry.key, _stray_reason(parts))
+
+
+def _safe_route(name: str, intent_entries: list[KVEntry], active: KVEntry | None) -> Route:
+    try:
+        return _route(name, intent_entries, active)
+    except Exception as exc:  # the route is rejected with the reason; every other route goes on
+        key = active.key if active is not None else intent_entries[0].key
+        return Route(name=name, variants=(), active=ACTIVE, active_key=key,
+                     problems=(Problem(key, internal_error(key, "reading", exc)),))
+
+
+def _names_ok(names: list[str]) -> bool:
+    return all(NAME_RE.fullmatch(n) for n in names)
+
+
+def _stray_reason(parts: list[str]) -> str:
+    if parts[0] == "routes" and len(parts) == 3:
+        return "route and variant names must match [a-z0-9][a-z0-9_.-]{0,62}; key ignored"
+    return ("key is outside the flowproxy KV contract (routes/<route>/<variant|active>, templates/<name>, "
+            "certs/<name>); ignored")
+
+
+def _template(entry: KVEntry, name: str, into: dict[str, str]) -> Problem | None:
+    if not NAME_RE.fullmatch(name):
+        return Problem(entry.key, "template names must match [a-z0-9][a-z0-9_.-]{0,62}; key ignored")
+    if len(entry.value) > MAX_TEMPLATE_BYTES:
+        return Problem(entry.key, f"template is {len(entry.value)} bytes, at most {MAX_TEMPLATE_BYTES}; ignored")
+    try:
+        into[name] = entry.value.decode("utf-8")
+    except UnicodeDecodeError:
+        return Problem(entry.key, "template is not UTF-8 text; ignored")
+    return None
+
+
+def _cert(entry: KVEntry, name: str, into: dict[str, bytes]) -> Problem | None:
+    if not NAME_RE.fullmatch(name):
+        return Problem(entry.key, "certificate names must match [a-z0-9][a-z0-9_.-]{0,62}; key ignored")
+    if len(entry.value) > MAX_CERT_BYTES:
+        return Problem(entry.key, f"certificate is {len(entry.value)} bytes, at most {MAX_CERT_BYTES}; ignored")
+    into[name] = entry.value
+    return None
+
+
+def _route(name: str, intent_entries: list[KVEntry], active: KVEntry | None) -> Route:
+    variants = []
+    for entry in intent_entries:
+        try:
+            intent, problems = parse_intent(entry.key, entry.value)
+        except Exception as exc:  # this variant is rejected; its route's other variants still count
+            intent, problems = None, [Problem(entry.key, internal_error(entry.key, "reading", exc))]
+        variants.append(Variant(route=name, name=entry.key.rsplit("/", 1)[1], key=entry.key,
+                                intent=intent, problems=tuple(problems)))
+    if active is None:
+        return Route(name=name, variants=tuple(variants))
+    chosen, problems = _active_value(active, {v.name for v in variants})
+    weights: tuple[tuple[str, int], ...] = ()
+    if chosen is not None and "=" in chosen and not problems:
+        weights, problems = parse_weights(active.key, chosen, {v.name for v in variants})
+    return Route(name=name, variants=tuple(variants), active=chosen, active_key=active.key,
+                 active_since=active.create_index, problems=tuple(problems), weights=weights)
+
+
+def _active_value(entry: KVEntry, variants: set[str]) -> tuple[str | None, list[Problem]]:
+    try:
+        text = entry.value.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return "?", [Problem(entry.key, "value is not UTF-8 text naming a variant")]
+    if not text:
+        return None, []
+    if "=" in text:
+        return text, []  # a weighted canary, parsed by parse_weights
+    if not NAME_RE.fullmatch(text):
+        return text, [Problem(entry.key, f"{text[:80]!r} is not a variant name ([a-z0-9][a-z0-9_.-]{{0,62}})")]
+    if text not in variants:
+        known = ", ".join(sorted(variants)) or "none"
+        return text, [Problem(entry.key, f"names variant {text!r}, which does not exist (variants: {known})")]
+    return text, []
+
+
+def parse_weights(key: str, text: str, variants: set[str]) -> tuple[tuple[tuple[str, int], ...], list[Problem]]:
+    """`blue=90,green=10`: at least two known variants, whole weights 0-1000, not all zero."""
+    pairs: list[tuple[str, int]] = []
+    problems: list[Problem] = []
+    for part in text.split(","):
+        name, _, weight = part.strip().partition("=")
+        if not NAME_RE.fullmatch(name) or not (weight.isascii() and weight.isdigit()) or int(weight) > MAX_WEIGHT:
+            problems.append(Problem(key, f"{part.strip()[:80]!r} is not variant=weight (a whole number 0-1000)"))
+        elif name not in variants:
+            problems.append(Problem(key, f"names variant {name!r}, which does not exist"))
+        elif name in dict(pairs):
+            problems.append(Problem(key, f"names variant {name!r} twice"))
+        else:
+            pairs.append((name, int(weight)))
+    if not problems and (len(pairs) < 2 or not any(w for _, w in pairs)):
+        problems.append(Problem(key, "a canary needs at least two variants and a weight above 0"))
+    return (tuple(pairs), []) if not problems else ((), problems)

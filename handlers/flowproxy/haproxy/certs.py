@@ -1,0 +1,52 @@
+"""Vet the certificates in KV `certs/<name>` before they reach HAProxy. An edge: OpenSSL reads them.
+
+A bad PEM must be refused alone with its reason: HAProxy refuses a whole config over one unreadable or
+mismatched certificate, which would stop every other change on the node.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import tempfile
+from collections.abc import Mapping
+
+from flowproxy.core.faults import internal_error
+from flowproxy.core.model import Problem
+
+MARKERS = (b"-----BEGIN CERTIFICATE-----", b"PRIVATE KEY-----")
+
+
+def vet_certs(prefix: str, certs: Mapping[str, bytes]) -> tuple[dict[str, bytes], list[Problem]]:
+    """(usable PEMs by name, one problem per refused one)."""
+    good: dict[str, bytes] = {}
+    problems: list[Problem] = []
+    for name, pem in sorted(certs.items()):
+        try:
+            reason = pem_problem(pem)
+        except Exception as exc:  # one certificate that breaks the vetting must not take the others down
+            reason = internal_error(f"{prefix}certs/{name}", "vetting", exc)
+        if reason is None:
+            good[name] = pem if pem.endswith(b"\n") else pem + b"\n"
+        else:
+            problems.append(Problem(f"{prefix}certs/{name}", f"{reason}; certificate not served"))
+    return good, problems
+
+
+def pem_problem(pem: bytes) -> str | None:
+    """Why OpenSSL would not serve this PEM (chain + key), or None when it would."""
+    missing = [m.decode().strip("-") for m in MARKERS if m not in pem]
+    if missing:
+        return f"PEM must hold the certificate chain and its private key; no {' or '.join(missing)} block found"
+    fd, path = tempfile.mkstemp(suffix=".pem")
+    try:
+        os.write(fd, pem)
+        os.close(fd)
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(path)
+    except ssl.SSLError as exc:
+        if "KEY_VALUES_MISMATCH" in str(exc):
+            return "the private key does not match the certificate"
+        return f"OpenSSL cannot load it: {exc.reason or exc}"
+    finally:
+        os.unlink(path)
+    return None

@@ -1,0 +1,101 @@
+"""flowproxy's own metrics for a node, served beside HAProxy's exporter at `/metrics/flowproxy`.
+
+prometheus-client writes the exposition format; this module is its one adapter. Values are read when
+scraped (HAProxy's master socket, the node's last status), so nothing here keeps state of its own. The
+node process serves them on an abstract unix socket that HAProxy's metrics listener forwards to: no port
+of its own, and reachable by HAProxy's unprivileged workers (abstract sockets have no file permissions).
+"""
+
+from __future__ import annotations
+
+import logging
+import socketserver
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from flowproxy.haproxy.master import local_old_workers
+from flowproxy.node import runstate
+from flowproxy.settings import Settings
+
+log = logging.getLogger(__name__)
+PATH = "/metrics/flowproxy"
+
+
+class NodeCollector(Collector):
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def collect(self) -> Iterator[Metric]:
+        old = local_old_workers(self.settings.master_socket)
+        yield GaugeMetricFamily("flowproxy_haproxy_up", "1 while HAProxy's master socket answers", old is not None)
+        if old is not None:
+            yield CounterMetricFamily("flowproxy_haproxy_reloads", "HAProxy reloads since its master started",
+                                      old.reloads)
+            yield GaugeMetricFamily("flowproxy_old_workers", "HAProxy workers of earlier configs still holding "
+                                    "connections", len(old.pids))
+            yield GaugeMetricFamily("flowproxy_old_workers_resident_bytes", "Resident memory of those workers",
+                                    old.rss_kib * 1024)
+        last = runstate.load(self.settings.run_dir, runstate.LAST_STATUS)
+        yield GaugeMetricFamily("flowproxy_applied_kv_index", "KV index of the config this node applied",
+                                int(last.get("kv_index") or 0))
+        yield GaugeMetricFamily("flowproxy_last_apply_ok", "1 when the node's last apply succeeded",
+                                bool(last.get("ok", False)))
+        reload = last.get("last_reload")
+        if isinstance(reload, dict):
+            yield InfoMetricFamily("flowproxy_last_reload", "The node's latest HAProxy reload and why",
+                                   {"why": str(reload.get("why")), "kv_index": str(reload.get("kv_index"))})
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: MetricsServer
+
+    def do_GET(self) -> None:
+        found = self.path.split("?", 1)[0] == PATH
+        body = generate_latest(self.server.registry) if found else b"not found\n"
+        self.send_response(200 if found else 404)
+        self.send_header("Content-Type", CONTENT_TYPE_LATEST if found else "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def address_string(self) -> str:
+        return "haproxy"  # a unix socket has no client address
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+class MetricsServer(socketserver.ThreadingUnixStreamServer):
+    daemon_threads = True
+
+    def __init__(self, settings: Settings) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(NodeCollector(settings))
+        super().__init__(abstract_address(settings.node_metrics_name), _Handler)
+
+    def start(self) -> MetricsServer:
+        threading.Thread(target=self.serve_forever, daemon=True, name="flowproxy-metrics").start()
+        return self
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+def abstract_address(name: str) -> bytes:
+    """HAProxy 2.6 reaches `abns@name` with the whole 108-byte path, the name padded with NULs."""
+    return b"\0" + name.encode().ljust(107, b"\0")
+
+
+def serve(settings: Settings) -> MetricsServer | None:
+    try:
+        return MetricsServer(settings).start()
+    except OSError as exc:  # another process of this node holds it (a second `node run`?): metrics only
+        log.warning("flowproxy metrics not served (%s: %s)", settings.node_metrics_name, exc)
+        return None
+

@@ -1,0 +1,168 @@
+"""A proxy node's duties beside its processes: the one implementation `node up` and `node run` share.
+
+- the warm applier the watch handlers hand their events to (`<data>/run/apply.sock`);
+- the catalog entry `flowproxy` with a TTL check, beaten every tick (critical when HAProxy's master socket
+  does not answer, or the last apply failed; by itself when this process dies);
+- retries: a failed apply, a change that found the apply lock taken, a TCP port freed;
+- anti-entropy: every RESYNC_EVERY s Consul's config keys are compared with what was applied, and every
+  FULL_RESYNC_EVERY s a full converge runs (a no-op when the bytes are equal);
+- systemd: READY=1 once armed, WATCHDOG=1 every tick, STOPPING=1 (through NOTIFY_SOCKET, when set).
+
+Whether the Consul agent and HAProxy are this process's children (`node up`) or the host's own, under
+systemd (`node run`), is not its business: it talks to the agent's HTTP API and HAProxy's master socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flowproxy.consul.store import ConsulStore
+from flowproxy.errors import FlowproxyError
+from flowproxy.haproxy import ports
+from flowproxy.node import coalesce, runstate, selfcheck
+from flowproxy.node import metrics as node_metrics
+from flowproxy.node.applier import Applier
+from flowproxy.node.metrics import MetricsServer
+from flowproxy.settings import Settings
+
+log = logging.getLogger(__name__)
+RETRY_EVERY = 5.0
+RESYNC_EVERY = 10.0
+# Full converge even when nothing looks changed: a `service` watch was seen (1 run in ~4 of the fleet test)
+# not to fire for a deregistration on its own agent, leaving that node on a stale instance list. A no-op
+# converge costs ~0.3 s of CPU, so every 20 s is ~1.5% of a core.
+FULL_RESYNC_EVERY = 20.0
+
+
+@dataclass
+class Supervisor:
+    settings: Settings
+    applier: Applier | None = None
+    retry: subprocess.Popen[bytes] | None = None
+    last_retry: float = 0.0
+    last_resync: float = 0.0
+    last_full: float = field(default_factory=time.monotonic)
+    metrics: MetricsServer | None = None
+    _store: ConsulStore | None = None
+
+    def env(self) -> dict[str, str]:
+        # Handlers and retries run this interpreter's `flowproxy`: put it first on PATH.
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        return {**os.environ, **self.settings.env(), "PATH": path}
+
+    def store(self) -> ConsulStore:
+        """One client for the node's lifetime: the supervisor calls Consul every tick."""
+        if self._store is None:
+            s = self.settings
+            self._store = ConsulStore(s.consul_addr, s.consul_token, tls=s.consul_tls)
+        return self._store
+
+    def start_applier(self) -> None:
+        if self.applier is None:
+            self.applier = Applier(self.settings)
+            self.applier.start()  # before any watch fires: its first event finds it listening
+        if self.metrics is None:
+            self.metrics = node_metrics.serve(self.settings)
+
+    def register(self) -> None:
+        selfcheck.register(self.store(), self.settings)
+
+    def tick(self) -> None:
+        self.beat()
+        self.retry_apply()
+        notify("WATCHDOG=1")
+
+    def beat(self) -> None:
+        try:
+            selfcheck.beat(self.store(), self.settings)
+        except FlowproxyError as exc:
+            log.warning("could not update this node's health check: %s", exc)
+
+    def retry_apply(self) -> None:
+        """Run the handler when an apply is due that no watch event will bring (see `apply_due`)."""
+        if self.retry is not None and self.retry.poll() is None:
+            return
+        if time.monotonic() - self.last_retry < RETRY_EVERY:
+            return
+        why = apply_due(self.settings) or self.resync_due()
+        if why:
+            self.last_retry = time.monotonic()
+            log.info("an apply is due (%s); running the handler", why)
+            self.retry = subprocess.Popen([sys.executable, "-m", "flowproxy.node.handler"], env=self.env(),
+                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL)
+
+    def resync_due(self) -> str:
+        """Anti-entropy: a full converge every FULL_RESYNC_EVERY seconds, and every RESYNC_EVERY seconds a
+        check whether what Consul holds differs from what was applied (the fingerprint of the config keys).
+
+        Watches can miss an event: a snapshot restore 0.3 s after a write left a node on the old routes
+        with no watch firing. Any difference, forwards or backwards, means the node must apply again.
+        Contents, not indexes: an apply from a watch payload records the whole prefix's index.
+        """
+        if time.monotonic() - self.last_full >= FULL_RESYNC_EVERY:
+            self.last_full = time.monotonic()
+            return "the periodic full resync"
+        if time.monotonic() - self.last_resync < RESYNC_EVERY:
+            return ""
+        self.last_resync = time.monotonic()
+        from flowproxy.pipeline import read_config_kv
+
+        try:
+            _, entries = read_config_kv(self.store(), self.settings.prefix)
+        except FlowproxyError:
+            return ""  # the agent is away; beat() has said so
+        last = runstate.load(self.settings.run_dir, runstate.LAST_APPLY)
+        held = runstate.kv_fingerprint(self.settings.prefix, [(e.key, e.value) for e in entries])
+        return "Consul holds config keys other than those last applied" if last.get("fingerprint") != held else ""
+
+    def stop(self, deregister: bool = True) -> None:
+        """Stop applying, leave the catalog (unless the agent is gone), close the client."""
+        notify("STOPPING=1")
+        if self.applier is not None:
+            self.applier.stop()  # a leave fires watches that must not apply against a dying agent
+            self.applier = None
+        if self.metrics is not None:
+            self.metrics.stop()
+            self.metrics = None
+        if deregister:
+            try:
+                self.store().deregister_service(selfcheck.service_id(self.settings))
+            except FlowproxyError as exc:
+                log.warning("could not deregister this node: %s", exc)
+        if self.retry is not None and self.retry.poll() is None:
+            self.retry.kill()
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+
+def apply_due(settings: Settings) -> str:
+    """Why an apply is due that no watch event will bring, or "" when none is."""
+    last = runstate.load(settings.run_dir, runstate.LAST_APPLY)
+    if not runstate.load(settings.run_dir, runstate.LAST_STATUS).get("ok", True):
+        return "the last apply failed"
+    if coalesce.generation(settings.run_dir) > int(last.get("generation", 0)):
+        return "a change found the apply lock taken and left it to the next apply"
+    freed = ports.freed(settings.tcp_host, last.get("ports_held", []))
+    return f"port(s) {', '.join(map(str, freed))} that TCP routes wait for are free now" if freed else ""
+
+
+def notify(state: str) -> None:
+    """Tell systemd (Type=notify, WatchdogSec=) how this process is; nothing without NOTIFY_SOCKET."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    address = "\0" + path[1:] if path.startswith("@") else path
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(state.encode(), address)
+    except OSError as exc:
+        log.warning("could not notify systemd (%s): %s", state, exc)
