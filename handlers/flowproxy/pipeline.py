@@ -1,11 +1,14 @@
-"""One apply: Consul state -> plan -> render -> compare -> haproxy -c -> atomic switch -> reload -> status.
+"""One apply, its stages in the order data flows, each once:
 
-Only this module strings the pure stages and the edges together; each stage is a plain function.
+    gather -> plan -> render -> vet -> (drop what was refused, render once more) -> deploy -> publish
+
+gather reads Consul (the Consul wing), plan and render are pure (the core), vet asks OpenSSL, PCRE2,
+`haproxy -c` and the ports (the HAProxy wing), deploy goes through the Runtime API or a reload, publish
+writes this node's status key. Only this module strings the stages together; each is a plain function.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -14,163 +17,104 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flowproxy.consul import watches
+from flowproxy.consul import reads, watches
 from flowproxy.consul.store import ConsulStore
+from flowproxy.core import contract
 from flowproxy.core.kv import desired_from_kv
-from flowproxy.core.model import Desired, Instance, KVEntry, Snapshot
+from flowproxy.core.model import Desired, Instance, Snapshot
 from flowproxy.core.plan import Plan, make_plan
-from flowproxy.core.render import Bundle, Templates, custom_fragments, drop_backends, regexes, render
+from flowproxy.core.render import Bundle, Templates, render
 from flowproxy.core.status import applied_doc, failed_doc
 from flowproxy.errors import ApplyIOError, CandidateRefused, EmptyRefused, FlowproxyError, HAProxyError
-from flowproxy.haproxy import fragments, ports, release, runtime, spares
-from flowproxy.haproxy import regexes as regex_vet
-from flowproxy.haproxy.certs import vet_certs
+from flowproxy.haproxy import release, runtime, spares
 from flowproxy.haproxy.isolate import find_culprits
 from flowproxy.haproxy.master import HAProxySocket, check_config, drain, recent_alerts
+from flowproxy.haproxy.vet import Refusals, vet
 from flowproxy.node import runstate
-from flowproxy.sandbox import runner as template_sandbox
+from flowproxy.sandbox import runner as sandbox
 from flowproxy.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Outcome:
-    kv_index: int
+class Built:
+    """A render for this node: the files, the plan as rendered, and what vetting refused in it."""
+
     bundle: Bundle
     plan: Plan
+    refusals: Refusals
+
+
+@dataclass(frozen=True)
+class Outcome:
+    kv_index: int
+    built: Built
     reloaded: bool
+
+    @property
+    def bundle(self) -> Bundle:
+        return self.built.bundle
+
+    @property
+    def plan(self) -> Plan:
+        return self.built.plan
 
 
 def store_for(settings: Settings) -> ConsulStore:
     return ConsulStore(settings.consul_addr, settings.consul_token, tls=settings.consul_tls)
 
 
-def read_config_kv(store: ConsulStore, prefix: str) -> tuple[int, list[KVEntry]]:
-    """The keys a config depends on, and their index: the same on every node that reads the same state.
-
-    Consul indexes a subtree by its newest entry or tombstone, so status writes (elsewhere under the
-    prefix) do not move it; an empty subtree without tombstones answers with the whole table's index,
-    hence an empty templates/ is left out. Keys outside the contract come as names only, to be reported.
-    """
-    routes_index, routes = store.read_prefix(prefix + "routes/")
-    optional = [store.read_prefix(prefix + folder) for folder in ("templates/", "certs/")]
-    known = tuple(prefix + folder for folder in ("routes/", "templates/", "certs/"))
-    others = [KVEntry(key, b"?") for key in store.keys(prefix)
-              if not key.startswith(known) and key != prefix and not runstate.is_status_key(prefix, key)]
-    index = max([routes_index] + [i for i, entries in optional if entries])
-    return index, routes + [e for _, entries in optional for e in entries] + others
-
-
-def from_payload(store: ConsulStore, prefix: str, snapshot: Snapshot) -> tuple[int, list[KVEntry]] | None:
-    """The watch's own payload when it is still Consul's latest state: one call instead of four reads.
-
-    Measured at 50 routes: the four reads took 8 ms of a 16 ms converge. A payload that is not the latest
-    (a newer write, or a handler that outlived an agent reload) is not used: the reads follow instead.
-    The index recorded is the config subtrees' (`config_index`), the number every node reports alike.
-    """
-    if not any(e.key.startswith(prefix + "routes/") and e.value for e in snapshot.entries):
-        # No routes: the empty-table guard needs the config's own index, and the prefix's index counts
-        # status writes, which would make a restored empty table look newer than the routes it replaces.
-        return None
-    index, _ = store.keys_with_index(prefix)
-    if index != snapshot.index:
-        return None
-    used = tuple(prefix + folder for folder in ("routes/", "templates/", "certs/"))
-    entries = [e if e.key.startswith(used) else KVEntry(e.key, b"?") for e in snapshot.entries
-               if e.key != prefix and not runstate.is_status_key(prefix, e.key)]
-    return config_index(store, prefix, entries), entries
-
-
-def config_index(store: ConsulStore, prefix: str, entries: list[KVEntry]) -> int:
-    """The index of the newest write (or delete) that shaped the config, as `read_config_kv` computes it:
-    the same on every node that applied the same state, whatever status writes happened meanwhile (the
-    prefix's own index counts them, and differed from node to node)."""
-    folders = ["routes/"] + [f for f in ("templates/", "certs/") if any(e.key.startswith(prefix + f) for e in entries)]
-    return max(store.keys_with_index(prefix + folder)[0] for folder in folders)
-
-
 def gather(settings: Settings, store: ConsulStore,
            snapshot: Snapshot | None = None) -> tuple[Desired, dict[str, list[Instance]], str]:
     """Read everything the render depends on from Consul. Any failed read raises: never render on less."""
-    fresh = from_payload(store, settings.prefix, snapshot) if snapshot is not None else None
-    index, entries = fresh or read_config_kv(store, settings.prefix)
+    index, entries = reads.read(store, settings.prefix, snapshot)
     desired = desired_from_kv(settings.prefix, entries, index)
     health = {service: store.healthy(service) for service in desired.services()}
-    fingerprint = runstate.kv_fingerprint(settings.prefix, [(e.key, e.value) for e in entries])
+    fingerprint = contract.kv_fingerprint(settings.prefix, [(e.key, e.value) for e in entries])
     return desired, health, fingerprint
 
 
-def build(settings: Settings, desired: Desired, health: dict[str, list[Instance]],
-          refuse: Mapping[str, str] | None = None) -> tuple[Bundle, Plan]:
+def build(settings: Settings, desired: Desired, health: Mapping[str, list[Instance]],
+          refuse: Mapping[str, str] | None = None) -> Built:
     """plan -> render -> vet -> (drop what was refused, render once more) for this node.
 
-    Custom templates render once, in the sandbox. Vetting judges what HAProxy would refuse, each thing
-    alone with its reason: certificates, custom-template fragments, regexes (by PCRE2 as HAProxy uses
-    it), and TCP ports another program holds. The rest renders again without it.
+    Custom templates render once, in the sandbox; their answers serve both renders. `refuse` names
+    backends to leave out besides what vetting refuses (the suspects `isolate_refused` tries).
     """
-    certs, refused = vet_certs(desired.prefix, desired.certs)
-    plan = make_plan(dataclasses.replace(desired, stray=desired.stray + tuple(refused)), health)
+    plan = make_plan(desired, health)
     templates = Templates(settings.templates, desired.templates)
-    custom = template_sandbox.render_plan(plan, templates, settings.run_dir)
-    bundle, plan = render(plan, templates, certs, custom)
-    refusals = vet(settings, plan, custom)
-    reasons = refusals.reasons | dict(refuse or {})
-    if not reasons:
-        return bundle, plan
-    bundle, plan = render(drop_backends(plan, reasons), templates, certs, custom)
-    return bundle, dataclasses.replace(plan, waiting=refusals.waiting)
-
-
-@dataclass(frozen=True)
-class Refusals:
-    """What vetting refused: backend name -> reason (its key first), and TCP ports waiting to be free."""
-
-    reasons: dict[str, str]
-    waiting: tuple[int, ...] = ()
-
-
-def vet(settings: Settings, plan: Plan, custom: dict[str, dict[str, str]]) -> Refusals:
-    """Everything HAProxy would refuse in this plan, each backend alone."""
-    keys = {b.name: b.key for b in plan.backends}
-    reasons = {name: f"{keys[name]}: template: {why}"
-               for name, why in fragments.refused(settings, custom_fragments(plan, custom)).items()}
-    by_backend = regexes(plan)
-    bad = regex_vet.refused(settings, {p for patterns in by_backend.values() for p in patterns})
-    for name, patterns in sorted(by_backend.items()):
-        found = sorted(p for p in patterns if p in bad)
-        if found:
-            reasons.setdefault(name, f"{keys.get(name, name)}: regex {found[0]!r} is refused by HAProxy's "
-                                     f"PCRE2: {bad[found[0]]}")
-    held = ports.refused(plan, settings.tcp_host, settings.current / "haproxy.cfg")
-    waiting = tuple(sorted(int(c.path) for c in plan.claims if c.path_type == "tcp" and c.backend in held))
-    return Refusals(reasons | held, waiting)
+    custom = sandbox.render_plan(plan, templates, settings.cache_dir)
+    bundle, rendered = render(plan, templates, desired.certs, custom)
+    refusals = vet(settings, rendered, desired.certs, custom).adding(refuse or {})
+    if not refusals:
+        return Built(bundle, rendered, refusals)
+    bundle, rendered = render(refusals.applied_to(rendered), templates, refusals.certs_kept(desired.certs), custom)
+    return Built(bundle, rendered, refusals)
 
 
 def isolate_refused(settings: Settings, desired: Desired, health: dict[str, list[Instance]],
-                    candidate: tuple[Bundle, Plan], refused: CandidateRefused) -> tuple[Bundle, Plan]:
+                    candidate: Built, refused: CandidateRefused) -> Built:
     """The candidate without the backends that make `haproxy -c` refuse it, each rejected with HAProxy's
     words; raises `refused` when no backend is to blame (the node then keeps its config and retries).
 
     Backends that differ from the running config are suspected first: the running config passed.
     """
-    bundle, plan = candidate
     current = release.read_bundle(settings.current)
-    new = runtime.backend_bodies(bundle.config.decode())
+    new = runtime.backend_bodies(candidate.bundle.config.decode())
     old = runtime.backend_bodies(current.config.decode()) if current is not None else {}
     everyone = sorted(new)
     changed = [name for name in everyone if old.get(name) != new[name]]
 
     def passes(removed: frozenset[str]) -> bool:
-        candidate, _ = build(settings, desired, health, dict.fromkeys(removed, "suspect"))
-        return candidate_passes(settings, candidate)
+        return candidate_passes(settings, build(settings, desired, health, dict.fromkeys(removed, "suspect")).bundle)
 
     found = find_culprits(changed, passes) if changed else None
     if found is None and changed != everyone:
         found = find_culprits(everyone, passes)
     if not found:
         raise refused
-    keys = {b.name: b.key for b in plan.backends}
+    keys = {b.name: b.key for b in candidate.plan.backends}
     words = str(refused).split(": ", 1)[-1]
     reasons = {name: f"{keys.get(name, name)}: HAProxy refuses the config with this backend: {words}"
                for name in sorted(found)}
@@ -200,10 +144,10 @@ def guard_empty(settings: Settings, store: ConsulStore, desired: Desired, accept
     if desired.routes or accept_empty or desired.accept_empty or not last.get("routes"):
         return
     applied = int(last.get("kv_index", 0))
-    deleted = store.deleted_since(settings.prefix + "routes/", applied)
+    deleted = reads.routes_deleted_since(store, settings.prefix, applied)
     if deleted is None and _may_touch(settings, applied):  # maybe a delete that is the newest write of all:
         _touch_status(settings, store)                # move the table's index, look again
-        deleted = store.deleted_since(settings.prefix + "routes/", applied)
+        deleted = reads.routes_deleted_since(store, settings.prefix, applied)
     if deleted:
         return
     # No moving index in the words: the refusal is published as status, and a status that changed with
@@ -323,19 +267,20 @@ def converge(settings: Settings, generation: int = 0, accept_empty: bool = False
     try:
         desired, health, fingerprint = gather(settings, store, snapshot)
         guard_empty(settings, store, desired, accept_empty)
-        bundle, plan = build(settings, desired, health)
+        built = build(settings, desired, health)
         started = time.monotonic()
         try:
-            deployed = deploy(settings, bundle)
+            deployed = deploy(settings, built.bundle)
         except CandidateRefused as exc:
-            bundle, plan = isolate_refused(settings, desired, health, (bundle, plan), exc)
-            deployed = deploy(settings, bundle)
+            built = isolate_refused(settings, desired, health, built, exc)
+            deployed = deploy(settings, built.bundle)
         watches.sync(settings.watch_dir, store, desired.services())
     except FlowproxyError as exc:
         _publish_failure(settings, store, str(exc))
         if shared is None:
             store.close()
         raise
+    bundle, plan = built.bundle, built.plan
     for state in plan.states:
         for reason in state.reasons:
             log.warning("route %s rejected: %s", state.route, reason)
@@ -348,10 +293,10 @@ def converge(settings: Settings, generation: int = 0, accept_empty: bool = False
     _publish(settings, store, doc | {"last_reload": last_reload(settings, desired.index, deployed)})
     runstate.save(settings.run_dir, runstate.LAST_APPLY, {"fingerprint": fingerprint, "kv_index": desired.index,
                                                           "generation": generation, "routes": len(desired.routes),
-                                                          "ports_held": list(plan.waiting)})
+                                                          "ports_held": list(built.refusals.waiting)})
     if shared is None:
         store.close()
-    return Outcome(desired.index, bundle, plan, deployed.reload is not None)
+    return Outcome(desired.index, built, deployed.reload is not None)
 
 
 def last_reload(settings: Settings, index: int, deployed: Deployed) -> dict[str, Any] | None:

@@ -133,6 +133,7 @@ class Settings:
     stats_auth: str | None = None  # user:password for the stats page
     haproxy_bin: str = "haproxy"
     templates: Path = REPO_TEMPLATES
+    scratch: Path | None = None  # see cache_dir
     drain_wait: float = 10.0  # seconds a reload waits for old workers before it counts as applied
     old_worker_lifetime: str = DEFAULT_OLD_WORKER_LIFETIME  # HAProxy's hard-stop-after
     max_old_workers: int = DEFAULT_MAX_OLD_WORKERS  # HAProxy's mworker-max-reloads
@@ -252,6 +253,12 @@ class Settings:
     @property
     def run_dir(self) -> Path:
         return self.data_dir / "run"
+
+    @property
+    def cache_dir(self) -> Path:
+        """Where vetting and the template sandbox keep their verdicts: the node's run folder, or the
+        scratch folder of a command that must write nothing of the node's (`flowproxy render`)."""
+        return self.scratch if self.scratch is not None else self.run_dir
 
     @property
     def watch_dir(self) -> Path:

@@ -59,6 +59,11 @@ def test_put_activate_list_status_render_deactivate_remove(
     config = rendered.stdout.split("# ---- ", 1)[0]
     assert hashlib.sha256(config.encode()).hexdigest() == status_of(proxy)["config_sha256"]
     assert "/demo go-demo:live" in rendered.stdout
+    # `render` changes nothing: a data folder it is pointed at is never created, caches included.
+    unused = proxy.settings.data_dir.parent / "render-writes-nothing"
+    again = run(proxy, "--data-dir", str(unused), "render")
+    assert again.returncode == 0 and again.stdout == config, again.stderr
+    assert not unused.exists()
 
     assert run(proxy, "route", "put", "go-demo", "-v", "next", "-s", "go-demo", "-p", "/next").returncode == 0
     assert run(proxy, "route", "activate", "go-demo", "next").returncode == 0

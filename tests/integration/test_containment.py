@@ -66,7 +66,8 @@ def test_a_key_that_makes_a_stage_raise_is_rejected_alone(
     settings = Settings(node="t", data_dir=tmp_path, templates=REPO_TEMPLATES, haproxy_bin=haproxy).checked()
     items = [*entries(), KVEntry(f"{P}templates/t", b"backend {{ backend.name }}\n")]
     desired = desired_from_kv(P, items, 10)
-    bundle, planned = build(settings, desired, {"s": [Instance("127.0.0.1", 9000)]})
+    built = build(settings, desired, {"s": [Instance("127.0.0.1", 9000)]})
+    bundle, planned = built.bundle, built.plan
 
     states = {s.route: s for s in planned.states}
     reasons = [r for s in planned.states for r in s.reasons] + [str(p) for p in planned.stray]

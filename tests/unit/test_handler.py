@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from flowproxy.core.contract import kv_fingerprint
 from flowproxy.node import runstate
 
 HEAVY = ("consul", "jinja2", "click", "requests")
@@ -35,7 +36,7 @@ def payload(pairs: dict[str, bytes]) -> str:
 def test_unchanged_routes_take_the_lean_path(tmp_path: Path) -> None:
     routes = {"flowproxy/routes/a/live": b'{"service": "a", "paths": ["/a"]}', "flowproxy/routes/a/active": b"live"}
     runstate.save(tmp_path / "run", runstate.LAST_APPLY,
-                  {"fingerprint": runstate.kv_fingerprint("flowproxy/", list(routes.items()))})
+                  {"fingerprint": kv_fingerprint("flowproxy/", list(routes.items()))})
     # Another node's status write changes the payload but not what the config depends on.
     done = run_handle(tmp_path, payload(routes | {"flowproxy/status/other": b'{"ok": true}'}))
     assert done.returncode == 0, done.stderr[-2000:]

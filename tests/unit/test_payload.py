@@ -7,9 +7,9 @@ import json
 import pytest
 import responses
 
+from flowproxy.consul.reads import from_payload
 from flowproxy.consul.store import ConsulStore
 from flowproxy.core.model import KVEntry, Snapshot
-from flowproxy.pipeline import from_payload
 
 BASE = "http://127.0.0.1:8500"
 P = "flowproxy/"
@@ -38,7 +38,7 @@ def test_payload_is_used_only_at_the_latest_index(now: int, used: bool) -> None:
 
 
 def test_payload_entries_parse_the_watch_json() -> None:
-    from flowproxy.node.runstate import payload_entries
+    from flowproxy.consul.payload import payload_entries
 
     raw = json.dumps([{"Key": P + "routes/a/active", "Value": "bGl2ZQ==", "CreateIndex": 3, "ModifyIndex": 4},
                       {"Key": P + "routes/", "Value": None}])

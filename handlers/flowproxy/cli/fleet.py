@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from flowproxy.consul.store import ConsulStore
+from flowproxy.core.contract import is_status_key, status_folder
 from flowproxy.errors import NotConverged, RejectedByNode
-from flowproxy.node.runstate import is_status_key
 from flowproxy.node.selfcheck import SERVICE
 
 
@@ -29,7 +29,7 @@ class NodeView:
 
 
 def read_statuses(store: ConsulStore, prefix: str) -> dict[str, dict[str, Any]]:
-    _, entries = store.read_prefix(prefix + "status/")
+    _, entries = store.read_prefix(status_folder(prefix))
     docs: dict[str, dict[str, Any]] = {}
     for entry in entries:
         if not is_status_key(prefix, entry.key) or entry.key.endswith("/"):
@@ -44,9 +44,9 @@ def read_statuses(store: ConsulStore, prefix: str) -> dict[str, dict[str, Any]]:
 
 def latest_index(store: ConsulStore, prefix: str) -> int:
     """The index of the newest write that a node's config depends on, as the nodes themselves compute it."""
-    from flowproxy.pipeline import read_config_kv
+    from flowproxy.consul.reads import read_config
 
-    return read_config_kv(store, prefix)[0]
+    return read_config(store, prefix)[0]
 
 
 def fleet_view(docs: dict[str, dict[str, Any]], health: dict[str, tuple[str, dict[str, str]]],

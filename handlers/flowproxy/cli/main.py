@@ -49,11 +49,17 @@ def handle(kind: str, accept_empty: bool) -> None:
 @click.pass_context
 def render(ctx: click.Context, maps: bool) -> None:
     """Print the config rendered from KV now (what a reload loads); changes nothing."""
+    import dataclasses
+    import tempfile
+
     from flowproxy.pipeline import build, gather, store_for
 
-    settings = settings_of(ctx)
-    desired, health, _ = gather(settings, store_for(settings))
-    bundle, plan = build(settings, desired, health)
+    # Vetting's verdicts go to a scratch folder that ends with the command: nothing of the node's changes.
+    with tempfile.TemporaryDirectory(prefix="flowproxy-render-") as scratch:
+        settings = dataclasses.replace(settings_of(ctx), scratch=Path(scratch))
+        desired, health, _ = gather(settings, store_for(settings))
+        built = build(settings, desired, health)
+    bundle, plan = built.bundle, built.plan
     click.echo(bundle.config.decode(), nl=False)
     if maps:
         for name in sorted(bundle.files):

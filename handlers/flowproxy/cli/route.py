@@ -214,11 +214,12 @@ def remove(ctx: click.Context, /, *, name: str, **waiting: Any) -> None:
 def list_routes(ctx: click.Context, as_json: bool) -> None:
     """Every route with its variants, the active one, and what the nodes report."""
     from flowproxy.cli.fleet import read_statuses
-    from flowproxy.pipeline import read_config_kv, store_for
+    from flowproxy.consul.reads import read_config
+    from flowproxy.pipeline import store_for
 
     settings = settings_of(ctx)
     store = store_for(settings)
-    index, entries = read_config_kv(store, settings.prefix)
+    index, entries = read_config(store, settings.prefix)
     desired = desired_from_kv(settings.prefix, entries, index)
     statuses = read_statuses(store, settings.prefix)
     rows = [_route_row(r.name, r, statuses) for r in desired.routes]

@@ -1,13 +1,5 @@
-"""Turn a KV listing of the prefix into a `Desired` value (KV contract v1). Pure.
-
-Layout under the prefix:
-  routes/<route>/<variant>   JSON intent
-  routes/<route>/active      plain text: the variant that serves (absent or empty: route off)
-  routes/<route>/active      or weights for a canary: `blue=90,green=10`
-  templates/<name>           a Jinja2 template for routes with `"template": "<name>"`
-  certs/<name>               PEM: certificate chain and private key, served by SNI on the HTTPS listener
-  status/<node>              written by proxy nodes only
-  accept-empty               any value: an operator accepts an empty route table (after a restore)
+"""Turn a KV listing of the prefix into a `Desired` value: the parser of the contract `core/contract.py`
+lays out (v1). Pure: every key is judged alone, and a bad one becomes a `Problem`, never an exception.
 """
 
 from __future__ import annotations
@@ -15,13 +7,13 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 
+from flowproxy.core import contract
+from flowproxy.core.contract import Kind
 from flowproxy.core.faults import internal_error
 from flowproxy.core.intent import NAME_RE, parse_intent
 from flowproxy.core.model import Desired, KVEntry, Problem, Route, Variant
-from flowproxy.node.runstate import is_status_key
 
-ACTIVE = "active"
-ACCEPT_EMPTY = "accept-empty"
+ACTIVE = contract.ACTIVE
 MAX_TEMPLATE_BYTES = 256 * 1024
 MAX_CERT_BYTES = 256 * 1024
 MAX_WEIGHT = 1000
@@ -35,39 +27,34 @@ def desired_from_kv(prefix: str, entries: Iterable[KVEntry], index: int = 0) -> 
     stray: list[Problem] = []
     accept_empty = False
     for entry in sorted(entries, key=lambda e: e.key):
-        rel = entry.key[len(prefix):] if entry.key.startswith(prefix) else None
-        if rel is None or rel == "" or (rel.endswith("/") and not entry.value):
-            continue  # folder markers made by the UI or `consul kv put dir/`
-        if is_status_key(prefix, entry.key):
+        key = contract.classify(prefix, entry.key)
+        if key.kind in (Kind.OUTSIDE, Kind.ROOT, Kind.STATUS) or contract.is_folder_marker(entry.key, entry.value):
             continue
-        parts = rel.split("/")
-        if parts == [ACCEPT_EMPTY]:
+        if key.kind is Kind.ACCEPT_EMPTY:
             accept_empty = True
-            continue
-        if parts[0] == "routes" and len(parts) == 3 and _names_ok(parts[1:]):
-            if parts[2] == ACTIVE:
-                actives[parts[1]] = entry
-            else:
-                intents[parts[1]].append(entry)
-            continue
-        try:
-            problem = _classify(entry, parts, templates, certs)
-        except Exception as exc:  # one key flowproxy fails on is rejected alone
-            problem = Problem(entry.key, internal_error(entry.key, "reading", exc))
-        stray += [problem] if problem else []
+        elif key.kind is Kind.ACTIVE and _names_ok(key.names):
+            actives[key.names[0]] = entry
+        elif key.kind is Kind.INTENT and _names_ok(key.names):
+            intents[key.names[0]].append(entry)
+        else:
+            try:
+                problem = _classify(entry, key, templates, certs)
+            except Exception as exc:  # one key flowproxy fails on is rejected alone
+                problem = Problem(entry.key, internal_error(entry.key, "reading", exc))
+            stray += [problem] if problem else []
     names = sorted(set(intents) | set(actives))
     routes = tuple(_safe_route(name, intents.get(name, []), actives.get(name)) for name in names)
     return Desired(prefix=prefix, routes=routes, templates=templates, certs=certs, stray=tuple(stray), index=index,
                    accept_empty=accept_empty)
 
 
-def _classify(entry: KVEntry, parts: list[str], templates: dict[str, str], certs: dict[str, bytes]) -> Problem | None:
+def _classify(entry: KVEntry, key: contract.Key, templates: dict[str, str], certs: dict[str, bytes]) -> Problem | None:
     """File a templates/ or certs/ key, or say why a key is outside the contract."""
-    if parts[0] == "templates" and len(parts) == 2:
-        return _template(entry, parts[1], templates)
-    if parts[0] == "certs" and len(parts) == 2:
-        return _cert(entry, parts[1], certs)
-    return Problem(entry.key, _stray_reason(parts))
+    if key.kind is Kind.TEMPLATE:
+        return _template(entry, key.names[0], templates)
+    if key.kind is Kind.CERT:
+        return _cert(entry, key.names[0], certs)
+    return Problem(entry.key, _stray_reason(key))
 
 
 def _safe_route(name: str, intent_entries: list[KVEntry], active: KVEntry | None) -> Route:
@@ -79,15 +66,14 @@ def _safe_route(name: str, intent_entries: list[KVEntry], active: KVEntry | None
                      problems=(Problem(key, internal_error(key, "reading", exc)),))
 
 
-def _names_ok(names: list[str]) -> bool:
+def _names_ok(names: tuple[str, ...]) -> bool:
     return all(NAME_RE.fullmatch(n) for n in names)
 
 
-def _stray_reason(parts: list[str]) -> str:
-    if parts[0] == "routes" and len(parts) == 3:
+def _stray_reason(key: contract.Key) -> str:
+    if key.kind in (Kind.INTENT, Kind.ACTIVE):
         return "route and variant names must match [a-z0-9][a-z0-9_.-]{0,62}; key ignored"
-    return ("key is outside the flowproxy KV contract (routes/<route>/<variant|active>, templates/<name>, "
-            "certs/<name>); ignored")
+    return f"key is outside the flowproxy KV contract ({contract.SHAPES}); ignored"
 
 
 def _template(entry: KVEntry, name: str, into: dict[str, str]) -> Problem | None:

@@ -76,7 +76,6 @@ class Plan:
     states: tuple[RouteState, ...]
     stray: tuple[Problem, ...] = ()
     preview: tuple[Claim, ...] = ()
-    waiting: tuple[int, ...] = ()  # TCP ports whose routes wait for another program to let go of them
 
 
 def backend_name(route: str, variant: str) -> str:

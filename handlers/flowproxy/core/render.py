@@ -92,8 +92,9 @@ def render(plan: Plan, templates: Templates, certs: Mapping[str, bytes] | None =
            custom: Mapping[str, Mapping[str, str]] | None = None) -> tuple[Bundle, Plan]:
     """Render the bundle; routes whose custom template failed are dropped and marked rejected.
 
-    `certs` are vetted PEM files by name; with any, the HTTPS listener serves them by SNI. `custom` holds
-    what the sandbox answered for each backend with a custom template (`template_sandbox.render_plan`).
+    `certs` are PEM files by name (the vet stage refuses bad ones); with any, the HTTPS listener serves
+    them by SNI. `custom` holds what the sandbox answered for each backend with a custom template
+    (`sandbox.runner.render_plan`).
     """
     env = environment(templates.folder)
     fragments: list[str] = []
@@ -114,7 +115,9 @@ def render(plan: Plan, templates: Templates, certs: Mapping[str, bytes] | None =
         spares=SPARES, crt_list=CRT_LIST)
     files = {"haproxy.cfg": cfg.encode()} | {f"maps/{n}.map": body.encode() for n, body in maps.items()}
     files[SLOTS_MAP] = b""  # which spare holds which backend: none in a fresh render (see spares.py)
-    files |= {f"certs/{name}.pem": pem for name, pem in sorted((certs or {}).items())}
+    # HAProxy reads a PEM whose last line lacks its newline, but not the next file appended to it.
+    files |= {f"certs/{name}.pem": pem if pem.endswith(b"\n") else pem + b"\n"
+              for name, pem in sorted((certs or {}).items())}
     if certs:
         files[CRT_LIST] = "".join(f"certs/{name}.pem\n" for name in sorted(certs)).encode()
     return Bundle(files), plan

@@ -11,26 +11,25 @@ import ssl
 import tempfile
 from collections.abc import Mapping
 
+from flowproxy.core import contract
 from flowproxy.core.faults import internal_error
 from flowproxy.core.model import Problem
 
 MARKERS = (b"-----BEGIN CERTIFICATE-----", b"PRIVATE KEY-----")
 
 
-def vet_certs(prefix: str, certs: Mapping[str, bytes]) -> tuple[dict[str, bytes], list[Problem]]:
-    """(usable PEMs by name, one problem per refused one)."""
-    good: dict[str, bytes] = {}
-    problems: list[Problem] = []
+def refused(prefix: str, certs: Mapping[str, bytes]) -> dict[str, Problem]:
+    """A problem per certificate OpenSSL would not serve, by name."""
+    problems: dict[str, Problem] = {}
     for name, pem in sorted(certs.items()):
+        key = contract.cert_key(prefix, name)
         try:
             reason = pem_problem(pem)
         except Exception as exc:  # one certificate that breaks the vetting must not take the others down
-            reason = internal_error(f"{prefix}certs/{name}", "vetting", exc)
-        if reason is None:
-            good[name] = pem if pem.endswith(b"\n") else pem + b"\n"
-        else:
-            problems.append(Problem(f"{prefix}certs/{name}", f"{reason}; certificate not served"))
-    return good, problems
+            reason = internal_error(key, "vetting", exc)
+        if reason is not None:
+            problems[name] = Problem(key, f"{reason}; certificate not served")
+    return problems
 
 
 def pem_problem(pem: bytes) -> str | None:

@@ -32,7 +32,7 @@ frontend fp_fragment_check
 
 def refused(settings: Settings, fragments: Mapping[str, str]) -> dict[str, str]:
     """backend name -> HAProxy's reason, for each fragment that `haproxy -c` refuses on its own."""
-    verdicts: dict[str, str] = dict(runstate.load(settings.run_dir, CACHE))
+    verdicts: dict[str, str] = dict(runstate.load(settings.cache_dir, CACHE))
     out = {}
     for name, text in sorted(fragments.items()):
         digest = hashlib.sha256(text.encode()).hexdigest()
@@ -41,7 +41,7 @@ def refused(settings: Settings, fragments: Mapping[str, str]) -> dict[str, str]:
         if verdicts[digest]:
             out[name] = verdicts[digest]
     live = _live(fragments)
-    runstate.save(settings.run_dir, CACHE, {k: v for k, v in verdicts.items() if k in live})
+    runstate.save(settings.cache_dir, CACHE, {k: v for k, v in verdicts.items() if k in live})
     return out
 
 
@@ -50,8 +50,8 @@ def _live(fragments: Mapping[str, str]) -> set[str]:
 
 
 def _check(settings: Settings, text: str) -> str:
-    path = settings.run_dir / "fragment-check.cfg"
-    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    path = settings.cache_dir / "fragment-check.cfg"
+    settings.cache_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(SHELL + text)
     try:
         check_config(settings.haproxy_bin, path, settings.haproxy_env())

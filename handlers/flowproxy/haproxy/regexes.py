@@ -39,7 +39,7 @@ def refused(settings: Settings, patterns: Iterable[str]) -> dict[str, str]:
     wanted = sorted(set(patterns))
     if not wanted:
         return {}
-    verdicts = {str(k): str(v) for k, v in runstate.load(settings.run_dir, CACHE).items()}
+    verdicts = {str(k): str(v) for k, v in runstate.load(settings.cache_dir, CACHE).items()}
     todo = [p for p in wanted if p not in verdicts]
     while todo:
         bad, why = _first_refused(settings, todo)
@@ -49,14 +49,14 @@ def refused(settings: Settings, patterns: Iterable[str]) -> dict[str, str]:
         verdicts.update(dict.fromkeys(todo[:bad], ""))
         verdicts[todo[bad]] = why
         todo = todo[bad + 1:]
-    runstate.save(settings.run_dir, CACHE, {p: verdicts[p] for p in wanted})
+    runstate.save(settings.cache_dir, CACHE, {p: verdicts[p] for p in wanted})
     return {p: verdicts[p] for p in wanted if verdicts[p]}
 
 
 def _first_refused(settings: Settings, patterns: list[str]) -> tuple[int | None, str]:
     """Index of the first pattern HAProxy refuses, with its words; (None, "") when it takes them all."""
-    path = settings.run_dir / "regex-check.cfg"
-    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    path = settings.cache_dir / "regex-check.cfg"
+    settings.cache_dir.mkdir(parents=True, exist_ok=True)
     # Single quotes: HAProxy takes every character literally, and validated patterns hold no quote.
     path.write_text(SHELL + "".join(f"    http-request replace-path '{p}' '/'\n" for p in patterns))
     try:

@@ -13,6 +13,8 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
+from flowproxy.consul.payload import payload_entries
+from flowproxy.core.contract import kv_fingerprint
 from flowproxy.node import coalesce, runstate
 from flowproxy.redact import RedactFilter
 from flowproxy.settings import Settings
@@ -63,8 +65,8 @@ def handle(kind: str, payload: str, settings: Settings, *, accept_empty: bool = 
     from flowproxy.errors import FlowproxyError
 
     first = coalesce.bump(settings.run_dir)
-    entries = runstate.payload_entries(payload) if kind == "keyprefix" else None
-    skip = None if entries is None else runstate.kv_fingerprint(settings.prefix, [(e[0], e[1]) for e in entries])
+    entries = payload_entries(payload) if kind == "keyprefix" else None
+    skip = None if entries is None else kv_fingerprint(settings.prefix, [(e[0], e[1]) for e in entries])
 
     def work(generation: int) -> None:
         nonlocal skip, entries

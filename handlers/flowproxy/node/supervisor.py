@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flowproxy.consul.store import ConsulStore
+from flowproxy.core import contract
 from flowproxy.errors import FlowproxyError
 from flowproxy.haproxy import ports
 from flowproxy.node import coalesce, runstate, selfcheck
@@ -113,14 +114,14 @@ class Supervisor:
         if time.monotonic() - self.last_resync < RESYNC_EVERY:
             return ""
         self.last_resync = time.monotonic()
-        from flowproxy.pipeline import read_config_kv
+        from flowproxy.consul.reads import read_config
 
         try:
-            _, entries = read_config_kv(self.store(), self.settings.prefix)
+            _, entries = read_config(self.store(), self.settings.prefix)
         except FlowproxyError:
             return ""  # the agent is away; beat() has said so
         last = runstate.load(self.settings.run_dir, runstate.LAST_APPLY)
-        held = runstate.kv_fingerprint(self.settings.prefix, [(e.key, e.value) for e in entries])
+        held = contract.kv_fingerprint(self.settings.prefix, [(e.key, e.value) for e in entries])
         return "Consul holds config keys other than those last applied" if last.get("fingerprint") != held else ""
 
     def stop(self, deregister: bool = True) -> None:

@@ -219,7 +219,7 @@ def ensure_bootstrap_config(settings: Settings) -> None:
     from flowproxy.haproxy.master import check_config
     from flowproxy.pipeline import build
 
-    bundle, _ = build(settings, Desired(prefix=settings.prefix, routes=()), {})
+    bundle = build(settings, Desired(prefix=settings.prefix, routes=()), {}).bundle
     folder = release.stage(settings.haproxy_dir, bundle)
     check_config(settings.haproxy_bin, folder / "haproxy.cfg", settings.haproxy_env())
     release.activate(settings.current, folder)
