@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from flowproxy.core import contract
 from flowproxy.node.forward import DEFAULT_DATA_DIR
 
 PREFIX_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)*/")
@@ -117,7 +118,7 @@ def token_from(env: Mapping[str, str]) -> str | None:
 
 @dataclass(frozen=True)
 class Settings:
-    prefix: str = "flowproxy/"
+    prefix: str = contract.DEFAULT_PREFIX
     node: str = "flowproxy"
     data_dir: Path = Path(DEFAULT_DATA_DIR)
     consul_addr: str = "127.0.0.1:8500"
@@ -142,7 +143,7 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
         env = os.environ if env is None else env
         values = {
-            "prefix": env.get("FLOWPROXY_PREFIX", "flowproxy/"),
+            "prefix": env.get("FLOWPROXY_PREFIX", contract.DEFAULT_PREFIX),
             "node": env.get("FLOWPROXY_NODE") or socket.gethostname().split(".")[0],
             "data_dir": Path(env.get("FLOWPROXY_DATA_DIR", DEFAULT_DATA_DIR)),
             "consul_addr": env.get("CONSUL_HTTP_ADDR", "127.0.0.1:8500"),
@@ -267,4 +268,4 @@ class Settings:
 
     @property
     def status_key(self) -> str:
-        return f"{self.prefix}status/{self.node}"
+        return contract.status_key(self.prefix, self.node)

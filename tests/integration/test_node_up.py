@@ -102,3 +102,16 @@ def test_joining_a_remote_cluster_from_loopback_is_refused(tmp_path: Path) -> No
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2 and "give --bind <this host's LAN address>" in done.stderr
     assert not (tmp_path / "haproxy").exists()
+
+
+def test_demo_walks_through_under_the_prefix_it_is_given(tmp_path: Path) -> None:
+    """`flowproxy --prefix P demo` writes its routes under P, the prefix its node watches: a demo that
+    wrote under the default prefix would never see its route served, and fail at step 3."""
+    need("consul"), need("haproxy")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CONSUL_", "FLOWPROXY_"))}
+    done = subprocess.run([FLOWPROXY, "--prefix", "teams/edge/", "--data-dir", str(tmp_path / "demo"), "demo",
+                           "--no-keep-running", "--http", f"127.0.0.1:{free_port()}", *ports()],
+                          env=env, capture_output=True, text=True, timeout=240, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "consul kv put teams/edge/routes/go-demo/active live" in done.stdout
+    assert "flowproxy/routes" not in done.stdout and "The walkthrough worked" in done.stdout

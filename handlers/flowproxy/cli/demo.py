@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from flowproxy.consul.store import ConsulStore
+from flowproxy.core import contract
 from flowproxy.node.up import Node, NodeSpec, wait_for
 
 
@@ -76,37 +77,37 @@ def step(title: str, command: str = "") -> None:
         click.echo(f"   $ {command}")
 
 
-def walkthrough(store: ConsulStore, proxy: str, ports: list[int]) -> None:
-    prefix = "flowproxy/"
+def walkthrough(store: ConsulStore, proxy: str, ports: list[int], prefix: str = contract.DEFAULT_PREFIX) -> None:
+    live, active = contract.intent_key(prefix, "go-demo", "live"), contract.active_key(prefix, "go-demo")
     intent = '{"service":"go-demo","paths":["/demo"]}'
     step("1. go-demo registers in Consul at a port nobody chose", f"(instance go-demo-1 on port {ports[0]})")
     register_instance(store, "go-demo", "go-demo-1", ports[0])
-    step("2. Stage an intent: nothing changes yet", f"consul kv put {prefix}routes/go-demo/live '{intent}'")
-    store.put(f"{prefix}routes/go-demo/live", intent)
+    step("2. Stage an intent: nothing changes yet", f"consul kv put {live} '{intent}'")
+    store.put(live, intent)
     time.sleep(1)
     click.echo(f"   GET /demo/hello -> {fetch(proxy + '/demo/hello').status} (no route yet)")
-    step("3. Activate after post-deployment tests", f"consul kv put {prefix}routes/go-demo/active live")
-    store.put(f"{prefix}routes/go-demo/active", "live")
+    step("3. Activate after post-deployment tests", f"consul kv put {active} live")
+    store.put(active, "live")
     reply = wait_status(proxy + "/demo/hello", 200)
     click.echo(f"   GET /demo/hello -> {reply.status} {reply.body.strip()}")
-    step("4. Scale go-demo to 3 instances: picked up with no write to flowproxy/")
+    step(f"4. Scale go-demo to 3 instances: picked up with no write to {prefix}")
     for i, port in enumerate(ports[1:], start=2):
         register_instance(store, "go-demo", f"go-demo-{i}", port)
     wait_for(lambda: len({fetch(proxy + "/demo/hello").instance for _ in range(6)}) == 3, 15, "three instances")
     seen = collections.Counter(fetch(proxy + "/demo/hello").instance for _ in range(9))
     click.echo(f"   9 requests spread over: {dict(sorted(seen.items()))}")
     scoped = json.dumps({"service": "go-demo", "paths": ["/demo/hello", "/demo/person"], "domains": ["my-domain.com"]})
-    step("5-6. Several paths and a domain", f"consul kv put {prefix}routes/go-demo/live '{scoped}'")
-    store.put(f"{prefix}routes/go-demo/live", scoped)
+    step("5-6. Several paths and a domain", f"consul kv put {live} '{scoped}'")
+    store.put(live, scoped)
     wait_status(proxy + "/demo/hello", 404)
     for host in ("my-domain.com", "other.com"):
         click.echo(f"   GET /demo/person Host: {host} -> {fetch(proxy + '/demo/person', host).status}")
-    store.put(f"{prefix}routes/go-demo/live", intent)
+    store.put(live, intent)
     wait_status(proxy + "/demo/hello", 200)
-    step("7. Switch the route off (variants stay)", f"consul kv delete {prefix}routes/go-demo/active")
-    store.delete(f"{prefix}routes/go-demo/active")
+    step("7. Switch the route off (variants stay)", f"consul kv delete {active}")
+    store.delete(active)
     click.echo(f"   GET /demo/hello -> {wait_status(proxy + '/demo/hello', 404).status} (documented default)")
-    store.put(f"{prefix}routes/go-demo/active", "live")
+    store.put(active, "live")
     wait_status(proxy + "/demo/hello", 200)
     click.echo("   ... and back on: GET /demo/hello -> 200")
 
@@ -125,7 +126,7 @@ def run_demo(spec: NodeSpec, keep_running: bool) -> None:
             ports.append(port)
         store = node.store()
         proxy = f"http://{spec.settings.http_bind}"
-        walkthrough(store, proxy, ports)
+        walkthrough(store, proxy, ports, spec.settings.prefix)
         click.secho(f"\nThe walkthrough worked. Proxy: {proxy}   Consul: http://{node.http_addr()}", fg="green")
         if keep_running:
             cli = Path(sys.executable).parent / "flowproxy"

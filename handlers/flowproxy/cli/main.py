@@ -10,6 +10,7 @@ import click
 
 from flowproxy import __version__
 from flowproxy.cli.common import echo_json, settings_of
+from flowproxy.core import contract
 from flowproxy.errors import EXIT_CODES, FlowproxyError
 from flowproxy.redact import redact
 from flowproxy.settings import Settings
@@ -20,7 +21,7 @@ from flowproxy.settings import Settings
 @click.option("--consul", "consul_addr", envvar="CONSUL_HTTP_ADDR", default="127.0.0.1:8500", show_default=True,
               help="Consul agent HTTP address (env CONSUL_HTTP_ADDR).")
 @click.option("--token", envvar="CONSUL_HTTP_TOKEN", default=None, help="Consul ACL token (env CONSUL_HTTP_TOKEN).")
-@click.option("--prefix", envvar="FLOWPROXY_PREFIX", default="flowproxy/", show_default=True,
+@click.option("--prefix", envvar="FLOWPROXY_PREFIX", default=contract.DEFAULT_PREFIX, show_default=True,
               help="KV prefix holding the routes (env FLOWPROXY_PREFIX).")
 @click.option("--node", envvar="FLOWPROXY_NODE", default=None, help="This proxy node's name (default: hostname).")
 @click.option("--data-dir", envvar="FLOWPROXY_DATA_DIR", type=click.Path(path_type=Path), default=None,

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import click
 
 from flowproxy.cli.common import echo_json, settings_of
+from flowproxy.core import contract
 from flowproxy.core.intent import BALANCES, NAME_RE, PATH_TYPES, intent_to_json, parse_intent
 from flowproxy.core.kv import desired_from_kv, parse_weights
 from flowproxy.core.model import Intent
@@ -103,7 +104,7 @@ def put(ctx: click.Context, /, *, name: str, variant: str, service: str, paths: 
     from flowproxy.pipeline import store_for
 
     settings = settings_of(ctx)
-    key = f"{settings.prefix}routes/{_name(name, 'route')}/{_name(variant, 'variant')}"
+    key = contract.intent_key(settings.prefix, _name(name, 'route'), _name(variant, 'variant'))
     intent = Intent(service=service, paths=paths, domains=domains, tags=tags, path_type=path_type,
                     balance=balance, check=not no_check, template=template)
     body = _with_extra(intent_to_json(intent), extra)
@@ -115,7 +116,7 @@ def put(ctx: click.Context, /, *, name: str, variant: str, service: str, paths: 
     ops: list[tuple[str, str, bytes | None, int | None]] = [
         ("cas", key, body.encode(), existing.modify_index if existing else 0)]
     if activate:
-        active_key = f"{settings.prefix}routes/{name}/active"
+        active_key = contract.active_key(settings.prefix, name)
         current = store.get(active_key)
         ops.append(("cas", active_key, variant.encode(), current.modify_index if current else 0))
     store.txn(ops)
@@ -144,7 +145,7 @@ def activate(ctx: click.Context, /, *, name: str, variant: str, **waiting: Any) 
 
     settings = settings_of(ctx)
     store = store_for(settings)
-    base = f"{settings.prefix}routes/{_name(name, 'route')}/"
+    base = contract.route_folder(settings.prefix, _name(name, 'route'))
     names = [part.split("=", 1)[0].strip() for part in variant.split(",")]
     for one in names:
         target = store.get(base + _name(one, "variant"))
@@ -177,8 +178,8 @@ def deactivate(ctx: click.Context, /, *, name: str, **waiting: Any) -> None:
 
     settings = settings_of(ctx)
     store = store_for(settings)
-    folder = f"{settings.prefix}routes/{_name(name, 'route')}/"
-    key = folder + "active"
+    folder = contract.route_folder(settings.prefix, _name(name, 'route'))
+    key = contract.active_key(settings.prefix, name)
     current = store.get(key)
     if current is None:
         if not store.keys(folder):
@@ -199,7 +200,7 @@ def remove(ctx: click.Context, /, *, name: str, **waiting: Any) -> None:
     from flowproxy.pipeline import store_for
 
     settings = settings_of(ctx)
-    key = f"{settings.prefix}routes/{_name(name, 'route')}/"
+    key = contract.route_folder(settings.prefix, _name(name, 'route'))
     store = store_for(settings)
     if not store.keys(key):
         raise NotFound(f"there is no route {name} (no keys under {key})")

@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from flowproxy.core import contract
 from flowproxy.core.faults import internal_error
 from flowproxy.core.model import Desired, Instance, Intent, Problem, Route
 
@@ -233,8 +234,8 @@ def _inactive_state(route: Route) -> RouteState | None:
 
 
 def _conflict_state(route: Route, variant: str, winners: list[str], prefix: str) -> RouteState:
-    key = f"{prefix}routes/{route.name}/{variant}"
-    owners = ", ".join(f"{prefix}routes/{w}" for w in winners)
+    key = contract.intent_key(prefix, route.name, variant)
+    owners = ", ".join(contract.route_folder(prefix) + w for w in winners)
     reason = (f"{key}: conflict: claims a (domain, path) already served by {owners}, "
               "whose active key is older; change the paths or domains, or deactivate one route")
     return RouteState(route.name, "rejected", variant, (reason,))

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flowproxy.consul.watches import prefix_watch
+from flowproxy.core import contract
 from flowproxy.settings import Settings, shipped
 
-DEFAULT_PREFIX = "flowproxy/"
 REPO_CONSUL_D = shipped("consul_d", "consul.d")
 
 
@@ -85,7 +85,7 @@ def consul_argv(spec: NodeSpec) -> list[str]:
 def install_watches(spec: NodeSpec) -> None:
     """Copy the shipped consul.d watches into the node's config folder (another prefix: its own watch)."""
     s = spec.settings
-    if s.prefix == DEFAULT_PREFIX:
+    if s.prefix == contract.DEFAULT_PREFIX:
         for path in sorted(spec.consul_d.glob("*.json")):
             shutil.copyfile(path, s.watch_dir / path.name)
     else:
