@@ -38,8 +38,29 @@ def shipped(folder: str, repo_folder: str) -> Path:
 
 
 REPO_TEMPLATES = shipped("templates", "templates")
-# Without FLOWPROXY_STATS_AUTH the stats page answers nobody: a password no one was told.
-LOCKED_STATS = f"locked:{os.urandom(16).hex()}"
+STATS_LOCK = "stats-lock"  # in the data folder: the password no one was told, see stats_lock()
+
+
+def stats_lock(data_dir: Path) -> str:
+    """Without FLOWPROXY_STATS_AUTH the stats page answers nobody: its password is one no one was told. The
+    node's data folder owns it (`ensure_stats_lock`, run by `node up`, `node run` and `node env`), so
+    every command prints and starts HAProxy with the same one; a folder without it gets a fresh one each
+    time, which locks the page just as well."""
+    try:
+        text = (data_dir / STATS_LOCK).read_text().strip()
+    except OSError:
+        text = ""
+    return text if text.startswith("locked:") else f"locked:{os.urandom(16).hex()}"
+
+
+def ensure_stats_lock(data_dir: Path) -> None:
+    path = data_dir / STATS_LOCK
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        tmp = data_dir / f".{STATS_LOCK}.{os.getpid()}"
+        tmp.write_text(f"locked:{os.urandom(16).hex()}\n")
+        tmp.chmod(0o600)
+        tmp.replace(path)
 
 
 def unprivileged() -> dict[str, str]:
@@ -222,7 +243,8 @@ class Settings:
                 "FP_SNI_FALLBACK": "fp_tls_handover" if shared else "fp_no_route_tcp",
                 "FP_SNI_BIND": own("sni.sock", self.sni_bind),
                 "FP_METRICS_BIND": own("metrics.sock", self.metrics_bind), "FP_TCP_HOST": self.tcp_host,
-                "FP_STATS_SOCKET": str(self.stats_socket), "FP_STATS_AUTH": self.stats_auth or LOCKED_STATS,
+                "FP_STATS_SOCKET": str(self.stats_socket),
+                "FP_STATS_AUTH": self.stats_auth or stats_lock(self.data_dir),
                 "FP_OLD_WORKER_LIFETIME": self.old_worker_lifetime, "FP_MAX_OLD_WORKERS": str(self.max_old_workers),
                 "FP_NODE_METRICS": f"abns@{self.node_metrics_name}"} | unprivileged()
 

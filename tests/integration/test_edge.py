@@ -23,6 +23,7 @@ import pytest
 from bench.parts import free_port
 from flowproxy.backend import IdentityServer
 from flowproxy.cli.demo import register_instance
+from flowproxy.consul.registrations import Check, Registration
 from flowproxy.core.render import SLOTS_MAP
 from flowproxy.haproxy.master import HAProxySocket
 from flowproxy.haproxy.spares import slots
@@ -322,8 +323,8 @@ def tls_app(node: ProxyNode, pem: Path) -> Iterator[int]:
     threading.Thread(target=serve_forever, daemon=True).start()
     port = int(listener.getsockname()[1])
     # A TCP check: an HTTP check would speak plain HTTP to a TLS server, fail, and take the instance out.
-    node.store().register_service({"Name": "tlsapp", "ID": "tlsapp-1", "Address": "127.0.0.1", "Port": port,
-                                   "Check": {"TCP": f"127.0.0.1:{port}", "Interval": "1s", "Timeout": "1s"}})
+    node.store().register_service(Registration("tlsapp", "tlsapp-1", "127.0.0.1", port,
+                                               check=Check(tcp=f"127.0.0.1:{port}")))
     try:
         yield port
     finally:

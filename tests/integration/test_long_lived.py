@@ -25,6 +25,7 @@ import pytest
 from bench.parts import free_port
 from flowproxy.backend import IdentityServer
 from flowproxy.cli.demo import register_instance
+from flowproxy.consul.registrations import Check, Registration
 from flowproxy.consul.store import ConsulStore
 from flowproxy.haproxy.master import HAProxySocket, old_workers
 from tests.harness import ProxyNode, node_spec, self_signed, start_node, status_of, wait_applied
@@ -266,8 +267,8 @@ def test_tunnels_stay_open_across_fifty_changes_of_other_routes(tmp_path: Path) 
         register_instance(store, "echo", "echo-1", echo.port)
         register_instance(store, "app", "blue-1", blue.port, tags=("blue",))
         register_instance(store, "app", "green-1", green.port, tags=("green",))
-        store.register_service({"Name": "tlsecho", "ID": "tls-1", "Address": "127.0.0.1", "Port": tls.port,
-                                "Check": {"TCP": f"127.0.0.1:{tls.port}", "Interval": "1s", "Timeout": "1s"}})
+        store.register_service(Registration("tlsecho", "tls-1", "127.0.0.1", tls.port,
+                                            check=Check(tcp=f"127.0.0.1:{tls.port}")))
         store.put(f"{p}certs/a", pems["a"])
         port = free_port()
         put_route(node, "ws", {"service": "echo", "paths": ["/echo"], "timeout_tunnel": "10m"})

@@ -52,3 +52,14 @@ def test_the_units_first_command_leaves_haproxy_a_valid_config(tmp_path: Path) -
     assert done.returncode == 0, done.stderr
     settings = Settings.from_env(env)
     check_config("haproxy", settings.current / "haproxy.cfg", settings.haproxy_env())
+
+
+def test_node_env_prints_the_same_locked_stats_password_every_time(tmp_path: Path) -> None:
+    """Without a stats password the page is locked by one no one was told; the node's data folder owns it,
+    so `node env` (an EnvironmentFile's source) prints the same one on every run."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CONSUL_", "FLOWPROXY_"))}
+    runs = [subprocess.run([FLOWPROXY, "--data-dir", str(tmp_path), "node", "env"], env=env, capture_output=True,
+                           text=True, timeout=60, check=True).stdout for _ in range(2)]
+    (auth,) = [line for line in runs[0].splitlines() if line.startswith("FP_STATS_AUTH=")]
+    assert auth.startswith("FP_STATS_AUTH=locked:") and len(auth) > 40
+    assert runs[0] == runs[1]

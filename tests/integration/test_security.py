@@ -114,6 +114,9 @@ def test_sockets_are_private(acl_cluster: tuple[ProxyNode, ProxyNode, dict[str, 
     env = s.haproxy_env()
     assert env["FP_METRICS_BIND"] == f"unix@{s.haproxy_dir / 'metrics.sock'}"
     assert env["FP_STATS_AUTH"].startswith("locked:") and len(env["FP_STATS_AUTH"]) > 30
+    # ...owned by the node's data folder: the same for every command, never in a world-readable file.
+    assert s.haproxy_env()["FP_STATS_AUTH"] == env["FP_STATS_AUTH"]
+    assert stat.S_IMODE((s.data_dir / "stats-lock").stat().st_mode) == 0o600
 
 
 def proc_text(pid: int, name: str) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from flowproxy.consul.registrations import Check, Registration
 from flowproxy.consul.store import ConsulStore
 from flowproxy.core import contract
 from flowproxy.node.up import Node, NodeSpec, wait_for
@@ -41,11 +42,8 @@ def fetch(url: str, host: str | None = None, timeout: float = 5, variant: str | 
 def register_instance(store: ConsulStore, service: str, instance_id: str, port: int, *, tags: tuple[str, ...] = (),
                       address: str = "127.0.0.1", check_interval: str = "1s") -> None:
     """Register like an agent service definition would: with an HTTP check on the instance's /health."""
-    store.register_service({
-        "Name": service, "ID": instance_id, "Address": address, "Port": port, "Tags": list(tags),
-        "Check": {"HTTP": f"http://{address}:{port}/health", "Interval": check_interval, "Timeout": "1s",
-                  "Status": "passing"},
-    })
+    store.register_service(Registration(service, instance_id, address, port, tags, check=Check(
+        http=f"http://{address}:{port}/health", interval=check_interval, status="passing")))
 
 
 def wait_status(url: str, status: int, timeout: float = 15, host: str | None = None) -> Reply:

@@ -14,7 +14,7 @@ from flowproxy.errors import UsageError
 from flowproxy.node.agent import AgentTLS
 from flowproxy.node.up import Node, NodeSpec
 from flowproxy.redact import RedactFilter
-from flowproxy.settings import ConsulTLS, Settings
+from flowproxy.settings import ConsulTLS, Settings, ensure_stats_lock
 
 
 def node_options(fn: click.decorators.FC) -> click.decorators.FC:
@@ -160,7 +160,10 @@ def init(ctx: click.Context) -> None:
 def env(ctx: click.Context) -> None:
     """Print the FP_* environment HAProxy needs for this node's settings (for a systemd EnvironmentFile)."""
     # Not FP_USER/FP_GROUP: they depend on who runs HAProxy (as root here, not under the unit's User=).
-    for name, value in sorted(settings_of(ctx).haproxy_env().items()):
+    settings = settings_of(ctx)
+    if settings.stats_auth is None:
+        ensure_stats_lock(settings.data_dir)  # the same password every time it is printed
+    for name, value in sorted(settings.haproxy_env().items()):
         if name not in ("FP_USER", "FP_GROUP"):
             click.echo(f"{name}={value}")
 

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import consul
 import requests
 
+from flowproxy.consul.registrations import Registration
 from flowproxy.core.model import Instance, KVEntry
 from flowproxy.errors import CasConflict, ConsulUnavailable
 from flowproxy.redact import redact
@@ -201,10 +202,10 @@ class ConsulStore:
         self._call("to reload the agent", lambda: self.client.http.put(
             consul.base.CB.bool(), "/v1/agent/reload"))
 
-    def register_service(self, payload: dict[str, Any]) -> None:
-        self._call("to register a service", lambda: self.client.http.put(
+    def register_service(self, registration: Registration) -> None:
+        self._call(f"to register {registration.id}", lambda: self.client.http.put(
             consul.base.CB.bool(), "/v1/agent/service/register",
-            data=json.dumps(payload)))
+            data=json.dumps(registration.payload())))
 
 
 def _cause(exc: BaseException) -> str:

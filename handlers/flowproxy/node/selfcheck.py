@@ -7,6 +7,7 @@ supervisor itself dies, the TTL runs out and the node turns critical on its own.
 from __future__ import annotations
 
 from flowproxy import __version__
+from flowproxy.consul.registrations import Check, Registration
 from flowproxy.consul.store import ConsulStore
 from flowproxy.errors import HAProxyError
 from flowproxy.haproxy.master import HAProxySocket, old_workers
@@ -27,13 +28,10 @@ def check_id(settings: Settings) -> str:
 
 def register(store: ConsulStore, settings: Settings) -> None:
     host, _, port = settings.http_bind.rpartition(":")
-    store.register_service({
-        "Name": SERVICE, "ID": service_id(settings), "Address": host if host not in ("", "*", "0.0.0.0") else "",
-        "Port": int(port) if port.isascii() and port.isdigit() else 0,
-        "Meta": {"node": settings.node, "version": __version__},
-        "Check": {"CheckID": check_id(settings), "Name": "HAProxy up and last apply ok", "TTL": TTL,
-                  "Status": "critical"},
-    })
+    store.register_service(Registration(
+        SERVICE, service_id(settings), host if host not in ("", "*", "0.0.0.0") else "",
+        int(port) if port.isascii() and port.isdigit() else 0, meta={"node": settings.node, "version": __version__},
+        check=Check(ttl=TTL, status="critical", check_id=check_id(settings), name="HAProxy up and last apply ok")))
 
 
 def health(settings: Settings) -> tuple[str, str]:

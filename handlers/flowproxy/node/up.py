@@ -24,7 +24,7 @@ from flowproxy.haproxy import ports, release
 from flowproxy.node.agent import NodeSpec, consul_argv, install_watches
 from flowproxy.node.applier import Applier
 from flowproxy.node.supervisor import Supervisor
-from flowproxy.settings import Settings
+from flowproxy.settings import Settings, ensure_stats_lock
 
 log = logging.getLogger(__name__)
 __all__ = ["Node", "NodeSpec", "ensure_bootstrap_config", "prepare", "wait_for"]
@@ -208,6 +208,7 @@ def prepare(settings: Settings) -> None:
     for folder in (settings.data_dir, settings.haproxy_dir, settings.run_dir):
         folder.chmod(0o700)
     watches.ensure_file(settings.watch_dir)
+    ensure_stats_lock(settings.data_dir)
     ensure_bootstrap_config(settings)
 
 
