@@ -8,6 +8,7 @@ import pytest
 
 from flowproxy.core.kv import desired_from_kv
 from flowproxy.core.model import Instance, KVEntry
+from flowproxy.core.naming import endpoint, server_name, weight
 from flowproxy.core.plan import Claim, make_plan
 
 P = "flowproxy/"
@@ -74,7 +75,7 @@ def test_instance_selection(extra: dict[str, object], instances: list[Instance],
     intent = {"service": "s", "paths": ["/x"]} | extra
     plan = make_plan(desired_from_kv(P, desired({"r": (1, intent)})), {"s": instances})
     (backend,) = plan.backends
-    assert [s.endpoint for s in backend.servers] == endpoints
+    assert [endpoint(s) for s in backend.servers] == endpoints
     (state,) = plan.states
     assert state.instances == len(endpoints)
 
@@ -106,7 +107,7 @@ WEIGHTS = [
 def test_canary_shares_each_variant_weight_among_its_instances(active: bytes, weights: dict[str, int]) -> None:
     plan = make_plan(desired_from_kv(P, canary(active)), CANARY_HEALTH)
     backend = next(b for b in plan.backends if b.name == "c::canary")
-    assert {s.name: s.weight for s in backend.servers} == weights
+    assert {server_name(s): weight(s) for s in backend.servers} == weights
     assert [c.backend for c in plan.claims] == ["c::canary"]
     (state,) = plan.states
     assert (state.state, state.variant, state.instances) == ("serving", active.decode(), 3)
@@ -127,6 +128,6 @@ def test_tcp_ports_and_sni_names_are_claimed_and_conflict_like_paths() -> None:
     plan = make_plan(desired_from_kv(P, entries), {})
     states = {s.route: s.state for s in plan.states}
     assert states == {"db": "serving", "db2": "rejected", "tls": "serving", "web": "serving"}
-    assert {(c.path_type, c.host, c.path, c.backend) for c in plan.claims} == {
-        ("tcp", "", "5432", "db:live"), ("sni", "a.io", "", "tls:live"), ("prefix", "a.io", "/", "web:live")}
+    assert {(c.path_type, c.host, c.path, c.port, c.backend) for c in plan.claims} == {
+        ("tcp", "", "", 5432, "db:live"), ("sni", "a.io", "", 0, "tls:live"), ("prefix", "a.io", "/", 0, "web:live")}
     assert all(c.path_type not in ("tcp", "sni") for c in plan.preview)  # TCP and SNI have no preview

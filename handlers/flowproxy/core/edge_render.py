@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+from flowproxy.core.naming import weight
 from flowproxy.core.plan import Backend, Claim, Plan, Server
 
 REDIRECT_CODES = (301, 302, 303, 307, 308)
@@ -43,7 +44,8 @@ def backend_lines(backend: Backend) -> list[str]:
 
 def server_options(backend: Backend, server: Server) -> str:
     """The words after `server <name> <endpoint>`, spelled out in full (see backend.cfg.j2)."""
-    words = [f"weight {server.weight}"] if server.weight is not None else []
+    share = weight(server)
+    words = [f"weight {share}"] if share is not None else []
     if backend.intent.check:
         words.append(f"check inter {backend.intent.health_interval or '2s'} fall 2 rise 1")
     return " ".join(words)
@@ -76,4 +78,4 @@ def edge_maps(plan: Plan) -> dict[str, str]:
 
 
 def tcp_frontends(claims: tuple[Claim, ...]) -> list[tuple[int, str]]:
-    return sorted((int(c.path), c.backend) for c in claims if c.path_type == "tcp")
+    return sorted((c.port, c.backend) for c in claims if c.path_type == "tcp")

@@ -11,25 +11,26 @@ import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 
 from flowproxy.core import contract
 from flowproxy.core.faults import internal_error
 from flowproxy.core.model import Desired, Instance, Intent, Problem, Route
 
 HOSTNAME_RE = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9-]{1,63})*")
-SERVER_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.:-]")
+
+
+Slot = tuple[str, str, str, str, int]  # (preview variant, host, path type, path, port): one route each
 
 
 @dataclass(frozen=True)
 class Server:
-    name: str
+    """One instance a backend sends requests to (`core/naming.py` spells it for HAProxy)."""
+
     address: str
     port: int
-    weight: int | None = None  # set in canary backends only
-
-    @property
-    def endpoint(self) -> str:
-        return f"[{self.address}]:{self.port}" if ":" in self.address else f"{self.address}:{self.port}"
+    variant: str = ""  # canary backends: the variant whose instance this is
+    share: Fraction | None = None  # canary backends: this instance's part of the route's requests
 
 
 @dataclass(frozen=True)
@@ -54,10 +55,11 @@ class Claim:
     path: str
     backend: str
     variant: str = ""
+    port: int = 0  # TCP routes: the port they claim (their path is empty)
 
     @property
-    def slot(self) -> tuple[str, str, str, str]:
-        return (self.variant, self.host, self.path_type, self.path)
+    def slot(self) -> Slot:
+        return (self.variant, self.host, self.path_type, self.path, self.port)
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,7 @@ def claims_for(intent: Intent, backend: str, variant: str = "") -> list[Claim]:
         if variant:
             return []
         if intent.mode == "tcp":
-            return [Claim("", "tcp", str(intent.port), backend)]
+            return [Claim("", "tcp", "", backend, port=intent.port or 0)]
         return [Claim(d, "sni", "", backend) for d in intent.domains]
     if not intent.domains:
         return [Claim("", intent.path_type, p, backend, variant) for p in intent.paths]
@@ -110,8 +112,7 @@ def select_servers(intent: Intent, instances: list[Instance]) -> tuple[tuple[Ser
             notes.append(f"instance {inst.service_id or '?'} on node {inst.node or '?'} skipped: "
                          f"unusable address {inst.address[:80]!r} port {inst.port}")
             continue
-        name = SERVER_NAME_UNSAFE.sub("_", f"{inst.address}:{inst.port}")
-        servers.setdefault((inst.address, inst.port), Server(name, inst.address, inst.port))
+        servers.setdefault((inst.address, inst.port), Server(inst.address, inst.port))
     return tuple(servers[k] for k in sorted(servers)), notes
 
 
@@ -145,8 +146,8 @@ def warm_backends(desired: Desired, health: Mapping[str, list[Instance]]) -> tup
 def make_plan(desired: Desired, health: Mapping[str, list[Instance]]) -> Plan:
     """Every valid variant gets a backend (warm for previews and flips); only active ones get public claims."""
     backends, notes = warm_backends(desired, health)
-    claims: dict[tuple[str, str, str, str], Claim] = {}
-    preview: dict[tuple[str, str, str, str], Claim] = {}
+    claims: dict[Slot, Claim] = {}
+    preview: dict[Slot, Claim] = {}
     owners: dict[str, str] = {}
     states: dict[str, RouteState] = {}
     by_route: dict[str, list[Backend]] = {}
@@ -171,7 +172,7 @@ def make_plan(desired: Desired, health: Mapping[str, list[Instance]]) -> Plan:
     )
 
 
-def _serve(route: Route, backends: dict[str, Backend], claims: dict[tuple[str, str, str, str], Claim], *,
+def _serve(route: Route, backends: dict[str, Backend], claims: dict[Slot, Claim], *,
            owners: dict[str, str], notes: Mapping[str, list[str]], prefix: str) -> RouteState:
     """Give an active route its public claims, unless another route holds one already; its state."""
     state = _inactive_state(route)
@@ -212,8 +213,7 @@ def canary_backend(route: Route, backends: Mapping[str, Backend]) -> Backend:
     servers = []
     for backend, weight in parts:
         for s in backend.servers:
-            share = 0 if weight == 0 else max(1, round(256 * weight / (total * len(backend.servers))))
-            servers.append(Server(f"{backend.variant}_{s.name}", s.address, s.port, share))
+            servers.append(Server(s.address, s.port, backend.variant, Fraction(weight, total * len(backend.servers))))
     first = parts[0][0]
     return Backend(f"{route.name}::canary", route.name, "", route.active_key, first.intent, tuple(servers))
 

@@ -30,6 +30,7 @@ from flowproxy.core.edge_render import (
 )
 from flowproxy.core.faults import internal_error
 from flowproxy.core.fragment_rules import fragment_errors
+from flowproxy.core.naming import endpoint, server_name, weight
 from flowproxy.core.plan import Backend, Claim, Plan, RouteState
 
 PUBLIC_MAPS = ("host_exact", "host_reg", "host_beg", "path_exact", "path_reg", "path_beg")
@@ -132,8 +133,8 @@ def backend_data(backend: Backend) -> dict[str, Any]:
         "tags": list(intent.tags), "paths": list(intent.paths), "domains": list(intent.domains),
         "path_type": intent.path_type,
         "mode": intent.mode,
-        "servers": [{"name": s.name, "address": s.address, "port": s.port, "endpoint": s.endpoint,
-                     "weight": s.weight, "options": server_options(backend, s)} for s in backend.servers],
+        "servers": [{"name": server_name(s), "address": s.address, "port": s.port, "endpoint": endpoint(s),
+                     "weight": weight(s), "options": server_options(backend, s)} for s in backend.servers],
     }
 
 

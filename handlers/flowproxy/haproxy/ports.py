@@ -48,7 +48,7 @@ def held_elsewhere(host: str, port: int) -> bool:
 
 def refused(plan: Plan, host: str, running_cfg: Path) -> dict[str, str]:
     """backend name -> reason, for each TCP route whose new port another program holds."""
-    wanted = [(int(c.path), c.backend) for c in plan.claims if c.path_type == "tcp"]
+    wanted = [(c.port, c.backend) for c in plan.claims if c.path_type == "tcp"]
     if not wanted:
         return {}  # the common case: no need to read a config of megabytes at 10k routes
     running = listening(running_cfg)

@@ -62,5 +62,5 @@ def vet(settings: Settings, plan: Plan, certs: Mapping[str, bytes],
             reasons.setdefault(name, f"{keys.get(name, name)}: regex {found[0]!r} is refused by HAProxy's "
                                      f"PCRE2: {bad[found[0]]}")
     held = ports.refused(plan, settings.tcp_host, settings.current / "haproxy.cfg")
-    waiting = tuple(sorted(int(c.path) for c in plan.claims if c.path_type == "tcp" and c.backend in held))
+    waiting = tuple(sorted(c.port for c in plan.claims if c.path_type == "tcp" and c.backend in held))
     return Refusals(reasons | held, refused_certs, waiting)
