@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,10 @@ from flowproxy.consul import reads, watches
 from flowproxy.consul.store import ConsulStore
 from flowproxy.core import contract
 from flowproxy.core.kv import desired_from_kv
+from flowproxy.core.memo import Memo
 from flowproxy.core.model import Desired, Instance, Snapshot
 from flowproxy.core.plan import Plan, make_plan
-from flowproxy.core.render import Bundle, Templates, render
+from flowproxy.core.render import BackendMemo, Bundle, Templates, render
 from flowproxy.core.status import applied_doc, failed_doc
 from flowproxy.errors import ApplyIOError, CandidateRefused, EmptyRefused, FlowproxyError, HAProxyError
 from flowproxy.haproxy import release, runtime, spares
@@ -35,6 +36,16 @@ from flowproxy.sandbox import runner as sandbox
 from flowproxy.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Warm:
+    """What an applier keeps from one apply to the next: its memos of pure renders (backend fragments of
+    the node's own template, the sandbox's answers for custom ones). Its owner sets its lifetime: the warm
+    applier keeps one for as long as the node process runs; a handler run or a `render` makes its own."""
+
+    backends: BackendMemo = field(default_factory=lambda: Memo(50_000))
+    templates: sandbox.Answers = field(default_factory=lambda: Memo(20_000))
 
 
 @dataclass(frozen=True)
@@ -76,25 +87,27 @@ def gather(settings: Settings, store: ConsulStore,
 
 
 def build(settings: Settings, desired: Desired, health: Mapping[str, list[Instance]],
-          refuse: Mapping[str, str] | None = None) -> Built:
+          refuse: Mapping[str, str] | None = None, warm: Warm | None = None) -> Built:
     """plan -> render -> vet -> (drop what was refused, render once more) for this node.
 
     Custom templates render once, in the sandbox; their answers serve both renders. `refuse` names
     backends to leave out besides what vetting refuses (the suspects `isolate_refused` tries).
     """
+    warm = warm or Warm()
     plan = make_plan(desired, health)
     templates = Templates(settings.templates, desired.templates)
-    custom = sandbox.render_plan(plan, templates, settings.cache_dir)
-    bundle, rendered = render(plan, templates, desired.certs, custom)
+    custom = sandbox.render_plan(plan, templates, settings.cache_dir, warm.templates)
+    bundle, rendered = render(plan, templates, desired.certs, custom, warm.backends)
     refusals = vet(settings, rendered, desired.certs, custom).adding(refuse or {})
     if not refusals:
         return Built(bundle, rendered, refusals)
-    bundle, rendered = render(refusals.applied_to(rendered), templates, refusals.certs_kept(desired.certs), custom)
+    bundle, rendered = render(refusals.applied_to(rendered), templates, refusals.certs_kept(desired.certs), custom,
+                              warm.backends)
     return Built(bundle, rendered, refusals)
 
 
 def isolate_refused(settings: Settings, desired: Desired, health: dict[str, list[Instance]],
-                    candidate: Built, refused: CandidateRefused) -> Built:
+                    candidate: Built, refused: CandidateRefused, *, warm: Warm | None = None) -> Built:
     """The candidate without the backends that make `haproxy -c` refuse it, each rejected with HAProxy's
     words; raises `refused` when no backend is to blame (the node then keeps its config and retries).
 
@@ -107,7 +120,8 @@ def isolate_refused(settings: Settings, desired: Desired, health: dict[str, list
     changed = [name for name in everyone if old.get(name) != new[name]]
 
     def passes(removed: frozenset[str]) -> bool:
-        return candidate_passes(settings, build(settings, desired, health, dict.fromkeys(removed, "suspect")).bundle)
+        return candidate_passes(settings, build(settings, desired, health, dict.fromkeys(removed, "suspect"),
+                                                           warm).bundle)
 
     found = find_culprits(changed, passes) if changed else None
     if found is None and changed != everyone:
@@ -119,7 +133,7 @@ def isolate_refused(settings: Settings, desired: Desired, health: dict[str, list
     reasons = {name: f"{keys.get(name, name)}: HAProxy refuses the config with this backend: {words}"
                for name in sorted(found)}
     log.warning("haproxy -c refused the candidate; left out %s", ", ".join(sorted(found)))
-    return build(settings, desired, health, reasons)
+    return build(settings, desired, health, reasons, warm)
 
 
 def candidate_passes(settings: Settings, bundle: Bundle) -> bool:
@@ -257,22 +271,25 @@ def reload_or_roll_back(settings: Settings, previous: Path | None, why: str) -> 
 
 
 def converge(settings: Settings, generation: int = 0, accept_empty: bool = False,
-             shared: ConsulStore | None = None, snapshot: Snapshot | None = None) -> Outcome:
+             shared: ConsulStore | None = None, snapshot: Snapshot | None = None, *,
+             warm: Warm | None = None) -> Outcome:
     """Apply Consul's current state to this node's HAProxy and publish the node's status.
 
-    `shared` is a long-lived client (the warm applier's); without one, a client lives for this call only.
+    `shared` is a long-lived client and `warm` the memos (the warm applier's); without them, both live for
+    this call only.
     `snapshot` is the keyprefix watch's payload, used when it is still the latest state.
     """
     store = shared or store_for(settings)
     try:
         desired, health, fingerprint = gather(settings, store, snapshot)
         guard_empty(settings, store, desired, accept_empty)
-        built = build(settings, desired, health)
+        warm = warm or Warm()
+        built = build(settings, desired, health, warm=warm)
         started = time.monotonic()
         try:
             deployed = deploy(settings, built.bundle)
         except CandidateRefused as exc:
-            built = isolate_refused(settings, desired, health, built, exc)
+            built = isolate_refused(settings, desired, health, built, exc, warm=warm)
             deployed = deploy(settings, built.bundle)
         watches.sync(settings.watch_dir, store, desired.services())
     except FlowproxyError as exc:

@@ -52,7 +52,7 @@ STAGES: list[Stage] = [
     ("parse", kv, "_template", lambda *a: True, "reading", f"{P}templates/t"),
     ("validate", kv, "parse_intent", lambda key, raw: key == BAD, "reading", BAD),
     ("plan", plan, "_inactive_state", lambda route: route.name == "bad", "planning", f"{P}routes/bad/active"),
-    ("render", render, "render_backend", lambda env, b, c: b.route == "bad", "rendering", BAD),
+    ("render", render, "render_backend", lambda env, b, c, memo: b.route == "bad", "rendering", BAD),
     ("vet", certs, "pem_problem", lambda pem: True, "vetting", f"{P}certs/site"),
 ]
 

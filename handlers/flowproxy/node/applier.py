@@ -12,11 +12,15 @@ import logging
 import socketserver
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flowproxy.consul.store import ConsulStore
 from flowproxy.node.forward import KINDS, SOCKET_NAME
 from flowproxy.node.handler import handle, log_file_handler
 from flowproxy.settings import Settings
+
+if TYPE_CHECKING:
+    from flowproxy.pipeline import Warm
 
 log = logging.getLogger(__name__)
 THREAD = "flowproxy-applier"
@@ -46,6 +50,7 @@ class Applier:
         self.settings = settings
         self.path: Path = settings.run_dir / SOCKET_NAME
         self.store: ConsulStore | None = None
+        self.warm: Warm | None = None  # the memos of this process's applies, made on the first event
         self._server: _Server | None = None
         self._log: logging.Handler | None = None
 
@@ -54,7 +59,12 @@ class Applier:
             log.error("applier: unknown watch kind %r from %s; expected one of %s", kind, self.path, KINDS)
             return 2
         try:
-            return handle(kind, payload, self.settings, store=self.store, index=index)  # the lock serializes it
+            if self.warm is None:
+                from flowproxy.pipeline import Warm
+
+                self.warm = Warm()
+            # the lock serializes it
+            return handle(kind, payload, self.settings, store=self.store, index=index, warm=self.warm)
         except Exception:  # a bug must not kill the listener; the tick's retry will apply again
             log.exception("applier: the %s event failed unexpectedly", kind)
             return 1

@@ -21,6 +21,7 @@ from flowproxy.settings import Settings
 
 if TYPE_CHECKING:
     from flowproxy.consul.store import ConsulStore
+    from flowproxy.pipeline import Warm
 
 log = logging.getLogger(__name__)
 KINDS = ("keyprefix", "service", "manual")
@@ -57,10 +58,11 @@ def log_file_handler(settings: Settings) -> logging.Handler | None:
 
 
 def handle(kind: str, payload: str, settings: Settings, *, accept_empty: bool = False,
-           store: ConsulStore | None = None, index: int | None = None) -> int:
+           store: ConsulStore | None = None, index: int | None = None, warm: Warm | None = None) -> int:
     """Apply if the event may change the config.
 
-    `store` is the warm applier's client, if it runs us; `index` is the agent's CONSUL_INDEX for the payload.
+    `store` and `warm` are the warm applier's client and memos, if it runs us; `index` is the agent's
+    CONSUL_INDEX for the payload.
     """
     from flowproxy.errors import FlowproxyError
 
@@ -83,7 +85,7 @@ def handle(kind: str, payload: str, settings: Settings, *, accept_empty: bool = 
         snapshot = None
         if mine[1] is not None and index is not None:
             snapshot = Snapshot(index, tuple(KVEntry(*e) for e in mine[1]))
-        converge(settings, generation, accept_empty, store, snapshot)
+        converge(settings, generation, accept_empty, store, snapshot, warm=warm)
 
     try:
         coalesce.drain(settings.run_dir, work, first, wait=kind == "manual")

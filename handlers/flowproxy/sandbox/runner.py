@@ -1,9 +1,9 @@
 """Render custom backend templates in a child process with CPU, memory, time and output limits.
 
 One child per template name, so a template that exhausts its limits rejects only the routes using it.
-Answers are cached by (template text, data) in this process (the warm applier re-renders on every change,
-and a child costs ~80 ms), and failures are also kept on disk so that a cold handler does not pay a
-template's whole time limit on every event.
+Answers are kept by (template text, data) in the caller's memo (the warm applier's lives as long as
+it does: it re-renders on every change, and a child costs ~80 ms), and failures are also kept on disk
+so that a cold handler does not pay a template's whole time limit on every event.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from flowproxy.core.memo import Memo
 from flowproxy.core.plan import Plan
 from flowproxy.core.render import Templates, backend_data
 from flowproxy.node import runstate
@@ -25,15 +26,15 @@ from flowproxy.node import runstate
 log = logging.getLogger(__name__)
 WALL_SECONDS = 5.0
 FAILURES = "template-failures.json"
-_CACHE: dict[str, dict[str, str]] = {}
-_CACHE_MAX = 20_000
+Answers = Memo[str, dict[str, str]]  # job_key -> the child's answer for one backend
 
 
 def job_key(source: str, data: Mapping[str, Any]) -> str:
     return hashlib.sha256(source.encode() + b"\0" + json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
-def render_all(jobs: Iterable[tuple[str, str, str, dict[str, Any]]], run_dir: Path) -> dict[str, dict[str, str]]:
+def render_all(jobs: Iterable[tuple[str, str, str, dict[str, Any]]], run_dir: Path,
+               answers: Answers | None = None) -> dict[str, dict[str, str]]:
     """(backend name, template name, template source, data) -> {backend: {"text"|"error": str}}."""
     failures: dict[str, str] = {k: str(v) for k, v in runstate.load(run_dir, FAILURES).items()}
     out: dict[str, dict[str, str]] = {}
@@ -42,8 +43,9 @@ def render_all(jobs: Iterable[tuple[str, str, str, dict[str, Any]]], run_dir: Pa
     keys: dict[str, str] = {}
     for backend, name, source, data in jobs:
         key = keys[backend] = job_key(source, data)
-        if key in _CACHE:
-            out[backend] = _CACHE[key]
+        known = answers.get(key) if answers is not None else None
+        if known is not None:
+            out[backend] = known
         elif key in failures:
             out[backend] = {"error": failures[key]}
         else:
@@ -51,15 +53,14 @@ def render_all(jobs: Iterable[tuple[str, str, str, dict[str, Any]]], run_dir: Pa
             sources[name] = source
     children = {name: _start(sources[name], items) for name, items in sorted(todo.items())}
     for name, (proc, payload) in children.items():
-        answers = _finish(proc, payload, name)
+        said = _finish(proc, payload, name)
         for backend, _, _ in todo[name]:
             # A child that died answered for nobody: every route of that template gets its reason.
-            found = {"error": answers} if isinstance(answers, str) else answers.get(backend)
+            found = {"error": said} if isinstance(said, str) else said.get(backend)
             out[backend] = found or {"error": "the renderer gave no answer"}
     for backend, answer in out.items():
-        if len(_CACHE) > _CACHE_MAX:
-            _CACHE.clear()
-        _CACHE[keys[backend]] = answer
+        if answers is not None:
+            answers.put(keys[backend], answer)
     live = {keys[b]: a["error"] for b, a in out.items() if "error" in a}
     if live != failures:
         runstate.save(run_dir, FAILURES, dict(live))
@@ -103,7 +104,8 @@ def _why(code: int, err: bytes) -> str:
     return f"the renderer failed: {tail[0][:200]}"
 
 
-def render_plan(plan: Plan, templates: Templates, run_dir: Path) -> dict[str, dict[str, str]]:
+def render_plan(plan: Plan, templates: Templates, run_dir: Path,
+                answers: Answers | None = None) -> dict[str, dict[str, str]]:
     """What every backend with a custom template renders to (or why not), its source from KV templates/
     or else the node's templates/routes/<name>.j2."""
     jobs = []
@@ -121,4 +123,4 @@ def render_plan(plan: Plan, templates: Templates, run_dir: Path) -> dict[str, di
                                                   f"the node's templates/routes/{name}.j2"}
                 continue
         jobs.append((backend.name, name, source, backend_data(backend)))
-    return render_all(jobs, run_dir) | missing
+    return render_all(jobs, run_dir, answers) | missing
