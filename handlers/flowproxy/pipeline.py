@@ -310,7 +310,7 @@ def converge(settings: Settings, generation: int = 0, accept_empty: bool = False
     _publish(settings, store, doc | {"last_reload": last_reload(settings, desired.index, deployed)})
     runstate.save(settings.run_dir, runstate.LAST_APPLY, {"fingerprint": fingerprint, "kv_index": desired.index,
                                                           "generation": generation, "routes": len(desired.routes),
-                                                          "ports_held": list(built.refusals.waiting)})
+                                                          "ports_waiting": list(built.refusals.waiting)})
     if shared is None:
         store.close()
     return Outcome(desired.index, built, deployed.reload is not None)

@@ -22,6 +22,7 @@ from flowproxy.node.forward import DEFAULT_DATA_DIR
 
 PREFIX_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)*/")
 NODE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+DEFAULT_CONSUL_ADDR = "127.0.0.1:8500"  # the local agent, as the `consul` CLI assumes
 HAPROXY_TIME_RE = re.compile(r"[1-9][0-9]{0,8}(ms|s|m|h|d)")
 # An old worker (the previous config, kept alive by its connections after a reload) holds long-lived
 # connections (WebSockets, TCP, SNI passthrough) until they end, at most this long: a day, so a reload
@@ -142,7 +143,7 @@ class Settings:
     prefix: str = contract.DEFAULT_PREFIX
     node: str = "flowproxy"
     data_dir: Path = Path(DEFAULT_DATA_DIR)
-    consul_addr: str = "127.0.0.1:8500"
+    consul_addr: str = DEFAULT_CONSUL_ADDR
     consul_token: str | None = None
     consul_token_file: str | None = None  # where the token came from, passed on instead of the token
     consul_tls: ConsulTLS = ConsulTLS()
@@ -167,7 +168,7 @@ class Settings:
             "prefix": env.get("FLOWPROXY_PREFIX", contract.DEFAULT_PREFIX),
             "node": env.get("FLOWPROXY_NODE") or socket.gethostname().split(".")[0],
             "data_dir": Path(env.get("FLOWPROXY_DATA_DIR", DEFAULT_DATA_DIR)),
-            "consul_addr": env.get("CONSUL_HTTP_ADDR", "127.0.0.1:8500"),
+            "consul_addr": env.get("CONSUL_HTTP_ADDR", DEFAULT_CONSUL_ADDR),
             "consul_token": token_from(env),
             "consul_token_file": None if env.get("CONSUL_HTTP_TOKEN") else env.get("CONSUL_HTTP_TOKEN_FILE") or None,
             "consul_tls": ConsulTLS.from_env(env),

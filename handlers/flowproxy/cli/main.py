@@ -12,13 +12,14 @@ from flowproxy import __version__
 from flowproxy.cli.common import echo_json, settings_of
 from flowproxy.core import contract
 from flowproxy.errors import EXIT_CODES, FlowproxyError
+from flowproxy.node.forward import HANDLE_KINDS
 from flowproxy.redact import redact
-from flowproxy.settings import Settings
+from flowproxy.settings import DEFAULT_CONSUL_ADDR, Settings
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="flowproxy")
-@click.option("--consul", "consul_addr", envvar="CONSUL_HTTP_ADDR", default="127.0.0.1:8500", show_default=True,
+@click.option("--consul", "consul_addr", envvar="CONSUL_HTTP_ADDR", default=DEFAULT_CONSUL_ADDR, show_default=True,
               help="Consul agent HTTP address (env CONSUL_HTTP_ADDR).")
 @click.option("--token", envvar="CONSUL_HTTP_TOKEN", default=None, help="Consul ACL token (env CONSUL_HTTP_TOKEN).")
 @click.option("--prefix", envvar="FLOWPROXY_PREFIX", default=contract.DEFAULT_PREFIX, show_default=True,
@@ -35,7 +36,7 @@ def cli(ctx: click.Context, /, *, consul_addr: str, token: str | None, prefix: s
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})
-@click.option("--kind", type=click.Choice(["keyprefix", "service", "manual"]), default="manual", show_default=True,
+@click.option("--kind", type=click.Choice(HANDLE_KINDS), default="manual", show_default=True,
               help="Which watch calls (the payload comes on stdin); manual waits for a running apply.")
 @click.option("--accept-empty", is_flag=True, help="Apply an empty route table even if not newer than the running one.")
 def handle(kind: str, accept_empty: bool) -> None:

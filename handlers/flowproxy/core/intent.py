@@ -10,7 +10,6 @@ import functools
 import json
 from typing import Any
 
-from flowproxy.core.edge_fields import EDGE_FIELDS, EDGE_LIST_FIELDS, edge_rules
 from flowproxy.core.fields import (
     DOMAIN_RE,
     NAME_RE,
@@ -24,6 +23,7 @@ from flowproxy.core.fields import (
     string,
 )
 from flowproxy.core.model import Auth, Intent, Problem
+from flowproxy.core.option_fields import OPTION_FIELDS, OPTION_LIST_FIELDS, option_rules
 
 __all__ = ["BALANCES", "NAME_RE", "PATH_TYPES", "intent_to_json", "parse_intent"]
 PATH_TYPES = ("prefix", "exact", "regex")
@@ -37,12 +37,12 @@ FIELD_CHECKS: dict[str, Checker] = {
     "balance": enum(BALANCES),
     "check": boolean,
     "template": string(NAME_RE, "a valid template name ([a-z0-9][a-z0-9_.-]{0,62})"),
-} | EDGE_FIELDS
+} | OPTION_FIELDS
 LIST_FIELDS: dict[str, Checker] = {
     "tags": string(TAG_RE, "a valid tag (letters, digits and _.:=/+@-)"),
     "domains": string(DOMAIN_RE, "a valid domain name (lowercase, optional leading *.)"),
     "paths": lambda value, _field: [],  # checked against path_type in _check_path
-} | EDGE_LIST_FIELDS
+} | OPTION_LIST_FIELDS
 
 
 def _check_path(value: Any, path_type: str) -> list[str]:
@@ -108,7 +108,7 @@ def _validate(key: str, raw: bytes) -> tuple[Intent | None, list[Problem]]:
         problems.append(Problem(key, "is required", "service"))
     if "paths" not in doc and "domains" not in doc and doc.get("mode", "http") == "http":
         problems.append(Problem(key, "at least one of paths or domains is required"))
-    problems += [Problem(key, msg, where) for where, msg in edge_rules(doc)]
+    problems += [Problem(key, msg, where) for where, msg in option_rules(doc)]
     for name, check in FIELD_CHECKS.items():
         if name in doc:
             problems += [Problem(key, msg, name) for msg in check(doc[name], name)]

@@ -18,24 +18,24 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from flowproxy import __version__
-from flowproxy.core.edge_render import (
-    EDGE_MAPS,
-    REDIRECT_CODES,
+from flowproxy.core.faults import internal_error
+from flowproxy.core.fragment_rules import fragment_errors
+from flowproxy.core.memo import Memo
+from flowproxy.core.naming import endpoint, server_name, weight
+from flowproxy.core.option_fields import REDIRECT_CODES
+from flowproxy.core.plan import Backend, Claim, Plan, RouteState
+from flowproxy.core.render_options import (
+    OPTION_MAPS,
     backend_lines,
-    edge_maps,
+    option_maps,
     server_options,
     tcp_frontends,
     userlists,
     with_backend_lines,
 )
-from flowproxy.core.faults import internal_error
-from flowproxy.core.fragment_rules import fragment_errors
-from flowproxy.core.memo import Memo
-from flowproxy.core.naming import endpoint, server_name, weight
-from flowproxy.core.plan import Backend, Claim, Plan, RouteState
 
 PUBLIC_MAPS = ("host_exact", "host_reg", "host_beg", "path_exact", "path_reg", "path_beg")
-MAP_FILES = PUBLIC_MAPS + tuple(f"preview_{name}" for name in PUBLIC_MAPS) + EDGE_MAPS + ("slots",)
+MAP_FILES = PUBLIC_MAPS + tuple(f"preview_{name}" for name in PUBLIC_MAPS) + OPTION_MAPS + ("slots",)
 SLOTS_MAP = "maps/slots.map"
 CRT_LIST = "certs.list"  # the certificates HAProxy serves, in order: the first is for clients without SNI
 # Empty backends a route added between reloads is served from (see spares.py): 64 HTTP, 16 TCP. Measured
@@ -111,7 +111,7 @@ def render(plan: Plan, templates: Templates, certs: Mapping[str, bytes] | None =
             failed[backend.name] = internal_error(backend.key, "rendering", exc)
     if failed:
         plan = drop_backends(plan, failed)
-    maps = render_maps(plan.claims) | render_maps(plan.preview, "preview_") | edge_maps(plan)
+    maps = render_maps(plan.claims) | render_maps(plan.preview, "preview_") | option_maps(plan)
     cfg = env.get_template("haproxy.cfg.j2").render(
         version=__version__, fragments=fragments, maps={name: f"maps/{name}.map" for name in MAP_FILES},
         tcp=tcp_frontends(plan.claims), userlists=userlists(plan), https=bool(certs), codes=REDIRECT_CODES,

@@ -53,6 +53,7 @@ class Applier:
         self.warm: Warm | None = None  # the memos of this process's applies, made on the first event
         self._server: _Server | None = None
         self._log: logging.Handler | None = None
+        self._level = logging.NOTSET
 
     def run(self, kind: str, payload: str, index: int | None = None) -> int:
         if kind not in KINDS:
@@ -96,6 +97,7 @@ class Applier:
         self._log.addFilter(lambda record: record.threadName == THREAD)
         logging.getLogger().addHandler(self._log)
         package = logging.getLogger("flowproxy")
+        self._level = package.level  # given back by stop(): the applier owns what it changed, no longer
         if package.getEffectiveLevel() > logging.INFO:
             package.setLevel(logging.INFO)  # what a handler process logs, at the level it logs it
 
@@ -111,5 +113,6 @@ class Applier:
             self.store = None
         if self._log is not None:
             logging.getLogger().removeHandler(self._log)
+            logging.getLogger("flowproxy").setLevel(self._level)
             self._log.close()
             self._log = None

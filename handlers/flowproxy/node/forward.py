@@ -14,7 +14,8 @@ import os
 
 DEFAULT_DATA_DIR = "/var/lib/flowproxy"
 SOCKET_NAME = "apply.sock"
-KINDS = ("keyprefix", "service")
+KINDS = ("keyprefix", "service")  # what the agent's watches send; `flowproxy handle` adds "manual"
+HANDLE_KINDS = (*KINDS, "manual")
 ANSWER_TIMEOUT = 600.0  # a 10k-route apply takes seconds; a hung applier must not hold the watch forever
 
 

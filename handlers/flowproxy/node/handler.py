@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from flowproxy.consul.payload import payload_entries
 from flowproxy.core.contract import kv_fingerprint
 from flowproxy.node import coalesce, runstate
+from flowproxy.node.forward import HANDLE_KINDS
 from flowproxy.redact import RedactFilter
 from flowproxy.settings import Settings
 
@@ -24,7 +25,6 @@ if TYPE_CHECKING:
     from flowproxy.pipeline import Warm
 
 log = logging.getLogger(__name__)
-KINDS = ("keyprefix", "service", "manual")
 
 
 def setup_logging(settings: Settings) -> None:
@@ -98,7 +98,7 @@ def handle(kind: str, payload: str, settings: Settings, *, accept_empty: bool = 
 def main(argv: list[str] | None = None, payload: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flowproxy handle",
                                      description="Apply Consul's state to this node (called by Consul watches).")
-    parser.add_argument("--kind", choices=KINDS, default="manual", help="which watch called (default: manual)")
+    parser.add_argument("--kind", choices=HANDLE_KINDS, default="manual", help="which watch called (default: manual)")
     parser.add_argument("--accept-empty", action="store_true",
                         help="apply an empty route table even if it is not newer than the running one")
     args = parser.parse_args(argv)

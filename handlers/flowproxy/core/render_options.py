@@ -1,4 +1,4 @@
-"""What a production-edge intent adds to the config: backend lines, user lists, redirect and SNI maps. Pure.
+"""What the optional intent fields add to the config: backend lines, user lists, redirect and SNI maps. Pure.
 
 Per-route behaviour lives in the route's own backend section (auth, rewrites, timeouts, checks), which
 HAProxy evaluates only for requests routed there, or in map files looked up once per request (HTTPS-only,
@@ -12,8 +12,7 @@ import re
 from flowproxy.core.naming import weight
 from flowproxy.core.plan import Backend, Claim, Plan, Server
 
-REDIRECT_CODES = (301, 302, 303, 307, 308)
-EDGE_MAPS = ("https_only", "redirect_from", "sni")
+OPTION_MAPS = ("https_only", "redirect_from", "sni")
 REGEX_SPECIAL = re.compile(r"([.^$*+?()\[\]{}|\\])")
 
 
@@ -62,7 +61,7 @@ def userlists(plan: Plan) -> list[tuple[str, list[tuple[str, str]]]]:
     return [(userlist_name(b.name), list(b.intent.auth.users)) for b in plan.backends if b.intent.auth is not None]
 
 
-def edge_maps(plan: Plan) -> dict[str, str]:
+def option_maps(plan: Plan) -> dict[str, str]:
     """https_only: backend -> code; redirect_from: domain -> code/target; sni: name -> backend."""
     serving = {c.backend for c in plan.claims}
     https: list[str] = []

@@ -1,4 +1,4 @@
-"""Intent fields for a production edge (TCP/SNI, redirects, auth, rewrites, timeouts, health). Pure.
+"""Optional intent fields (TCP/SNI, redirects, auth, rewrites, timeouts, health checks). Pure.
 
 All optional and additive: an intent without them means what it meant in contract v1.
 """
@@ -66,7 +66,7 @@ def _path(value: Any, _field: str) -> list[str]:
 
 
 DURATION = string(DURATION_RE, "a duration such as 500ms, 30s, 5m or 1h")
-EDGE_FIELDS: dict[str, Checker] = {
+OPTION_FIELDS: dict[str, Checker] = {
     "mode": enum(MODES),
     "port": integer(1, 65535),
     "https_only": boolean,
@@ -81,12 +81,12 @@ EDGE_FIELDS: dict[str, Checker] = {
     "timeout_tunnel": DURATION,
     "health": _nested({"path": _path, "interval": DURATION}),
 }
-EDGE_LIST_FIELDS: dict[str, Checker] = {
+OPTION_LIST_FIELDS: dict[str, Checker] = {
     "redirect_from": string(EXACT_DOMAIN_RE, "a domain name (lowercase, no wildcard)"),
 }
 
 
-def edge_rules(doc: dict[str, Any]) -> list[tuple[str, str]]:
+def option_rules(doc: dict[str, Any]) -> list[tuple[str, str]]:
     """Rules across fields: what each mode needs and allows. (field, message) pairs."""
     mode = doc.get("mode", "http")
     if mode not in MODES:
