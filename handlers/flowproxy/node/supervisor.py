@@ -152,7 +152,8 @@ def apply_due(settings: Settings) -> str:
         return "the last apply failed"
     if coalesce.generation(settings.run_dir) > int(last.get("generation", 0)):
         return "a change found the apply lock taken and left it to the next apply"
-    freed = ports.freed(settings.tcp_host, last.get("ports_waiting", last.get("ports_held", []))  # (its older name))
+    waiting = last.get("ports_waiting", last.get("ports_held", []))  # (ports_held: its older name)
+    freed = ports.freed(settings.tcp_host, waiting)
     return f"port(s) {', '.join(map(str, freed))} that TCP routes wait for are free now" if freed else ""
 
 
