@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flowproxy import runstate
 from flowproxy.consul import reads, watches
 from flowproxy.consul.store import ConsulStore
 from flowproxy.core import contract
@@ -31,7 +32,6 @@ from flowproxy.haproxy import release, runtime, spares
 from flowproxy.haproxy.isolate import find_culprits
 from flowproxy.haproxy.master import HAProxySocket, check_config, drain, recent_alerts
 from flowproxy.haproxy.vet import Refusals, vet
-from flowproxy.node import runstate
 from flowproxy.sandbox import runner as sandbox
 from flowproxy.settings import Settings
 

@@ -18,11 +18,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from flowproxy.core import contract
-from flowproxy.node.forward import DEFAULT_DATA_DIR
+from flowproxy.defaults import DEFAULT_CONSUL_ADDR, DEFAULT_DATA_DIR
 
 PREFIX_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)*/")
 NODE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
-DEFAULT_CONSUL_ADDR = "127.0.0.1:8500"  # the local agent, as the `consul` CLI assumes
 HAPROXY_TIME_RE = re.compile(r"[1-9][0-9]{0,8}(ms|s|m|h|d)")
 # An old worker (the previous config, kept alive by its connections after a reload) holds long-lived
 # connections (WebSockets, TCP, SNI passthrough) until they end, at most this long: a day, so a reload

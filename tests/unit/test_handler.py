@@ -9,8 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from flowproxy import runstate
 from flowproxy.core.contract import kv_fingerprint
-from flowproxy.node import runstate
 
 HEAVY = ("consul", "jinja2", "click", "requests")
 

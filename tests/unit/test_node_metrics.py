@@ -7,7 +7,7 @@ from pathlib import Path
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from flowproxy.node import runstate
+from flowproxy import runstate
 from flowproxy.node.metrics import NodeCollector
 from flowproxy.settings import Settings
 

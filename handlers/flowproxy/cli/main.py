@@ -11,10 +11,11 @@ import click
 from flowproxy import __version__
 from flowproxy.cli.common import echo_json, settings_of
 from flowproxy.core import contract
+from flowproxy.defaults import DEFAULT_CONSUL_ADDR
 from flowproxy.errors import EXIT_CODES, FlowproxyError
 from flowproxy.node.forward import HANDLE_KINDS
 from flowproxy.redact import redact
-from flowproxy.settings import DEFAULT_CONSUL_ADDR, Settings
+from flowproxy.settings import Settings
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 
+from flowproxy import runstate
 from flowproxy.errors import HAProxyError
 from flowproxy.haproxy.master import check_config
-from flowproxy.node import runstate
 from flowproxy.settings import Settings
 
 CACHE = "fragment-verdicts.json"

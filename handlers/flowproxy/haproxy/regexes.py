@@ -11,9 +11,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+from flowproxy import runstate
 from flowproxy.errors import HAProxyError
 from flowproxy.haproxy.master import check_config
-from flowproxy.node import runstate
 from flowproxy.settings import Settings
 
 CACHE = "regex-verdicts.json"

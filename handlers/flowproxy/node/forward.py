@@ -2,8 +2,8 @@
 
 Measured on this 2-core machine: the stdlib handler path costs ~42 ms of interpreter start and imports, and
 a cold converge ~180 ms more (python-consul2, requests, jinja2) before any work. `node up` keeps all of that
-loaded in its applier; this module imports only `os` and `_socket` (the `socket` wrapper pulls in `enum`
-and `selectors`, 6 ms of a 16 ms start), so a forwarded event costs ~10 ms.
+loaded in its applier; this module imports only `os`, `_socket` and `flowproxy.defaults` (the `socket`
+wrapper pulls in `enum` and `selectors`, 6 ms of a 16 ms start), so a forwarded event costs ~10 ms.
 Without an applier (a plain agent running the handler) the caller falls back to applying in-process.
 """
 
@@ -12,7 +12,8 @@ from __future__ import annotations
 import _socket
 import os
 
-DEFAULT_DATA_DIR = "/var/lib/flowproxy"
+from flowproxy.defaults import DEFAULT_DATA_DIR
+
 SOCKET_NAME = "apply.sock"
 KINDS = ("keyprefix", "service")  # what the agent's watches send; `flowproxy handle` adds "manual"
 HANDLE_KINDS = (*KINDS, "manual")

@@ -13,9 +13,10 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
+from flowproxy import runstate
 from flowproxy.consul.payload import payload_entries
 from flowproxy.core.contract import kv_fingerprint
-from flowproxy.node import coalesce, runstate
+from flowproxy.node import coalesce
 from flowproxy.node.forward import HANDLE_KINDS
 from flowproxy.redact import RedactFilter
 from flowproxy.settings import Settings

@@ -18,8 +18,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from flowproxy import runstate
 from flowproxy.haproxy.master import local_old_workers
-from flowproxy.node import runstate
 from flowproxy.settings import Settings
 
 log = logging.getLogger(__name__)

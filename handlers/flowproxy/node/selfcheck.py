@@ -6,12 +6,11 @@ supervisor itself dies, the TTL runs out and the node turns critical on its own.
 
 from __future__ import annotations
 
-from flowproxy import __version__
+from flowproxy import __version__, runstate
 from flowproxy.consul.registrations import Check, Registration
 from flowproxy.consul.store import ConsulStore
 from flowproxy.errors import HAProxyError
 from flowproxy.haproxy.master import HAProxySocket, old_workers
-from flowproxy.node import runstate
 from flowproxy.settings import Settings
 
 SERVICE = "flowproxy"

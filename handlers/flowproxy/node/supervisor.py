@@ -23,11 +23,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flowproxy import runstate
 from flowproxy.consul.store import ConsulStore
 from flowproxy.core import contract
 from flowproxy.errors import FlowproxyError
 from flowproxy.haproxy import ports
-from flowproxy.node import coalesce, runstate, selfcheck
+from flowproxy.node import coalesce, selfcheck
 from flowproxy.node import metrics as node_metrics
 from flowproxy.node.applier import Applier
 from flowproxy.node.metrics import MetricsServer

@@ -18,10 +18,10 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from flowproxy import runstate
 from flowproxy.core.memo import Memo
 from flowproxy.core.plan import Plan
 from flowproxy.core.render import Templates, backend_data
-from flowproxy.node import runstate
 
 log = logging.getLogger(__name__)
 WALL_SECONDS = 5.0

@@ -1,0 +1,79 @@
+"""The KV contract's one owner: what any key under the prefix is, how keys are built, the fingerprint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from flowproxy.core import contract
+from flowproxy.core.contract import Key, Kind
+
+P = "flowproxy/"
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+CLASSIFY = [
+    ("root", P, Key(Kind.ROOT)),
+    ("outside", "other/routes/a/live", Key(Kind.OUTSIDE)),
+    ("intent", P + "routes/api/blue", Key(Kind.INTENT, ("api", "blue"))),
+    ("active", P + "routes/api/active", Key(Kind.ACTIVE, ("api", "active"))),
+    ("template", P + "templates/t", Key(Kind.TEMPLATE, ("t",))),
+    ("cert", P + "certs/site", Key(Kind.CERT, ("site",))),
+    ("status", P + "status/edge-1", Key(Kind.STATUS, ("edge-1",))),
+    ("status-folder", P + "status/", Key(Kind.STATUS, ("",))),
+    ("status-deeper-is-stray", P + "status/a/b", Key(Kind.STRAY, ("status", "a", "b"))),
+    ("accept-empty", P + "accept-empty", Key(Kind.ACCEPT_EMPTY)),
+    ("route-too-deep", P + "routes/a/b/c", Key(Kind.STRAY, ("routes", "a", "b", "c"))),
+    ("route-too-shallow", P + "routes/a", Key(Kind.STRAY, ("routes", "a"))),
+    ("unknown-folder", P + "secrets/x", Key(Kind.STRAY, ("secrets", "x"))),
+    ("template-folder", P + "templates/", Key(Kind.TEMPLATE, ("",))),
+]
+
+
+@pytest.mark.parametrize(("key", "expected"), [c[1:] for c in CLASSIFY], ids=[c[0] for c in CLASSIFY])
+def test_classify(key: str, expected: Key) -> None:
+    assert contract.classify(P, key) == expected
+
+
+NAMES = st.from_regex(r"[a-z0-9][a-z0-9_.-]{0,20}", fullmatch=True)
+
+
+@given(route=NAMES, variant=NAMES.filter(lambda v: v != contract.ACTIVE))
+def test_built_keys_read_back_as_what_they_were_built_for(route: str, variant: str) -> None:
+    assert contract.classify(P, contract.intent_key(P, route, variant)) == Key(Kind.INTENT, (route, variant))
+    assert contract.classify(P, contract.active_key(P, route)) == Key(Kind.ACTIVE, (route, contract.ACTIVE))
+    assert contract.classify(P, contract.template_key(P, variant)) == Key(Kind.TEMPLATE, (variant,))
+    assert contract.classify(P, contract.cert_key(P, variant)) == Key(Kind.CERT, (variant,))
+    assert contract.classify(P, contract.status_key(P, route)).kind is Kind.STATUS
+    assert contract.intent_key(P, route, variant).startswith(contract.route_folder(P, route))
+
+
+BASE = [(P + "routes/a/live", b'{"service": "a"}'), (P + "routes/a/active", b"live")]
+FINGERPRINT = [
+    ("status-write-changes-nothing", BASE + [(P + "status/edge-1", b"{}")], False),
+    ("folder-marker-of-status", BASE + [(P + "status/", b"")], False),
+    ("intent-value", [(P + "routes/a/live", b'{"service": "b"}'), BASE[1]], True),
+    ("new-template", BASE + [(P + "templates/t", b"x")], True),
+    ("new-cert", BASE + [(P + "certs/c", b"pem")], True),
+    ("stray-key-by-name", BASE + [(P + "secrets/x", b"1")], True),
+    ("accept-empty-marker", BASE + [(P + "accept-empty", b"yes")], True),
+]
+
+
+@pytest.mark.parametrize(("pairs", "moves"), [c[1:] for c in FINGERPRINT], ids=[c[0] for c in FINGERPRINT])
+def test_the_fingerprint_moves_with_what_an_apply_depends_on(pairs: list[tuple[str, bytes]], moves: bool) -> None:
+    assert (contract.kv_fingerprint(P, pairs) != contract.kv_fingerprint(P, BASE)) is moves
+
+
+def test_a_stray_key_counts_by_name_not_value() -> None:
+    one = contract.kv_fingerprint(P, [*BASE, (P + "secrets/x", b"1")])
+    assert one == contract.kv_fingerprint(P, [*BASE, (P + "secrets/x", b"2")])
+
+
+def test_the_readme_documents_every_kind_of_key() -> None:
+    text = README.read_text()
+    for shape in ("routes/<route>/<variant>", "routes/<route>/active", "templates/<name>", "certs/<name>",
+                  "status/<node>", contract.ACCEPT_EMPTY):
+        assert shape in text, shape
