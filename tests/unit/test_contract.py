@@ -52,13 +52,13 @@ def test_built_keys_read_back_as_what_they_were_built_for(route: str, variant: s
 
 BASE = [(P + "routes/a/live", b'{"service": "a"}'), (P + "routes/a/active", b"live")]
 FINGERPRINT = [
-    ("status-write-changes-nothing", BASE + [(P + "status/edge-1", b"{}")], False),
-    ("folder-marker-of-status", BASE + [(P + "status/", b"")], False),
+    ("status-write-changes-nothing", [*BASE, (P + "status/edge-1", b"{}")], False),
+    ("folder-marker-of-status", [*BASE, (P + "status/", b"")], False),
     ("intent-value", [(P + "routes/a/live", b'{"service": "b"}'), BASE[1]], True),
-    ("new-template", BASE + [(P + "templates/t", b"x")], True),
-    ("new-cert", BASE + [(P + "certs/c", b"pem")], True),
-    ("stray-key-by-name", BASE + [(P + "secrets/x", b"1")], True),
-    ("accept-empty-marker", BASE + [(P + "accept-empty", b"yes")], True),
+    ("new-template", [*BASE, (P + "templates/t", b"x")], True),
+    ("new-cert", [*BASE, (P + "certs/c", b"pem")], True),
+    ("stray-key-by-name", [*BASE, (P + "secrets/x", b"1")], True),
+    ("accept-empty-marker", [*BASE, (P + "accept-empty", b"yes")], True),
 ]
 
 
