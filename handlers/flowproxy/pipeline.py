@@ -14,12 +14,11 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from flowproxy import runstate
 from flowproxy.consul import reads, watches
-from flowproxy.consul.store import ConsulStore
+from flowproxy.consul.store import ConsulStore, store_for
 from flowproxy.core import contract
 from flowproxy.core.kv import desired_from_kv
 from flowproxy.core.memo import Memo
@@ -27,10 +26,10 @@ from flowproxy.core.model import Desired, Instance, Snapshot
 from flowproxy.core.plan import Plan, make_plan
 from flowproxy.core.render import BackendMemo, Bundle, Templates, render
 from flowproxy.core.status import applied_doc, failed_doc
-from flowproxy.errors import ApplyIOError, CandidateRefused, EmptyRefused, FlowproxyError, HAProxyError
-from flowproxy.haproxy import release, runtime, spares
+from flowproxy.errors import CandidateRefused, EmptyRefused, FlowproxyError
+from flowproxy.haproxy import release, runtime
+from flowproxy.haproxy.deploy import Deployed, candidate_passes, deploy
 from flowproxy.haproxy.isolate import find_culprits
-from flowproxy.haproxy.master import HAProxySocket, check_config, drain, recent_alerts
 from flowproxy.haproxy.vet import Refusals, vet
 from flowproxy.sandbox import runner as sandbox
 from flowproxy.settings import Settings
@@ -70,10 +69,6 @@ class Outcome:
     @property
     def plan(self) -> Plan:
         return self.built.plan
-
-
-def store_for(settings: Settings) -> ConsulStore:
-    return ConsulStore(settings.consul_addr, settings.consul_token, tls=settings.consul_tls)
 
 
 def gather(settings: Settings, store: ConsulStore,
@@ -136,16 +131,6 @@ def isolate_refused(settings: Settings, desired: Desired, health: dict[str, list
     return build(settings, desired, health, reasons, warm)
 
 
-def candidate_passes(settings: Settings, bundle: Bundle) -> bool:
-    """`haproxy -c` on a candidate, staged like any release (never made `current`; pruned like the rest)."""
-    folder = release.stage(settings.haproxy_dir, bundle)
-    try:
-        check_config(settings.haproxy_bin, folder / "haproxy.cfg", settings.haproxy_env())
-    except HAProxyError:
-        return False
-    return True
-
-
 def guard_empty(settings: Settings, store: ConsulStore, desired: Desired, accept_empty: bool) -> None:
     """Refuse an empty route table unless the routes were really deleted, or an operator accepts it.
 
@@ -172,102 +157,6 @@ def guard_empty(settings: Settings, store: ConsulStore, desired: Desired, accept
         "empty answer, not a delete. Keeping the running config. If the empty table is meant, run "
         f"`flowproxy handle --accept-empty` on this node, or write the key {settings.prefix}accept-empty for "
         "every node (delete it afterwards).")
-
-
-def deploy(settings: Settings, bundle: Bundle) -> Deployed:
-    """Make `bundle` (a fresh render) what runs: through the runtime API when it can (maps, servers, new
-    backends in spares), else by a reload of `bundle` itself, saying why.
-    """
-    current = release.read_bundle(settings.current)
-    change = live_change(current, bundle)
-    if isinstance(change, runtime.Reload) or current is None:
-        why = change.why if isinstance(change, runtime.Reload) else "first config"
-    elif not change[1] and dict(current.files) == dict(change[0].files):
-        return Deployed(changed=False)
-    elif not settings.master_socket.exists():
-        why = "HAProxy was not running"
-    else:
-        refused = live_update(settings, current, *change)
-        if refused is None:
-            return Deployed(changed=True)
-        why = refused  # some commands may have run: only a reload from files is sure to undo them
-    folder = release.stage(settings.haproxy_dir, bundle)
-    try:
-        check_config(settings.haproxy_bin, folder / "haproxy.cfg", settings.haproxy_env())
-    except HAProxyError as exc:
-        if not isinstance(change, runtime.Reload) and settings.master_socket.exists():
-            reload_or_roll_back(settings, None, why)  # `current` still holds the last good files
-        raise CandidateRefused(str(exc)) from exc
-    previous = release.activate(settings.current, folder)
-    if not settings.master_socket.exists():
-        raise HAProxyError(f"HAProxy is not running ({settings.master_socket} is missing); the new config is "
-                           "in place and loads when HAProxy starts (`flowproxy node up`)")
-    reload_or_roll_back(settings, previous, why)
-    release.prune(settings.haproxy_dir)
-    return Deployed(changed=True, reload=why)
-
-
-def live_change(current: Bundle | None, fresh: Bundle) -> tuple[Bundle, list[str]] | runtime.Reload:
-    """What the runtime API would run to take HAProxy from `current` to `fresh` (new backends in spares),
-    with the files that then describe it; or why only a reload will do. Pure."""
-    if current is None:
-        return runtime.Reload("first config")
-    if dict(current.files) == dict(fresh.files):
-        return fresh, []
-    target = spares.place(fresh, current)
-    if isinstance(target, runtime.Reload):
-        return target
-    commands = runtime.plan_change(current, target)
-    return commands if isinstance(commands, runtime.Reload) else (target, commands)
-
-
-@dataclass(frozen=True)
-class Deployed:
-    changed: bool
-    reload: str | None = None  # why HAProxy reloaded; None when nothing changed or the runtime API did it
-
-
-def live_update(settings: Settings, current: Bundle, bundle: Bundle, commands: list[str]) -> str | None:
-    """Runtime API first, then the files; HAProxy's refusal when it refused a command (the caller reloads).
-
-    Commands first because writing and fsyncing a release takes ~10 ms on this disk, a third of a flip.
-    If the files then cannot be written, the inverse commands put HAProxy back on the files it loaded.
-    """
-    stats = HAProxySocket(settings.stats_socket)
-    try:
-        runtime.send(stats, commands)
-    except HAProxyError as exc:
-        log.warning("%s; reloading instead", exc)
-        return str(exc)
-    try:
-        release.activate(settings.current, release.stage(settings.haproxy_dir, bundle))
-    except ApplyIOError:
-        runtime.send(stats, runtime.runtime_commands(bundle, current) or [])
-        raise
-    log.info("applied %d change(s) through the runtime API, no reload", len(commands))
-    release.prune(settings.haproxy_dir)
-    return None
-
-
-def reload_or_roll_back(settings: Settings, previous: Path | None, why: str) -> None:
-    log.info("reloading HAProxy: %s", why)
-    log_file = settings.data_dir / "logs" / "haproxy.log"
-    logged = log_file.stat().st_size if log_file.exists() else 0
-    master = HAProxySocket(settings.master_socket)
-    try:
-        retired = master.reload()
-        # Applied means no process of this node answers with the old config any more: the old workers
-        # finish their keep-alive requests first (long-lived connections: at most drain_wait seconds).
-        left = drain(master, retired, settings.drain_wait)
-        if left:
-            log.info("old worker(s) %s still hold long-lived connections after %.0f s; reporting the new "
-                     "config as applied", ", ".join(map(str, left)), settings.drain_wait)
-    except HAProxyError as exc:
-        if previous is not None:
-            release.activate(settings.current, previous)  # the files on disk must match what runs
-        alerts = "; ".join(recent_alerts(log_file, since=logged)) or "nothing in its log"
-        raise HAProxyError(f"{exc}. HAProxy said: {alerts} (see {log_file}, or the HAProxy unit's journal "
-                           "under systemd); the node retries every few seconds until it loads") from exc
 
 
 def converge(settings: Settings, generation: int = 0, accept_empty: bool = False,
@@ -297,6 +186,18 @@ def converge(settings: Settings, generation: int = 0, accept_empty: bool = False
         if shared is None:
             store.close()
         raise
+    publish(settings, store, desired, built, deployed, started=started)
+    runstate.save(settings.run_dir, runstate.LAST_APPLY, {"fingerprint": fingerprint, "kv_index": desired.index,
+                                                          "generation": generation, "routes": len(desired.routes),
+                                                          "ports_waiting": list(built.refusals.waiting)})
+    if shared is None:
+        store.close()
+    return Outcome(desired.index, built, deployed.reload is not None)
+
+
+def publish(settings: Settings, store: ConsulStore, desired: Desired, built: Built, deployed: Deployed, *,
+            started: float) -> None:
+    """The log lines of this apply, and this node's status key (written only when its content changed)."""
     bundle, plan = built.bundle, built.plan
     for state in plan.states:
         for reason in state.reasons:
@@ -308,12 +209,6 @@ def converge(settings: Settings, generation: int = 0, accept_empty: bool = False
                  (time.monotonic() - started) * 1000)
     doc = applied_doc(settings.node, desired.index, bundle.config_sha256, bundle.digest, plan)
     _publish(settings, store, doc | {"last_reload": last_reload(settings, desired.index, deployed)})
-    runstate.save(settings.run_dir, runstate.LAST_APPLY, {"fingerprint": fingerprint, "kv_index": desired.index,
-                                                          "generation": generation, "routes": len(desired.routes),
-                                                          "ports_waiting": list(built.refusals.waiting)})
-    if shared is None:
-        store.close()
-    return Outcome(desired.index, built, deployed.reload is not None)
 
 
 def last_reload(settings: Settings, index: int, deployed: Deployed) -> dict[str, Any] | None:

@@ -24,10 +24,10 @@ from flowproxy.cli.demo import register_instance
 from flowproxy.core.render import Bundle
 from flowproxy.errors import HAProxyError
 from flowproxy.haproxy import release
+from flowproxy.haproxy.deploy import deploy
 from flowproxy.haproxy.master import HAProxySocket, ProcInfo, check_config
 from flowproxy.node import coalesce
 from flowproxy.node.up import wait_for
-from flowproxy.pipeline import deploy
 from flowproxy.settings import REPO_TEMPLATES
 from tests.harness import ProxyNode, node_spec, start_node, status_of, wait_applied
 

@@ -55,7 +55,8 @@ def render(ctx: click.Context, maps: bool) -> None:
     import dataclasses
     import tempfile
 
-    from flowproxy.pipeline import build, gather, store_for
+    from flowproxy.consul.store import store_for
+    from flowproxy.pipeline import build, gather
 
     # Vetting's verdicts go to a scratch folder that ends with the command: nothing of the node's changes.
     with tempfile.TemporaryDirectory(prefix="flowproxy-render-") as scratch:
@@ -82,13 +83,13 @@ def status(ctx: click.Context, as_json: bool) -> None:
     import dataclasses
 
     from flowproxy.cli.fleet import fleet_exit_code, fleet_report, fleet_view, latest_index, read_statuses
+    from flowproxy.consul.store import store_for
     from flowproxy.core.render import SLOTS_MAP
     from flowproxy.haproxy import release
     from flowproxy.haproxy.master import local_old_workers
     from flowproxy.haproxy.spares import slots
     from flowproxy.haproxy.traffic import counts_report, local_counts
     from flowproxy.node.selfcheck import SERVICE
-    from flowproxy.pipeline import store_for
 
     settings = settings_of(ctx)
     store = store_for(settings)

@@ -41,7 +41,7 @@ def settle(ctx: click.Context, index: int, options: dict[str, Any], route: str) 
     if not options["wait"]:
         return
     from flowproxy.cli.fleet import WaitPolicy, wait_converged
-    from flowproxy.pipeline import store_for
+    from flowproxy.consul.store import store_for
 
     shown: set[str] = set()
 
@@ -101,7 +101,7 @@ def put(ctx: click.Context, /, *, name: str, variant: str, service: str, paths: 
         domains: tuple[str, ...], tags: tuple[str, ...], path_type: str, balance: str, no_check: bool,
         template: str | None, activate: bool, extra: str | None, **waiting: Any) -> None:
     """Stage (and optionally activate) the intent routes/NAME/VARIANT."""
-    from flowproxy.pipeline import store_for
+    from flowproxy.consul.store import store_for
 
     settings = settings_of(ctx)
     key = contract.intent_key(settings.prefix, _name(name, 'route'), _name(variant, 'variant'))
@@ -141,7 +141,7 @@ def activate(ctx: click.Context, /, *, name: str, variant: str, **waiting: Any) 
 
     A weighted canary names several: `flowproxy route activate web blue=90,green=10`.
     """
-    from flowproxy.pipeline import store_for
+    from flowproxy.consul.store import store_for
 
     settings = settings_of(ctx)
     store = store_for(settings)
@@ -174,7 +174,7 @@ def activate(ctx: click.Context, /, *, name: str, variant: str, **waiting: Any) 
 @click.pass_context
 def deactivate(ctx: click.Context, /, *, name: str, **waiting: Any) -> None:
     """Switch route NAME off; its variants stay in KV."""
-    from flowproxy.pipeline import store_for
+    from flowproxy.consul.store import store_for
 
     settings = settings_of(ctx)
     store = store_for(settings)
@@ -197,7 +197,7 @@ def deactivate(ctx: click.Context, /, *, name: str, **waiting: Any) -> None:
 @click.pass_context
 def remove(ctx: click.Context, /, *, name: str, **waiting: Any) -> None:
     """Delete route NAME with all its variants."""
-    from flowproxy.pipeline import store_for
+    from flowproxy.consul.store import store_for
 
     settings = settings_of(ctx)
     key = contract.route_folder(settings.prefix, _name(name, 'route'))
@@ -216,7 +216,7 @@ def list_routes(ctx: click.Context, as_json: bool) -> None:
     """Every route with its variants, the active one, and what the nodes report."""
     from flowproxy.cli.fleet import read_statuses
     from flowproxy.consul.reads import read_config
-    from flowproxy.pipeline import store_for
+    from flowproxy.consul.store import store_for
 
     settings = settings_of(ctx)
     store = store_for(settings)

@@ -18,7 +18,7 @@ from flowproxy.consul.registrations import Registration
 from flowproxy.core.model import Instance, KVEntry
 from flowproxy.errors import CasConflict, ConsulUnavailable
 from flowproxy.redact import redact
-from flowproxy.settings import ConsulTLS
+from flowproxy.settings import ConsulTLS, Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -227,3 +227,8 @@ def _instance(e: dict[str, Any]) -> Instance:
     return Instance(address=str(svc.get("Address") or node.get("Address") or ""), port=int(svc.get("Port") or 0),
                     service_id=str(svc.get("ID", "")), node=str(node.get("Node", "")),
                     tags=tuple(str(t) for t in svc.get("Tags") or ()))
+
+
+def store_for(settings: Settings) -> ConsulStore:
+    """A client for this node's agent, as its settings say (address, token, TLS)."""
+    return ConsulStore(settings.consul_addr, settings.consul_token, tls=settings.consul_tls)
