@@ -5,7 +5,8 @@
   does not answer, or the last apply failed; by itself when this process dies);
 - retries: a failed apply, a change that found the apply lock taken, a TCP port freed;
 - anti-entropy: every RESYNC_EVERY s Consul's config keys are compared with what was applied, and every
-  FULL_RESYNC_EVERY s a full converge runs (a no-op when the bytes are equal);
+  FULL_RESYNC_EVERY s a full converge runs (a no-op when the bytes are equal), each less often when it
+  costs more, so that together they stay within BUDGET of a core (a node with 10,000 routes at rest);
 - systemd: READY=1 once armed, WATCHDOG=1 every tick, STOPPING=1 (through NOTIFY_SOCKET, when set).
 
 Whether the Consul agent and HAProxy are this process's children (`node up`) or the host's own, under
@@ -19,6 +20,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +32,7 @@ from flowproxy.errors import FlowproxyError
 from flowproxy.haproxy import ports
 from flowproxy.node import coalesce, selfcheck
 from flowproxy.node import metrics as node_metrics
-from flowproxy.node.applier import Applier
+from flowproxy.node.applier import THREAD, Applier
 from flowproxy.node.metrics import MetricsServer
 from flowproxy.settings import Settings
 
@@ -41,14 +43,21 @@ RESYNC_EVERY = 10.0
 # not to fire for a deregistration on its own agent, leaving that node on a stale instance list. A no-op
 # converge costs ~0.3 s of CPU, so every 20 s is ~1.5% of a core.
 FULL_RESYNC_EVERY = 20.0
+# The share of one core the two periodic checks may use between them at rest: each runs at most every
+# (its last cost / half of this) seconds. At 10 routes that is never the limit; at 10,000 routes a warm
+# full converge (~0.5 s of CPU) runs every ~100 s instead of every 20 s.
+BUDGET = 0.01
+PERIODIC = "the periodic full resync"
 
 
 @dataclass
 class Supervisor:
     settings: Settings
     applier: Applier | None = None
-    retry: subprocess.Popen[bytes] | None = None
+    retry: subprocess.Popen[bytes] | threading.Thread | None = None
     last_retry: float = 0.0
+    full_cost: float = 0.0  # CPU seconds of the last periodic full converge (its thread's own)
+    resync_cost: float = 0.0  # CPU seconds of the last comparison of Consul's keys with what was applied
     last_resync: float = 0.0
     last_full: float = field(default_factory=time.monotonic)
     metrics: MetricsServer | None = None
@@ -89,17 +98,39 @@ class Supervisor:
 
     def retry_apply(self) -> None:
         """Run the handler when an apply is due that no watch event will bring (see `apply_due`)."""
-        if self.retry is not None and self.retry.poll() is None:
+        if self.busy():
             return
         if time.monotonic() - self.last_retry < RETRY_EVERY:
             return
         why = apply_due(self.settings) or self.resync_due()
         if why:
             self.last_retry = time.monotonic()
-            log.info("an apply is due (%s); running the handler", why)
-            self.retry = subprocess.Popen([sys.executable, "-m", "flowproxy.node.handler"], env=self.env(),
-                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.DEVNULL)
+            # The periodic proof is routine: logged only when it finds something (the apply logs that).
+            log.log(logging.DEBUG if why == PERIODIC else logging.INFO, "an apply is due (%s)", why)
+            self.retry = self.apply_now(why)
+
+    def busy(self) -> bool:
+        if isinstance(self.retry, threading.Thread):
+            return self.retry.is_alive()
+        return self.retry is not None and self.retry.poll() is None
+
+    def apply_now(self, why: str) -> subprocess.Popen[bytes] | threading.Thread:
+        """In the warm applier's process, with its memos and its Consul client, when there is one (a cold
+        handler process costs ~0.2 s of imports and renders everything from nothing); else a handler."""
+        applier = self.applier
+        if applier is None:
+            return subprocess.Popen([sys.executable, "-m", "flowproxy.node.handler"], env=self.env(),
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def run() -> None:
+            began = time.thread_time()
+            applier.run("service", "")  # a service event: a full converge, reading Consul afresh
+            if why == PERIODIC:
+                self.full_cost = time.thread_time() - began
+
+        thread = threading.Thread(target=run, name=THREAD, daemon=True)  # its records go to handler.log
+        thread.start()
+        return thread
 
     def resync_due(self) -> str:
         """Anti-entropy: a full converge every FULL_RESYNC_EVERY seconds, and every RESYNC_EVERY seconds a
@@ -109,25 +140,29 @@ class Supervisor:
         with no watch firing. Any difference, forwards or backwards, means the node must apply again.
         Contents, not indexes: an apply from a watch payload records the whole prefix's index.
         """
-        if time.monotonic() - self.last_full >= FULL_RESYNC_EVERY:
+        if time.monotonic() - self.last_full >= every(FULL_RESYNC_EVERY, self.full_cost):
             self.last_full = time.monotonic()
-            return "the periodic full resync"
-        if time.monotonic() - self.last_resync < RESYNC_EVERY:
+            return PERIODIC
+        if time.monotonic() - self.last_resync < every(RESYNC_EVERY, self.resync_cost):
             return ""
         self.last_resync = time.monotonic()
         from flowproxy.consul.reads import read_config
 
+        began = time.thread_time()
         try:
             _, entries = read_config(self.store(), self.settings.prefix)
         except FlowproxyError:
             return ""  # the agent is away; beat() has said so
         last = runstate.load(self.settings.run_dir, runstate.LAST_APPLY)
         held = contract.kv_fingerprint(self.settings.prefix, [(e.key, e.value) for e in entries])
+        self.resync_cost = time.thread_time() - began
         return "Consul holds config keys other than those last applied" if last.get("fingerprint") != held else ""
 
     def stop(self, deregister: bool = True) -> None:
         """Stop applying, leave the catalog (unless the agent is gone), close the client."""
         notify("STOPPING=1")
+        if isinstance(self.retry, threading.Thread):
+            self.retry.join(timeout=60)  # an apply in flight finishes before its client and socket go
         if self.applier is not None:
             self.applier.stop()  # a leave fires watches that must not apply against a dying agent
             self.applier = None
@@ -139,11 +174,17 @@ class Supervisor:
                 self.store().deregister_service(selfcheck.service_id(self.settings))
             except FlowproxyError as exc:
                 log.warning("could not deregister this node: %s", exc)
-        if self.retry is not None and self.retry.poll() is None:
+        if isinstance(self.retry, subprocess.Popen) and self.retry.poll() is None:
             self.retry.kill()
         if self._store is not None:
             self._store.close()
             self._store = None
+
+
+def every(floor: float, cost: float) -> float:
+    """How often a periodic check may run: its floor, or rarer when its last run cost more than half of
+    BUDGET of a core over that interval."""
+    return max(floor, cost / (BUDGET / 2))
 
 
 def apply_due(settings: Settings) -> str:

@@ -1,0 +1,162 @@
+"""Cost in the size of the work: one change at a small and at a large route table, and a node at rest.
+
+    .venv/bin/python -m bench.scale [--routes 10,10000] [--trials 15] [--rest 60]
+
+Each size gets its own `flowproxy node up --dev` started as users start it (its own process: its CPU is
+read from /proc), a real Consul agent and HAProxy, and real HTTP instances, all on loopback. The table
+says, per size: activation, flip and membership-change latency (KV or catalog write -> first request
+that shows it), and at rest the CPU of the flowproxy process and of HAProxy's workers. A report, never a
+test: nothing here asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.live import FLOWPROXY, answers, avoids, bulk_routes, reaches, until
+from bench.parts import free_port, pct
+from flowproxy.backend import IdentityServer
+from flowproxy.cli.demo import register_instance
+from flowproxy.cli.fleet import latest_index
+from flowproxy.consul.store import ConsulStore
+from flowproxy.core import contract
+from flowproxy.haproxy.master import HAProxySocket
+from flowproxy.node.up import wait_for
+
+P = contract.DEFAULT_PREFIX
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Live:
+    proc: subprocess.Popen[bytes]
+    data: Path
+    store: ConsulStore
+    proxy: str
+
+    def applied(self) -> int:
+        entry = self.store.get(contract.status_key(P, "scale"))
+        return int(json.loads(entry.value).get("kv_index", 0)) if entry else 0
+
+    def settle(self, timeout: float = 300) -> None:
+        latest = latest_index(self.store, P)
+        wait_for(lambda: self.applied() >= latest, timeout, f"the node to apply index {latest}")
+
+
+@contextmanager
+def node_up() -> Iterator[Live]:
+    data = Path(tempfile.mkdtemp(prefix="fp-scale-"))
+    http, proxy = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CONSUL_", "FLOWPROXY_"))}
+    proc = subprocess.Popen([FLOWPROXY, "--data-dir", str(data), "--node", "scale", "node", "up", "--dev",
+                             "--http", f"127.0.0.1:{proxy}", "--consul-http-port", str(http),
+                             "--serf-port", str(free_port()), "--server-port", str(free_port())],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    store = ConsulStore(f"127.0.0.1:{http}")
+    live = Live(proc, data, store, f"http://127.0.0.1:{proxy}")
+    try:
+        wait_for(lambda: store.get(contract.status_key(P, "scale")) is not None, 60, "the node's first apply")
+        yield live
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        store.close()
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+
+
+def at_rest(live: Live, seconds: float) -> tuple[float, float]:
+    """Percent of one core: the flowproxy process, HAProxy's current workers."""
+    workers = HAProxySocket(live.data / "haproxy" / "master.sock").show_proc_settled().workers
+    pids = [live.proc.pid, *workers]
+    before = [cpu_seconds(pid) for pid in pids]
+    time.sleep(seconds)
+    used = [cpu_seconds(pid) - b for pid, b in zip(pids, before, strict=True)]
+    return 100 * used[0] / seconds, 100 * sum(used[1:]) / seconds
+
+
+def trials(live: Live, n: int, count: int, rest: float) -> dict[str, str]:
+    blue, green = IdentityServer("blue-1").start(), IdentityServer("green-1").start()
+    member, extra = IdentityServer("member-1").start(), IdentityServer("member-2").start()
+    try:
+        register_instance(live.store, "app", "app-1", blue.port)
+        register_instance(live.store, "colors", "blue-1", blue.port, tags=("blue",))
+        register_instance(live.store, "colors", "green-1", green.port, tags=("green",))
+        register_instance(live.store, "member", "member-1", member.port)
+        bulk_routes(live.store, [f"r{i}" for i in range(n)], "app")
+        for color in ("blue", "green"):
+            live.store.put(contract.intent_key(P, "flip", color),
+                           json.dumps({"service": "colors", "tags": [color], "paths": ["/flip/"]}))
+        live.store.put(contract.active_key(P, "flip"), "blue")
+        live.store.put(contract.intent_key(P, "m", "live"), json.dumps({"service": "member", "paths": ["/m/"]}))
+        live.store.put(contract.active_key(P, "m"), "live")
+        live.settle()
+        wait_for(answers(f"{live.proxy}/flip/x", 200), 60, "the flip route")
+        time.sleep(2)
+        activation, flip, membership = [], [], []
+        for i in range(count):
+            intent = {"service": "app", "paths": [f"/t{i}/"]}
+            live.store.put(contract.intent_key(P, f"t{i}", "live"), json.dumps(intent))
+            live.settle()
+            time.sleep(0.3)
+            live.store.put(contract.active_key(P, f"t{i}"), "live")
+            activation.append(until("activation", answers(f"{live.proxy}/t{i}/x", 200), 60))
+            time.sleep(0.3)
+            color = "green" if i % 2 == 0 else "blue"
+            live.store.put(contract.active_key(P, "flip"), color)
+            flip.append(until("flip", reaches(f"{live.proxy}/flip/x", f"{color}-1"), 60))
+            time.sleep(0.3)
+            register_instance(live.store, "member", "member-2", extra.port)
+            membership.append(until("membership", reaches(f"{live.proxy}/m/x", "member-2", tries=4), 60))
+            live.store.deregister_service("member-2")
+            until("member-2 gone", avoids(f"{live.proxy}/m/x", "member-2"), 60)
+            time.sleep(0.3)
+        time.sleep(5)
+        flowproxy_cpu, haproxy_cpu = at_rest(live, rest)
+    finally:
+        for server in (blue, green, member, extra):
+            server.stop()
+    return {"activation": summary(activation), "flip": summary(flip), "membership": summary(membership),
+            "at rest, flowproxy": f"{flowproxy_cpu:.1f} % of a core",
+            "at rest, HAProxy workers": f"{haproxy_cpu:.1f} % of a core"}
+
+
+def summary(seconds: list[float]) -> str:
+    return f"p50 {pct(seconds, 0.5) * 1000:.0f} ms, p95 {pct(seconds, 0.95) * 1000:.0f} ms"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--routes", default="10,10000")
+    parser.add_argument("--trials", type=int, default=15)
+    parser.add_argument("--rest", type=float, default=60.0)
+    args = parser.parse_args()
+    sizes = [int(n) for n in args.routes.split(",")]
+    columns: dict[int, dict[str, str]] = {}
+    for n in sizes:
+        with node_up() as live:
+            columns[n] = trials(live, n, args.trials, args.rest)
+        print(f"{n:,} routes: {columns[n]}", flush=True)
+    print(f"\n| metric ({args.trials} trials; at rest over {args.rest:.0f} s) | "
+          + " | ".join(f"{n:,} routes" for n in sizes) + " |")
+    print("| --- |" + " --- |" * len(sizes))
+    for metric in columns[sizes[0]]:
+        print(f"| {metric} | " + " | ".join(columns[n][metric] for n in sizes) + " |")
+
+
+if __name__ == "__main__":
+    main()

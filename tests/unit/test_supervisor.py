@@ -1,0 +1,62 @@
+"""The supervisor's periodic checks: run in the warm applier's process, and within their CPU budget."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from flowproxy.node import supervisor
+from flowproxy.node.applier import THREAD
+from flowproxy.node.supervisor import BUDGET, PERIODIC, Supervisor, every
+from flowproxy.settings import Settings
+
+EVERY = [
+    ("cheap-keeps-its-floor", 20.0, 0.02, 20.0),
+    ("free", 10.0, 0.0, 10.0),
+    ("costly-runs-rarer", 20.0, 0.5, 100.0),
+    ("very-costly", 10.0, 2.0, 400.0),
+]
+
+
+@pytest.mark.parametrize(("floor", "cost", "expected"), [c[1:] for c in EVERY], ids=[c[0] for c in EVERY])
+def test_a_check_runs_no_more_often_than_its_budget_allows(floor: float, cost: float, expected: float) -> None:
+    assert every(floor, cost) == pytest.approx(expected)
+    assert cost / every(floor, cost) <= BUDGET / 2 + 1e-12
+
+
+class FakeApplier:
+    """Stands in for the warm applier: records where and how it was asked to apply, burns some CPU."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, str]] = []
+
+    def run(self, kind: str, payload: str, index: int | None = None) -> int:
+        end = time.thread_time() + 0.05
+        while time.thread_time() < end:
+            pass
+        self.calls.append((kind, payload, threading.current_thread().name))
+        return 0
+
+
+def test_the_periodic_full_resync_runs_in_the_warm_applier_and_measures_its_cost(tmp_path: Path) -> None:
+    sup = Supervisor(Settings(node="t", data_dir=tmp_path))
+    fake = FakeApplier()
+    sup.applier = fake  # type: ignore[assignment]
+    running = sup.apply_now(PERIODIC)
+    assert isinstance(running, threading.Thread)
+    running.join(timeout=10)
+    assert fake.calls == [("service", "", THREAD)]  # a full converge, logged to handler.log like a handler's
+    assert sup.full_cost >= 0.05 and not sup.busy()
+
+
+def test_a_costly_full_resync_is_due_later(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sup = Supervisor(Settings(node="t", data_dir=tmp_path))
+    sup.last_full = time.monotonic() - (supervisor.FULL_RESYNC_EVERY + 1)
+    sup.last_resync = time.monotonic()  # the key comparison is not due: only the full resync is judged
+    assert sup.resync_due() == PERIODIC
+    sup.last_full = time.monotonic() - (supervisor.FULL_RESYNC_EVERY + 1)
+    sup.full_cost = 1.0  # -> at most every 200 s
+    assert sup.resync_due() == ""
