@@ -20,7 +20,7 @@ from flowproxy import runstate
 from flowproxy.consul import reads, watches
 from flowproxy.consul.store import ConsulStore, store_for
 from flowproxy.core import contract
-from flowproxy.core.kv import desired_from_kv
+from flowproxy.core.kv import RouteMemo, ShapeMemo, desired_from_kv
 from flowproxy.core.memo import Memo
 from flowproxy.core.model import Desired, Instance, Snapshot
 from flowproxy.core.plan import Plan, make_plan
@@ -45,6 +45,8 @@ class Warm:
 
     backends: BackendMemo = field(default_factory=lambda: Memo(50_000))
     templates: sandbox.Answers = field(default_factory=lambda: Memo(20_000))
+    shapes: ShapeMemo = field(default_factory=lambda: Memo(100_000))
+    routes: RouteMemo = field(default_factory=lambda: Memo(50_000))
 
 
 @dataclass(frozen=True)
@@ -71,11 +73,12 @@ class Outcome:
         return self.built.plan
 
 
-def gather(settings: Settings, store: ConsulStore,
-           snapshot: Snapshot | None = None) -> tuple[Desired, dict[str, list[Instance]], str]:
+def gather(settings: Settings, store: ConsulStore, snapshot: Snapshot | None = None,
+           warm: Warm | None = None) -> tuple[Desired, dict[str, list[Instance]], str]:
     """Read everything the render depends on from Consul. Any failed read raises: never render on less."""
     index, entries = reads.read(store, settings.prefix, snapshot)
-    desired = desired_from_kv(settings.prefix, entries, index)
+    desired = desired_from_kv(settings.prefix, entries, index, shapes=warm.shapes if warm else None,
+                              routes_memo=warm.routes if warm else None)
     health = {service: store.healthy(service) for service in desired.services()}
     fingerprint = contract.kv_fingerprint(settings.prefix, [(e.key, e.value) for e in entries])
     return desired, health, fingerprint
@@ -170,9 +173,9 @@ def converge(settings: Settings, generation: int = 0, accept_empty: bool = False
     """
     store = shared or store_for(settings)
     try:
-        desired, health, fingerprint = gather(settings, store, snapshot)
-        guard_empty(settings, store, desired, accept_empty)
         warm = warm or Warm()
+        desired, health, fingerprint = gather(settings, store, snapshot, warm)
+        guard_empty(settings, store, desired, accept_empty)
         built = build(settings, desired, health, warm=warm)
         started = time.monotonic()
         try:

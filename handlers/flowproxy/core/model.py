@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 
@@ -86,7 +87,13 @@ class Route:
     weights: tuple[tuple[str, int], ...] = ()
 
     def variant(self, name: str) -> Variant | None:
-        return next((v for v in self.variants if v.name == name), None)
+        return self._by_name.get(name)
+
+    @functools.cached_property
+    def _by_name(self) -> dict[str, Variant]:
+        # A scan per lookup was 60 ms of a 10,000-route plan. (cached_property writes the instance's
+        # __dict__ directly, which a frozen dataclass allows; it is not a field: equality is unchanged.)
+        return {v.name: v for v in reversed(self.variants)}
 
     def serving_intent(self) -> Variant | None:
         """The active variant when it exists and is valid; None otherwise."""
