@@ -30,6 +30,7 @@ from flowproxy.cli.demo import register_instance
 from flowproxy.cli.fleet import latest_index
 from flowproxy.consul.store import ConsulStore
 from flowproxy.core import contract
+from flowproxy.errors import FlowproxyError
 from flowproxy.haproxy.master import HAProxySocket
 from flowproxy.node.up import wait_for
 
@@ -65,13 +66,20 @@ def node_up() -> Iterator[Live]:
     store = ConsulStore(f"127.0.0.1:{http}")
     live = Live(proc, data, store, f"http://127.0.0.1:{proxy}")
     try:
-        wait_for(lambda: store.get(contract.status_key(P, "scale")) is not None, 60, "the node's first apply")
+        wait_for(lambda: first_apply(live), 60, "the node's first apply")
         yield live
     finally:
         proc.terminate()
         proc.wait(timeout=60)
         store.close()
         shutil.rmtree(data, ignore_errors=True)
+
+
+def first_apply(live: Live) -> bool:
+    try:
+        return live.store.get(contract.status_key(P, "scale")) is not None
+    except FlowproxyError:
+        return False  # the agent is still starting
 
 
 def cpu_seconds(pid: int) -> float:

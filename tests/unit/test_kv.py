@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from flowproxy.core.kv import desired_from_kv
+from flowproxy.core.kv import RouteMemo, ShapeMemo, desired_from_kv
+from flowproxy.core.memo import Memo
 from flowproxy.core.model import KVEntry
 
 P = "flowproxy/"
@@ -122,3 +125,23 @@ def test_certs_are_read_by_name_and_bad_names_reported() -> None:
     assert [str(p) for p in desired.stray] == [
         "flowproxy/certs/Bad Name: certificate names must match [a-z0-9][a-z0-9_.-]{0,62}; key ignored",
         "flowproxy/certs/big: certificate is 300000 bytes, at most 262144; ignored"]
+
+
+KEYS = st.sampled_from(["flowproxy/routes/a/blue", "flowproxy/routes/a/green", "flowproxy/routes/a/active",
+                        "flowproxy/routes/b/live", "flowproxy/routes/b/active", "flowproxy/routes/B/x",
+                        "flowproxy/templates/t", "flowproxy/other", "flowproxy/status/n1"])
+VALUES = st.sampled_from([b'{"service": "s", "paths": ["/a"]}', b'{"service": "s", "paths": ["nope"]}', b"blue",
+                          b"green", b"live", b"blue=1,green=3", b"", b"\xff"])
+STATES = st.lists(st.dictionaries(KEYS, st.tuples(VALUES, st.integers(1, 3))), min_size=1, max_size=6)
+
+
+@given(STATES)
+def test_the_warm_memos_never_change_what_a_table_reads_as(states: list[dict[str, tuple[bytes, int]]]) -> None:
+    """The warm applier parses through its memos (a key's shape, a route's value from its entries): after
+    any sequence of tables, each reads exactly as a fresh parse reads it."""
+    shapes: ShapeMemo = Memo(3)  # small: the memos also forget mid-sequence
+    routes: RouteMemo = Memo(2)
+    for state in states:
+        entries = [KVEntry(k, v, i, i) for k, (v, i) in sorted(state.items())]
+        assert desired_from_kv("flowproxy/", entries, 7, shapes=shapes, routes_memo=routes) == \
+            desired_from_kv("flowproxy/", entries, 7)
