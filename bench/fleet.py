@@ -14,79 +14,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
-from pathlib import Path
+from contextlib import ExitStack
 
-from bench.live import FLOWPROXY, bulk_routes
-from bench.parts import free_port, pct
-from bench.scale import cpu_seconds
+from bench.live import bulk_routes
+from bench.parts import pct
+from bench.scale import Live, cpu_seconds, node_up
 from flowproxy.backend import IdentityServer
 from flowproxy.cli.demo import register_instance
-from flowproxy.consul.store import ConsulStore
 from flowproxy.core import contract
-from flowproxy.errors import FlowproxyError
 from flowproxy.node.up import wait_for
 
 P = contract.DEFAULT_PREFIX
 
 
-@dataclass
-class Member:
-    name: str
-    proc: subprocess.Popen[bytes]
-    data: Path
-    store: ConsulStore  # its own agent's API
-    serf: str
-
-    def applied(self, reader: ConsulStore) -> int:
-        entry = reader.get(contract.status_key(P, self.name))
-        return int(json.loads(entry.value).get("kv_index", 0)) if entry else 0
-
-    def agent_pid(self) -> int:
-        """The Consul agent this node started (its child)."""
-        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
-        for pid in children:
-            if Path(f"/proc/{pid}/comm").read_text().strip() == "consul":
-                return int(pid)
-        raise RuntimeError(f"{self.name}: no consul child")
-
-
-@contextmanager
-def member(name: str, address: str, join: str | None) -> Iterator[Member]:
-    data = Path(tempfile.mkdtemp(prefix=f"fp-fleet-{name}-"))
-    http, serf = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CONSUL_", "FLOWPROXY_"))}
-    args = [FLOWPROXY, "--data-dir", str(data), "--node", name, "node", "up", "--bind", address,
-            "--http", f"{address}:{free_port()}", "--consul-http-port", str(http), "--serf-port", str(serf),
-            "--server-port", str(free_port())] + (["--join", join] if join else ["--dev"])
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    store = ConsulStore(f"127.0.0.1:{http}")
-    try:
-        wait_for(lambda: up(store, name), 90, f"{name}'s first apply")
-        yield Member(name, proc, data, store, f"{address}:{serf}")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-        store.close()
-        shutil.rmtree(data, ignore_errors=True)
-
-
-def up(store: ConsulStore, name: str) -> bool:
-    try:
-        return store.get(contract.status_key(P, name)) is not None
-    except FlowproxyError:
-        return False
-
-
-def blocking_queries(member: Member) -> int:
+def blocking_queries(member: Live) -> int:
     """The watches this node's agent runs, each one long-poll against the servers: 1 keyprefix + 1 per
     routed service (`consul.d/` files)."""
     count = 0
@@ -100,8 +42,8 @@ def blocking_queries(member: Member) -> int:
 
 def run(nodes: int, writes: int, routes: int) -> list[str]:
     with ExitStack() as stack:
-        server = stack.enter_context(member("fleet-server", "127.0.0.1", None))
-        members = [stack.enter_context(member(f"edge-{i}", f"127.0.0.{i + 1}", server.serf))
+        server = stack.enter_context(node_up("fleet-server"))
+        members = [stack.enter_context(node_up(f"edge-{i}", f"127.0.0.{i + 1}", server.serf))
                    for i in range(1, nodes + 1)]
         blue, green = IdentityServer("blue-1").start(), IdentityServer("green-1").start()
         stack.callback(blue.stop)

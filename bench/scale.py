@@ -40,33 +40,48 @@ TICKS = os.sysconf("SC_CLK_TCK")
 
 @dataclass
 class Live:
+    """A `flowproxy node up` process: its data folder, its own agent's API, where it serves."""
+
+    name: str
     proc: subprocess.Popen[bytes]
     data: Path
     store: ConsulStore
     proxy: str
+    serf: str
 
-    def applied(self) -> int:
-        entry = self.store.get(contract.status_key(P, "scale"))
+    def applied(self, reader: ConsulStore | None = None) -> int:
+        """The KV index this node's status key reports (read through `reader`, default its own agent)."""
+        entry = (reader or self.store).get(contract.status_key(P, self.name))
         return int(json.loads(entry.value).get("kv_index", 0)) if entry else 0
 
     def settle(self, timeout: float = 300) -> None:
         latest = latest_index(self.store, P)
         wait_for(lambda: self.applied() >= latest, timeout, f"the node to apply index {latest}")
 
+    def agent_pid(self) -> int:
+        """The Consul agent this node started (its child)."""
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        for pid in children:
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "consul":
+                return int(pid)
+        raise RuntimeError(f"{self.name}: no consul child")
+
 
 @contextmanager
-def node_up() -> Iterator[Live]:
-    data = Path(tempfile.mkdtemp(prefix="fp-scale-"))
-    http, proxy = free_port(), free_port()
+def node_up(name: str = "scale", address: str = "127.0.0.1", join: str | None = None) -> Iterator[Live]:
+    """`flowproxy node up` as users start it: `--dev` (its own Consul server), or joining `join`."""
+    data = Path(tempfile.mkdtemp(prefix=f"fp-{name}-"))
+    http, proxy, serf = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CONSUL_", "FLOWPROXY_"))}
-    proc = subprocess.Popen([FLOWPROXY, "--data-dir", str(data), "--node", "scale", "node", "up", "--dev",
-                             "--http", f"127.0.0.1:{proxy}", "--consul-http-port", str(http),
-                             "--serf-port", str(free_port()), "--server-port", str(free_port())],
+    proc = subprocess.Popen([FLOWPROXY, "--data-dir", str(data), "--node", name, "node", "up", "--bind", address,
+                             "--http", f"{address}:{proxy}", "--consul-http-port", str(http),
+                             "--serf-port", str(serf), "--server-port", str(free_port()),
+                             *(["--join", join] if join else ["--dev"])],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     store = ConsulStore(f"127.0.0.1:{http}")
-    live = Live(proc, data, store, f"http://127.0.0.1:{proxy}")
+    live = Live(name, proc, data, store, f"http://{address}:{proxy}", f"{address}:{serf}")
     try:
-        wait_for(lambda: first_apply(live), 60, "the node's first apply")
+        wait_for(lambda: first_apply(live), 90, f"{name}'s first apply")
         yield live
     finally:
         proc.terminate()
@@ -77,7 +92,7 @@ def node_up() -> Iterator[Live]:
 
 def first_apply(live: Live) -> bool:
     try:
-        return live.store.get(contract.status_key(P, "scale")) is not None
+        return live.store.get(contract.status_key(P, live.name)) is not None
     except FlowproxyError:
         return False  # the agent is still starting
 

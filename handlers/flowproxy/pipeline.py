@@ -58,21 +58,6 @@ class Built:
     refusals: Refusals
 
 
-@dataclass(frozen=True)
-class Outcome:
-    kv_index: int
-    built: Built
-    reloaded: bool
-
-    @property
-    def bundle(self) -> Bundle:
-        return self.built.bundle
-
-    @property
-    def plan(self) -> Plan:
-        return self.built.plan
-
-
 def gather(settings: Settings, store: ConsulStore, snapshot: Snapshot | None = None,
            warm: Warm | None = None) -> tuple[Desired, dict[str, list[Instance]], str]:
     """Read everything the render depends on from Consul. Any failed read raises: never render on less."""
@@ -118,8 +103,8 @@ def isolate_refused(settings: Settings, desired: Desired, health: dict[str, list
     changed = [name for name in everyone if old.get(name) != new[name]]
 
     def passes(removed: frozenset[str]) -> bool:
-        return candidate_passes(settings, build(settings, desired, health, dict.fromkeys(removed, "suspect"),
-                                                           warm).bundle)
+        suspects = dict.fromkeys(removed, "suspect")
+        return candidate_passes(settings, build(settings, desired, health, suspects, warm).bundle)
 
     found = find_culprits(changed, passes) if changed else None
     if found is None and changed != everyone:
@@ -164,7 +149,7 @@ def guard_empty(settings: Settings, store: ConsulStore, desired: Desired, accept
 
 def converge(settings: Settings, generation: int = 0, accept_empty: bool = False,
              shared: ConsulStore | None = None, snapshot: Snapshot | None = None, *,
-             warm: Warm | None = None) -> Outcome:
+             warm: Warm | None = None) -> None:
     """Apply Consul's current state to this node's HAProxy and publish the node's status.
 
     `shared` is a long-lived client and `warm` the memos (the warm applier's); without them, both live for
@@ -184,18 +169,16 @@ def converge(settings: Settings, generation: int = 0, accept_empty: bool = False
             built = isolate_refused(settings, desired, health, built, exc, warm=warm)
             deployed = deploy(settings, built.bundle)
         watches.sync(settings.watch_dir, store, desired.services())
+        publish(settings, store, desired, built, deployed, started=started)
     except FlowproxyError as exc:
         _publish_failure(settings, store, str(exc))
+        raise
+    finally:
         if shared is None:
             store.close()
-        raise
-    publish(settings, store, desired, built, deployed, started=started)
     runstate.save(settings.run_dir, runstate.LAST_APPLY, {"fingerprint": fingerprint, "kv_index": desired.index,
                                                           "generation": generation, "routes": len(desired.routes),
                                                           "ports_waiting": list(built.refusals.waiting)})
-    if shared is None:
-        store.close()
-    return Outcome(desired.index, built, deployed.reload is not None)
 
 
 def publish(settings: Settings, store: ConsulStore, desired: Desired, built: Built, deployed: Deployed, *,
@@ -219,7 +202,7 @@ def last_reload(settings: Settings, index: int, deployed: Deployed) -> dict[str,
     if deployed.reload is None:
         previous: dict[str, Any] | None = runstate.load(settings.run_dir, runstate.LAST_STATUS).get("last_reload")
         return previous
-    return {"why": deployed.reload, "kv_index": index, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return {"why": deployed.reload, "kv_index": index, "time": _now()}
 
 
 def _publish(settings: Settings, store: ConsulStore, doc: dict[str, Any]) -> None:
@@ -227,9 +210,13 @@ def _publish(settings: Settings, store: ConsulStore, doc: dict[str, Any]) -> Non
     last = runstate.load(settings.run_dir, runstate.LAST_STATUS)
     if {k: v for k, v in last.items() if k != "time"} == doc:
         return
-    stamped = doc | {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    stamped = doc | {"time": _now()}
     store.put(settings.status_key, json.dumps(stamped, sort_keys=True))
     runstate.save(settings.run_dir, runstate.LAST_STATUS, stamped)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def _may_touch(settings: Settings, applied: int) -> bool:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -27,3 +27,13 @@ class Memo(Generic[K, V]):
 
     def __len__(self) -> int:
         return len(self._answers)
+
+
+def remembered(memo: Memo[K, V] | None, key: K, compute: Callable[[], V]) -> V:
+    """`compute()`, or the answer `memo` kept for `key` (without a memo, always computed)."""
+    known = memo.get(key) if memo is not None else None
+    if known is None:
+        known = compute()
+        if memo is not None:
+            memo.put(key, known)
+    return known

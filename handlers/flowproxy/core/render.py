@@ -20,7 +20,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from flowproxy import __version__
 from flowproxy.core.faults import internal_error
 from flowproxy.core.fragment_rules import fragment_errors
-from flowproxy.core.memo import Memo
+from flowproxy.core.memo import Memo, remembered
 from flowproxy.core.naming import endpoint, server_name, weight
 from flowproxy.core.option_fields import REDIRECT_CODES
 from flowproxy.core.plan import Backend, Claim, Plan, RouteState
@@ -155,12 +155,11 @@ def render_backend(env: jinja2.Environment, backend: Backend, custom: Mapping[st
     # Cached by template object and backend value (both immutable; an edited file loads as a new
     # template object): the default template rendered 1,000 backends in ~20 ms on every change.
     template = env.get_template("backend.cfg.j2")
-    text = memo.get((template, backend)) if memo is not None else None
-    if text is None:
-        text = _finish(template.render(backend=backend_data(backend)), backend)
-        if memo is not None:
-            memo.put((template, backend), text)
-    return text
+
+    def fresh() -> str:
+        return _finish(template.render(backend=backend_data(backend)), backend)
+
+    return remembered(memo, (template, backend), fresh)
 
 
 def _finish(text: str, backend: Backend, untrusted: bool = False) -> str:

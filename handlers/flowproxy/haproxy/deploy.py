@@ -18,11 +18,17 @@ from flowproxy.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def candidate_passes(settings: Settings, bundle: Bundle) -> bool:
-    """`haproxy -c` on a candidate, staged like any release (never made `current`; pruned like the rest)."""
+def checked_release(settings: Settings, bundle: Bundle) -> Path:
+    """`bundle` staged as a release folder and passed by `haproxy -c` (HAProxyError when refused). It is
+    not made `current` here; unused folders are pruned like the rest."""
     folder = release.stage(settings.haproxy_dir, bundle)
+    check_config(settings.haproxy_bin, folder / "haproxy.cfg", settings.haproxy_env())
+    return folder
+
+
+def candidate_passes(settings: Settings, bundle: Bundle) -> bool:
     try:
-        check_config(settings.haproxy_bin, folder / "haproxy.cfg", settings.haproxy_env())
+        checked_release(settings, bundle)
     except HAProxyError:
         return False
     return True
@@ -45,9 +51,8 @@ def deploy(settings: Settings, bundle: Bundle) -> Deployed:
         if refused is None:
             return Deployed(changed=True)
         why = refused  # some commands may have run: only a reload from files is sure to undo them
-    folder = release.stage(settings.haproxy_dir, bundle)
     try:
-        check_config(settings.haproxy_bin, folder / "haproxy.cfg", settings.haproxy_env())
+        folder = checked_release(settings, bundle)
     except HAProxyError as exc:
         if not isinstance(change, runtime.Reload) and settings.master_socket.exists():
             reload_or_roll_back(settings, None, why)  # `current` still holds the last good files

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -54,7 +53,7 @@ PERIODIC = "the periodic full resync"
 class Supervisor:
     settings: Settings
     applier: Applier | None = None
-    retry: subprocess.Popen[bytes] | threading.Thread | None = None
+    retry: threading.Thread | None = None  # the apply the supervisor started, in the applier's process
     last_retry: float = 0.0
     full_cost: float = 0.0  # CPU seconds of the last periodic full converge (its thread's own)
     resync_cost: float = 0.0  # CPU seconds of the last comparison of Consul's keys with what was applied
@@ -76,11 +75,15 @@ class Supervisor:
         return self._store
 
     def start_applier(self) -> None:
+        self.warm_applier()
+        if self.metrics is None:
+            self.metrics = node_metrics.serve(self.settings)
+
+    def warm_applier(self) -> Applier:
         if self.applier is None:
             self.applier = Applier(self.settings)
             self.applier.start()  # before any watch fires: its first event finds it listening
-        if self.metrics is None:
-            self.metrics = node_metrics.serve(self.settings)
+        return self.applier
 
     def register(self) -> None:
         selfcheck.register(self.store(), self.settings)
@@ -110,17 +113,12 @@ class Supervisor:
             self.retry = self.apply_now(why)
 
     def busy(self) -> bool:
-        if isinstance(self.retry, threading.Thread):
-            return self.retry.is_alive()
-        return self.retry is not None and self.retry.poll() is None
+        return self.retry is not None and self.retry.is_alive()
 
-    def apply_now(self, why: str) -> subprocess.Popen[bytes] | threading.Thread:
-        """In the warm applier's process, with its memos and its Consul client, when there is one (a cold
-        handler process costs ~0.2 s of imports and renders everything from nothing); else a handler."""
-        applier = self.applier
-        if applier is None:
-            return subprocess.Popen([sys.executable, "-m", "flowproxy.node.handler"], env=self.env(),
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def apply_now(self, why: str) -> threading.Thread:
+        """An apply in the warm applier's process, with its memos and its Consul client (a handler process
+        would cost ~0.2 s of imports and render everything from nothing)."""
+        applier = self.warm_applier()
 
         def run() -> None:
             began = time.thread_time()
@@ -161,7 +159,7 @@ class Supervisor:
     def stop(self, deregister: bool = True) -> None:
         """Stop applying, leave the catalog (unless the agent is gone), close the client."""
         notify("STOPPING=1")
-        if isinstance(self.retry, threading.Thread):
+        if self.retry is not None:
             self.retry.join(timeout=60)  # an apply in flight finishes before its client and socket go
         if self.applier is not None:
             self.applier.stop()  # a leave fires watches that must not apply against a dying agent
@@ -174,8 +172,6 @@ class Supervisor:
                 self.store().deregister_service(selfcheck.service_id(self.settings))
             except FlowproxyError as exc:
                 log.warning("could not deregister this node: %s", exc)
-        if isinstance(self.retry, subprocess.Popen) and self.retry.poll() is None:
-            self.retry.kill()
         if self._store is not None:
             self._store.close()
             self._store = None

@@ -217,13 +217,11 @@ def ensure_bootstrap_config(settings: Settings) -> None:
     if release.read_bundle(settings.current) is not None:
         return
     from flowproxy.core.model import Desired
-    from flowproxy.haproxy.master import check_config
+    from flowproxy.haproxy.deploy import checked_release
     from flowproxy.pipeline import build
 
     bundle = build(settings, Desired(prefix=settings.prefix, routes=()), {}).bundle
-    folder = release.stage(settings.haproxy_dir, bundle)
-    check_config(settings.haproxy_bin, folder / "haproxy.cfg", settings.haproxy_env())
-    release.activate(settings.current, folder)
+    release.activate(settings.current, checked_release(settings, bundle))
 
 
 def wait_for(ready: Callable[[], bool], timeout: float, what: str) -> None:

@@ -58,8 +58,8 @@ def render_all(jobs: Iterable[tuple[str, str, str, dict[str, Any]]], run_dir: Pa
             # A child that died answered for nobody: every route of that template gets its reason.
             found = {"error": said} if isinstance(said, str) else said.get(backend)
             out[backend] = found or {"error": "the renderer gave no answer"}
-    for backend, answer in out.items():
-        if answers is not None:
+    if answers is not None:
+        for backend, answer in out.items():
             answers.put(keys[backend], answer)
     live = {keys[b]: a["error"] for b, a in out.items() if "error" in a}
     if live != failures:
