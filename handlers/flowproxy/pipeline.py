@@ -139,11 +139,12 @@ def guard_empty(settings: Settings, store: ConsulStore, desired: Desired, accept
         return
     # No moving index in the words: the refusal is published as status, and a status that changed with
     # every retry would be a write, firing every node's watch, each refusing again.
+    marker = contract.accept_empty_key(settings.prefix)
     raise EmptyRefused(
         f"Consul answered no routes where {last.get('routes')} routes were applied at index "
         f"{last.get('kv_index')}, and no delete of them is recorded after that: a snapshot restore or an "
         "empty answer, not a delete. Keeping the running config. If the empty table is meant, run "
-        f"`flowproxy handle --accept-empty` on this node, or write the key {settings.prefix}accept-empty for "
+        f"`flowproxy handle --accept-empty` on this node, or write the key {marker} for "
         "every node (delete it afterwards).")
 
 

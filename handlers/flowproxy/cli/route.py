@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -15,6 +15,9 @@ from flowproxy.core.intent import BALANCES, NAME_RE, PATH_TYPES, intent_to_json,
 from flowproxy.core.kv import desired_from_kv, parse_weights
 from flowproxy.core.model import Intent
 from flowproxy.errors import ConsulUnavailable, IntentRejected, NotFound, RejectedByNode, UsageError
+
+if TYPE_CHECKING:
+    from flowproxy.consul.store import ConsulStore
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -168,6 +171,14 @@ def activate(ctx: click.Context, /, *, name: str, variant: str, **waiting: Any) 
     settle(ctx, written.modify_index, waiting, name)
 
 
+def existing_route(store: ConsulStore, prefix: str, name: str) -> str:
+    """The folder of route NAME; NotFound when it holds no key."""
+    folder = contract.route_folder(prefix, _name(name, "route"))
+    if not store.keys(folder):
+        raise NotFound(f"there is no route {name} (no keys under {folder})")
+    return folder
+
+
 @route.command("deactivate")
 @click.argument("name")
 @wait_options
@@ -178,12 +189,10 @@ def deactivate(ctx: click.Context, /, *, name: str, **waiting: Any) -> None:
 
     settings = settings_of(ctx)
     store = store_for(settings)
-    folder = contract.route_folder(settings.prefix, _name(name, 'route'))
-    key = contract.active_key(settings.prefix, name)
+    key = contract.active_key(settings.prefix, _name(name, "route"))
     current = store.get(key)
     if current is None:
-        if not store.keys(folder):
-            raise NotFound(f"there is no route {name} (no keys under {folder})")
+        existing_route(store, settings.prefix, name)
         click.echo(f"{key} is absent: route {name} is already off")
         return
     store.delete(key, cas=current.modify_index)
@@ -200,10 +209,8 @@ def remove(ctx: click.Context, /, *, name: str, **waiting: Any) -> None:
     from flowproxy.consul.store import store_for
 
     settings = settings_of(ctx)
-    key = contract.route_folder(settings.prefix, _name(name, 'route'))
     store = store_for(settings)
-    if not store.keys(key):
-        raise NotFound(f"there is no route {name} (no keys under {key})")
+    key = existing_route(store, settings.prefix, name)
     store.delete(key, recurse=True)
     click.echo(f"deleted {key}")
     settle(ctx, store.read_prefix(key)[0], waiting, name)

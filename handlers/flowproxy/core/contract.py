@@ -19,7 +19,6 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-VERSION = 1
 DEFAULT_PREFIX = "flowproxy/"
 ROUTES = "routes/"
 TEMPLATES = "templates/"

@@ -34,13 +34,12 @@ class Refusals:
 
     def adding(self, backends: Mapping[str, str]) -> Refusals:
         """These refusals and more backends (the first reason for a backend wins)."""
-        return dataclasses.replace(self, backends=self.backends | {k: v for k, v in backends.items()
-                                                                   if k not in self.backends})
+        return dataclasses.replace(self, backends=dict(backends) | self.backends)
 
     def applied_to(self, plan: Plan) -> Plan:
         """The plan without what was refused: refused backends dropped (their routes rejected), refused
-        certificates reported with the keys outside the contract's use."""
-        dropped = drop_backends(plan, self.backends) if self.backends else plan
+        certificates reported among the keys not used."""
+        dropped = drop_backends(plan, self.backends)
         return dataclasses.replace(dropped, stray=dropped.stray + tuple(self.certs[n] for n in sorted(self.certs)))
 
     def certs_kept(self, certs: Mapping[str, bytes]) -> dict[str, bytes]:
