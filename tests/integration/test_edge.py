@@ -109,6 +109,9 @@ def route_status(node: ProxyNode, route: str) -> dict[str, Any]:
 
 
 def until(node: ProxyNode, probe: Callable[[], bool], what: str) -> None:
+    """`probe` passes, and the node reports the writes so far applied. The first answer of a reloaded
+    config can come while the old worker still accepts (HAProxy hands the listeners over, a few ms);
+    "applied" is said only once no old worker accepts, which is what the next request may rely on."""
     def safe() -> bool:
         try:
             return probe()
@@ -116,6 +119,7 @@ def until(node: ProxyNode, probe: Callable[[], bool], what: str) -> None:
             return False
 
     node.wait(safe, what)
+    wait_applied(node)
 
 
 def test_tls_by_sni_from_kv_certificates_and_a_bad_pem_refused_alone(
