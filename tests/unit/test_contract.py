@@ -77,3 +77,14 @@ def test_the_readme_documents_every_kind_of_key() -> None:
     for shape in ("routes/<route>/<variant>", "routes/<route>/active", "templates/<name>", "certs/<name>",
                   "status/<node>", contract.ACCEPT_EMPTY):
         assert shape in text, shape
+
+
+FINGER_KEYS = [P + "routes/r/live", P + "routes/r/active", P + "templates/t", P + "junk", P + "status/n1"]
+
+
+@given(st.dictionaries(st.sampled_from(FINGER_KEYS), st.binary(max_size=8)), st.sampled_from(FINGER_KEYS),
+       st.binary(max_size=8))
+def test_a_moved_fingerprint_equals_a_fresh_one(pairs: dict[str, bytes], key: str, value: bytes) -> None:
+    before = contract.kv_fingerprint(P, pairs.items())
+    old = [(key, pairs[key])] if key in pairs else []
+    assert contract.moved(before, P, old, [(key, value)]) == contract.kv_fingerprint(P, (pairs | {key: value}).items())

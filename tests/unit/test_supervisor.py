@@ -40,6 +40,10 @@ class FakeApplier:
         self.calls.append((kind, payload, threading.current_thread().name))
         return 0
 
+    def prove(self) -> int:
+        """The real one compares a full render with the model and converges only when they differ."""
+        return self.run("prove", "")
+
 
 def test_the_periodic_full_resync_runs_in_the_warm_applier_and_measures_its_cost(tmp_path: Path) -> None:
     sup = Supervisor(Settings(node="t", data_dir=tmp_path))
@@ -48,7 +52,7 @@ def test_the_periodic_full_resync_runs_in_the_warm_applier_and_measures_its_cost
     running = sup.apply_now(PERIODIC)
     assert isinstance(running, threading.Thread)
     running.join(timeout=10)
-    assert fake.calls == [("service", "", THREAD)]  # a full converge, logged to handler.log like a handler's
+    assert fake.calls == [("prove", "", THREAD)]  # the proof, logged to handler.log like a handler's
     assert sup.full_cost >= 0.05 and not sup.busy()
 
 

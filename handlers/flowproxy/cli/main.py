@@ -61,8 +61,8 @@ def render(ctx: click.Context, maps: bool) -> None:
     # Vetting's verdicts go to a scratch folder that ends with the command: nothing of the node's changes.
     with tempfile.TemporaryDirectory(prefix="flowproxy-render-") as scratch:
         settings = dataclasses.replace(settings_of(ctx), scratch=Path(scratch))
-        desired, health, _ = gather(settings, store_for(settings))
-        built = build(settings, desired, health)
+        seen = gather(settings, store_for(settings))
+        built = build(settings, seen.desired, seen.health)
     bundle, plan = built.bundle, built.plan
     click.echo(bundle.config.decode(), nl=False)
     if maps:

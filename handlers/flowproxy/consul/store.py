@@ -172,9 +172,13 @@ class ConsulStore:
             raise
 
     def healthy(self, service: str) -> list[Instance]:
-        _, entries = self._call(f"to list passing instances of {service}",
-                                lambda: self.client.health.service(service, passing=True))
-        return [_instance(e) for e in entries]
+        return self.healthy_at(service)[1]
+
+    def healthy_at(self, service: str) -> tuple[int, list[Instance]]:
+        """The passing instances and Consul's index of that answer (a watch payload older than it is stale)."""
+        index, entries = self._call(f"to list passing instances of {service}",
+                                    lambda: self.client.health.service(service, passing=True))
+        return int(index or 0), [instance_of(e) for e in entries]
 
     def service_health(self, service: str) -> dict[str, tuple[str, dict[str, str]]]:
         """Every instance of a service, passing or not: node name -> (worst check status, service meta)."""
@@ -222,7 +226,18 @@ def _entry(d: dict[str, Any]) -> KVEntry:
                    modify_index=int(d.get("ModifyIndex", 0)))
 
 
-def _instance(e: dict[str, Any]) -> Instance:
+def instances_in(payload: str) -> tuple[str, list[Instance]] | None:
+    """A service watch's payload (the health API's passing entries) as the service's name (empty when no
+    instance passes) and its instances; None when the payload is not that."""
+    try:
+        entries = json.loads(payload) if payload.strip() else []
+        names = {str((e.get("Service") or {}).get("Service", "")) for e in entries or []}
+        return (names.pop() if len(names) == 1 else ""), [instance_of(e) for e in entries or []]
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
+def instance_of(e: dict[str, Any]) -> Instance:
     svc, node = e.get("Service") or {}, e.get("Node") or {}
     return Instance(address=str(svc.get("Address") or node.get("Address") or ""), port=int(svc.get("Port") or 0),
                     service_id=str(svc.get("ID", "")), node=str(node.get("Node", "")),

@@ -15,7 +15,7 @@ HANDLER = ["flowproxy-watch"]  # handlers/bin/flowproxy-watch: the ~3 ms entry, 
 
 
 def service_watches(services: Iterable[str]) -> str:
-    watches = [{"type": "service", "service": s, "passingonly": True, "args": [*HANDLER, "service"]}
+    watches = [{"type": "service", "service": s, "passingonly": True, "args": [*HANDLER, "service", s]}
                for s in sorted(set(services))]
     return json.dumps({"watches": watches}, indent=2, sort_keys=True) + "\n"
 
@@ -50,7 +50,7 @@ def sync(watch_dir: Path, store: ConsulStore, services: Iterable[str]) -> bool:
     """
     needed = set(services)
     path = watch_dir / SERVICES_FILE
-    if needed <= watched(path) and path.exists():
+    if needed <= watched(path) and _current(path):
         return False
     wanted = service_watches(needed)
     watch_dir.mkdir(parents=True, exist_ok=True)
@@ -60,3 +60,11 @@ def sync(watch_dir: Path, store: ConsulStore, services: Iterable[str]) -> bool:
     log.info("service watches changed (%s); reloading the Consul agent", path)
     store.reload_agent()
     return True
+
+
+def _current(path: Path) -> bool:
+    """Whether the file is as this version writes it (an older one's watches did not name their service)."""
+    try:
+        return path.read_text() == service_watches(watched(path))
+    except OSError:
+        return False

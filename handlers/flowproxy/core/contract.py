@@ -99,14 +99,32 @@ def kv_fingerprint(prefix: str, pairs: Iterable[tuple[str, bytes]]) -> str:
     """A digest of what an apply depends on: the config folders' keys with values, and the names of keys
     outside the contract (reported, never used, so their values do not matter). status/ is left out: every
     node writes there, and those writes drive nothing. Any new folder is covered: it is either a config
-    folder (values) or not (names)."""
-    h = hashlib.sha256()
-    for key, value in sorted(pairs):
-        if in_config(prefix, key):
-            h.update(key.encode() + b"\0" + hashlib.sha256(value).digest())
-        elif not ignored(prefix, key):
-            h.update(key.encode() + b"\0")
-    return h.hexdigest()
+    folder (values) or not (names).
+
+    The sum of each key's digest (mod 2**256), so that an incremental apply moves it by the keys it changed
+    alone (`moved`); a sum of SHA-256 digests is as hard to make collide on purpose as the digests."""
+    return _hex(sum(_weight(prefix, key, value) for key, value in pairs))
+
+
+def moved(fingerprint: str, prefix: str, before: Iterable[tuple[str, bytes]],
+          after: Iterable[tuple[str, bytes]]) -> str:
+    """`fingerprint` with the keys `before` replaced by `after` (a key that is new has no `before`)."""
+    total = int(fingerprint, 16) if fingerprint else 0
+    return _hex(total - sum(_weight(prefix, k, v) for k, v in before) + sum(_weight(prefix, k, v) for k, v in after))
+
+
+def _weight(prefix: str, key: str, value: bytes) -> int:
+    if in_config(prefix, key):
+        part = key.encode() + b"\0" + hashlib.sha256(value).digest()
+    elif not ignored(prefix, key):
+        part = key.encode() + b"\0"
+    else:
+        return 0
+    return int.from_bytes(hashlib.sha256(part).digest(), "big")
+
+
+def _hex(total: int) -> str:
+    return f"{total % (1 << 256):064x}"
 
 
 def route_folder(prefix: str, route: str | None = None) -> str:

@@ -86,6 +86,10 @@ def backend_name(route: str, variant: str) -> str:
     return f"{route}:{variant}"
 
 
+def canary_name(route: str) -> str:
+    return f"{route}::canary"
+
+
 def claims_for(intent: Intent, backend: str, variant: str = "") -> list[Claim]:
     """What a backend answers for. TCP routes claim their port, SNI routes their names; neither previews."""
     if intent.mode != "http":
@@ -215,7 +219,26 @@ def canary_backend(route: Route, backends: Mapping[str, Backend]) -> Backend:
         for s in backend.servers:
             servers.append(Server(s.address, s.port, backend.variant, Fraction(weight, total * len(backend.servers))))
     first = parts[0][0]
-    return Backend(f"{route.name}::canary", route.name, "", route.active_key, first.intent, tuple(servers))
+    return Backend(canary_name(route.name), route.name, "", route.active_key, first.intent, tuple(servers))
+
+
+def wanted(route: Route) -> tuple[list[Claim], list[Claim]]:
+    """The public claims `route` asks for (whether it wins them or not), and its variants' preview claims.
+
+    What `make_plan` decides over; the incremental planner (`core/delta.py`) counts them to know when a
+    change to one route can touch another's verdict.
+    """
+    preview = [c for v in route.variants if v.intent is not None
+               for c in claims_for(v.intent, backend_name(route.name, v.name), v.name)]
+    if _inactive_state(route) is not None:
+        return [], preview
+    if route.weights:
+        first = route.variant(route.weights[0][0])
+        assert first is not None and first.intent is not None
+        return claims_for(first.intent, canary_name(route.name)), preview
+    chosen = route.serving_intent()
+    assert chosen is not None and chosen.intent is not None
+    return claims_for(chosen.intent, backend_name(route.name, chosen.name)), preview
 
 
 def _inactive_state(route: Route) -> RouteState | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,6 @@ from flowproxy.core.plan import Backend, Claim, Plan, RouteState
 from flowproxy.core.render_options import (
     OPTION_MAPS,
     backend_lines,
-    option_maps,
     server_options,
     tcp_frontends,
     userlists,
@@ -55,11 +54,13 @@ class Bundle:
     def config(self) -> bytes:
         return self.files["haproxy.cfg"]
 
-    @property
+    # Cached: a 10,000-route config is ~1.6 MB, hashed by status, release and comparison alike. (A frozen
+    # dataclass allows cached_property, which writes the instance's __dict__; equality is unchanged.)
+    @functools.cached_property
     def config_sha256(self) -> str:
         return hashlib.sha256(self.config).hexdigest()
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
         h = hashlib.sha256()
         for name in sorted(self.files):
@@ -99,31 +100,96 @@ def render(plan: Plan, templates: Templates, certs: Mapping[str, bytes] | None =
     them by SNI. `custom` holds what the sandbox answered for each backend with a custom template
     (`sandbox.runner.render_plan`).
     """
+    pieces = render_pieces(plan, templates, custom, memo)
+    return assemble(pieces, templates, certs), pieces.plan
+
+
+Rows = Mapping[str, Mapping[str, str]]  # map file ("maps/x.map") -> key -> value
+
+
+@dataclass(frozen=True)
+class Pieces:
+    """A render before assembly: the plan as rendered, each backend's finished text, each map file's rows.
+    The incremental path (`core/delta.py`) changes pieces of one route and assembles again."""
+
+    plan: Plan
+    fragments: Mapping[str, str]
+    rows: Rows
+
+
+def render_pieces(plan: Plan, templates: Templates, custom: Mapping[str, Mapping[str, str]] | None = None,
+                  memo: BackendMemo | None = None) -> Pieces:
+    """Each backend's fragment and the map rows; a backend whose template fails is dropped, its route rejected."""
     env = environment(templates.folder)
-    fragments: list[str] = []
+    fragments: dict[str, str] = {}
     failed: dict[str, str] = {}
     for backend in plan.backends:
         try:
-            fragments.append(render_backend(env, backend, custom or {}, memo))
+            fragments[backend.name] = render_backend(env, backend, custom or {}, memo)
         except (jinja2.TemplateError, ValueError) as exc:
             failed[backend.name] = f"{backend.key}: template: {exc}"
         except Exception as exc:  # a bug met by one backend must not take the others down
             failed[backend.name] = internal_error(backend.key, "rendering", exc)
     if failed:
         plan = drop_backends(plan, failed)
-    maps = render_maps(plan.claims) | render_maps(plan.preview, "preview_") | option_maps(plan)
-    cfg = env.get_template("haproxy.cfg.j2").render(
-        version=__version__, fragments=fragments, maps={name: f"maps/{name}.map" for name in MAP_FILES},
-        tcp=tcp_frontends(plan.claims), userlists=userlists(plan), https=bool(certs), codes=REDIRECT_CODES,
-        spares=SPARES, crt_list=CRT_LIST)
-    files = {"haproxy.cfg": cfg.encode()} | {f"maps/{n}.map": body.encode() for n, body in maps.items()}
+    return Pieces(plan, fragments, map_rows(plan.claims, plan.preview, plan.backends))
+
+
+def assemble(pieces: Pieces, templates: Templates, certs: Mapping[str, bytes] | None = None) -> Bundle:
+    """The files HAProxy loads, from the pieces: haproxy.cfg, the maps, the certificates and their list."""
+    plan = pieces.plan
+    cfg = config_text(environment(templates.folder), plan, certs, [pieces.fragments[b.name] for b in plan.backends])
+    files = {"haproxy.cfg": cfg.encode()} | {name: map_text(name, rows) for name, rows in pieces.rows.items()}
     files[SLOTS_MAP] = b""  # which spare holds which backend: none in a fresh render (see spares.py)
     # HAProxy reads a PEM whose last line lacks its newline, but not the next file appended to it.
     files |= {f"certs/{name}.pem": pem if pem.endswith(b"\n") else pem + b"\n"
               for name, pem in sorted((certs or {}).items())}
     if certs:
         files[CRT_LIST] = "".join(f"certs/{name}.pem\n" for name in sorted(certs)).encode()
-    return Bundle(files), plan
+    return Bundle(files)
+
+
+def config_text(env: jinja2.Environment, plan: Plan, certs: Mapping[str, bytes] | None, fragments: list[str]) -> str:
+    return env.get_template("haproxy.cfg.j2").render(
+        version=__version__, fragments=fragments, maps={name: map_path(name) for name in MAP_FILES},
+        tcp=tcp_frontends(plan.claims), userlists=userlists(plan), https=bool(certs), codes=REDIRECT_CODES,
+        spares=SPARES, crt_list=CRT_LIST)
+
+
+@dataclass(frozen=True)
+class Splice:
+    """haproxy.cfg around its backend fragments: the text before, between two and after them. With it,
+    a changed fragment costs a join of strings rather than a render of every backend by the template."""
+
+    head: str
+    between: str
+    tail: str
+    empty: str  # the text without any backend (the loop's own separators go too)
+
+    def join(self, fragments: list[str]) -> str:
+        return self.head + self.between.join(fragments) + self.tail if fragments else self.empty
+
+
+def sources(templates: Templates) -> tuple[jinja2.Template, ...]:
+    """The node's own templates as loaded now: a file edited on disk loads as a new object (the loader
+    compares modification times), so a model rendered with other objects is stale."""
+    env = environment(templates.folder)
+    return env.get_template("haproxy.cfg.j2"), env.get_template("backend.cfg.j2")
+
+
+def splice_of(templates: Templates, plan: Plan, certs: Mapping[str, bytes] | None) -> Splice | None:
+    """The splice of haproxy.cfg.j2 for this plan's other sections, or None when the template does more with
+    its fragments than write each one the same way (a node's own template may): seen from renders with
+    sentinels, two and three of them."""
+    env = environment(templates.folder)
+    marks = ["\0fp-splice-a\0", "\0fp-splice-b\0", "\0fp-splice-c\0"]
+    two, three = config_text(env, plan, certs, marks[:2]), config_text(env, plan, certs, marks)
+    if two.count(marks[0]) != 1 or two.count(marks[1]) != 1:
+        return None
+    head, rest = two.split(marks[0])
+    between, tail = rest.split(marks[1])
+    found = Splice(head, between, tail, config_text(env, plan, certs, []))
+    return found if found.join(marks) == three and marks[0] not in head + between + tail else None
 
 
 def backend_data(backend: Backend) -> dict[str, Any]:
@@ -237,18 +303,40 @@ def regexes(plan: Plan) -> dict[str, set[str]]:
     return out
 
 
-def render_maps(claims: tuple[Claim, ...], prefix: str = "") -> dict[str, str]:
-    """Map files keyed host+path (or path); preview keys start with `<variant>~` (no name holds a `~`)."""
-    rows: dict[str, list[tuple[str, str]]] = {prefix + name: [] for name in PUBLIC_MAPS}
-    for c in (c for c in claims if c.path_type in ("exact", "prefix", "regex")):
-        scope = "host" if c.host else "path"
-        kind = {"exact": "exact", "prefix": "beg", "regex": "reg"}[c.path_type]
-        rows[f"{prefix}{scope}_{kind}"].append((map_key(c), c.backend))
-    out = {}
-    for name, entries in rows.items():
-        # map_reg takes the first match in file order: longer (more specific) patterns first.
-        order = sorted(entries, key=lambda e: (-len(e[0]), e[0])) if name.endswith("_reg") else sorted(entries)
-        out[name] = "".join(f"{k} {v}\n" for k, v in order)
-    return out
+def map_path(name: str) -> str:
+    return f"maps/{name}.map"
 
 
+def map_rows(claims: Iterable[Claim], preview: Iterable[Claim],
+             backends: Iterable[Backend]) -> dict[str, dict[str, str]]:
+    """Every map file's rows for these claims and backends (the whole plan's, or one route's).
+
+    Routing maps are keyed host+path (or path); preview keys start with `<variant>~` (no name holds a
+    `~`). Option maps: https_only backend -> code, redirect_from domain -> code/target, sni name -> backend.
+    A key taken stays with its first owner, as HAProxy's first match would.
+    """
+    rows: dict[str, dict[str, str]] = {map_path(name): {} for name in MAP_FILES if name != "slots"}
+    kinds = {"exact": "exact", "prefix": "beg", "regex": "reg"}
+    public = list(claims)
+    for prefix, group in (("", public), ("preview_", preview)):
+        for c in group:
+            if c.path_type in kinds:
+                scope = "host" if c.host else "path"
+                rows[map_path(f"{prefix}{scope}_{kinds[c.path_type]}")].setdefault(map_key(c), c.backend)
+            elif c.path_type == "sni" and not prefix:
+                rows[map_path("sni")].setdefault(c.host, c.backend)
+    serving = {c.backend for c in public}
+    for b in (b for b in backends if b.name in serving):
+        if b.intent.https_only:
+            rows[map_path("https_only")][b.name] = str(b.intent.redirect_code)
+        for domain in b.intent.redirect_from:
+            rows[map_path("redirect_from")].setdefault(domain, f"{b.intent.redirect_code}/{b.intent.domains[0]}")
+    return rows
+
+
+def map_text(name: str, rows: Mapping[str, str]) -> bytes:
+    """A map file: map_reg takes the first match in file order, so longer (more specific) patterns first;
+    the others in key order."""
+    regex = name.endswith("_reg.map")
+    order = sorted(rows.items(), key=lambda e: (-len(e[0]), e[0])) if regex else sorted(rows.items())
+    return "".join(f"{k} {v}\n" for k, v in order).encode()

@@ -61,20 +61,5 @@ def userlists(plan: Plan) -> list[tuple[str, list[tuple[str, str]]]]:
     return [(userlist_name(b.name), list(b.intent.auth.users)) for b in plan.backends if b.intent.auth is not None]
 
 
-def option_maps(plan: Plan) -> dict[str, str]:
-    """https_only: backend -> code; redirect_from: domain -> code/target; sni: name -> backend."""
-    serving = {c.backend for c in plan.claims}
-    https: list[str] = []
-    redirects: dict[str, str] = {}
-    for b in (b for b in plan.backends if b.name in serving):
-        if b.intent.https_only:
-            https.append(f"{b.name} {b.intent.redirect_code}\n")
-        for domain in b.intent.redirect_from:
-            redirects.setdefault(domain, f"{b.intent.redirect_code}/{b.intent.domains[0]}")
-    sni = sorted(f"{c.host} {c.backend}\n" for c in plan.claims if c.path_type == "sni")
-    return {"https_only": "".join(https), "redirect_from": "".join(f"{d} {t}\n" for d, t in sorted(redirects.items())),
-            "sni": "".join(sni)}
-
-
 def tcp_frontends(claims: tuple[Claim, ...]) -> list[tuple[int, str]]:
     return sorted((c.port, c.backend) for c in claims if c.path_type == "tcp")

@@ -9,10 +9,12 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from flowproxy.core.delta import Model, Step
 from flowproxy.core.render import Bundle
 from flowproxy.errors import ApplyIOError, CandidateRefused, HAProxyError
 from flowproxy.haproxy import release, runtime, spares
 from flowproxy.haproxy.master import HAProxySocket, check_config, drain, recent_alerts
+from flowproxy.haproxy.patch import Fresh, Running, patched
 from flowproxy.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,26 @@ def deploy(settings: Settings, bundle: Bundle) -> Deployed:
     reload_or_roll_back(settings, previous, why)
     release.prune(settings.haproxy_dir)
     return Deployed(changed=True, reload=why)
+
+
+def deploy_step(settings: Settings, running: Running, model: Model, step: Step) -> Running | None:
+    """One incremental step made through the runtime API from what it changed, then written as a release;
+    None when it takes a reload or HAProxy refused a command (the caller then runs the full apply, which
+    reloads from files: that undoes whatever did run)."""
+    fresh = Fresh(before={name: model.pieces.fragments[name] for name in step.before},
+                  after={name: step.model.pieces.fragments[name] for name in step.after},
+                  rows_before=model.pieces.rows, rows_after=step.model.pieces.rows, keys=step.keys,
+                  bundle=step.model.bundle)
+    patch = patched(running, fresh)
+    if isinstance(patch, runtime.Reload):
+        log.info("this change takes the full apply: %s", patch.why)
+        return None
+    after, commands = patch
+    if not commands and dict(after.bundle.files) == dict(running.bundle.files):
+        return running
+    if not settings.master_socket.exists():
+        return None
+    return after if live_update(settings, running.bundle, after.bundle, commands) is None else None
 
 
 def live_change(current: Bundle | None, fresh: Bundle) -> tuple[Bundle, list[str]] | runtime.Reload:

@@ -60,22 +60,31 @@ def plan_change(old: Bundle, new: Bundle) -> list[str] | Reload:
     certs = crt_list_commands(old, new)
     if isinstance(certs, Reload):
         return certs
-    # Servers and certificates come first and go last: no map ever points at a backend whose servers are
-    # not there yet, and a route taken out of the maps loses its servers only afterwards (never a 503).
-    leaving = [c for c in servers + certs if c.startswith(("del server ", "del ssl ")) or c.endswith(" state maint")]
-    commands = [c for c in servers + certs if c not in leaving]
+    files: list[str] = []
     for name in sorted(new.files):
         if name in (CONFIG, CRT_LIST) or name not in old.files or old.files[name] == new.files[name]:
             continue
         if name.startswith("certs/"):
-            commands += cert_commands(name, new.files[name])
+            files += cert_commands(name, new.files[name])
             continue
         if name.endswith("_reg.map"):  # map_reg takes the first match in file order; `add map` appends
             return Reload(f"{name} changed (a regex map is matched in file order)")
         if not name.startswith("maps/"):
             return Reload(f"{name} changed")
-        commands += map_commands(name, parse_map(old.files[name]), parse_map(new.files[name]))
-    commands += leaving
+        files += map_commands(name, parse_map(old.files[name]), parse_map(new.files[name]))
+    return finish(servers + certs, files)
+
+
+def finish(changes: list[str], files: list[str]) -> list[str] | Reload:
+    """Server and certificate `changes` around the maps' and certificates' contents (`files`), in the order
+    HAProxy must see them, or why a reload instead.
+
+    Servers and certificates come first and go last: no map ever points at a backend whose servers are
+    not there yet, and a route taken out of the maps loses its servers only afterwards (never a 503).
+    """
+    leaving = [c for c in changes if c.startswith(("del server ", "del ssl ")) or c.endswith(" state maint")]
+    gone = set(leaving)
+    commands = [c for c in changes if c not in gone] + files + leaving
     if len(commands) > MAX_COMMANDS:
         return Reload(f"{len(commands)} runtime commands, more than {MAX_COMMANDS}")
     if any(";" in c or "\\" in c for c in commands):

@@ -55,7 +55,7 @@ def place(fresh: Bundle, running: Bundle) -> Bundle | Reload:
         fresh_free.remove(slot)
         assigned[backend] = slot
     held_body = {f"backend {slot}": new[names[backend]] for backend, slot in assigned.items()}
-    config = "".join(_keep(head, old[head], held_body.get(head, [])) if head in held_body or head not in new
+    config = "".join(keep(head, old[head], held_body.get(head, [])) if head in held_body or head not in new
                      else _text(head, new[head]) for head in old)
     files = {name: rename(data, assigned) if name.startswith("maps/") else data for name, data in fresh.files.items()}
     files[SLOTS_MAP] = "".join(f"{slot} {backend}\n" for backend, slot in sorted(assigned.items(),
@@ -90,7 +90,7 @@ def _text(head: str, body: list[str]) -> str:
     return "".join(line + "\n" for line in ([head] if head else []) + body)
 
 
-def _keep(head: str, old: list[str], held: list[str]) -> str:
+def keep(head: str, old: list[str], held: list[str]) -> str:
     """A running backend the fresh render lacks, with the servers of the backend it now holds (a spare),
     or with none (a backend that went away, a spare now free). Its other lines stay, so the runtime API
     sees only servers come and go."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import socketserver
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,7 @@ from flowproxy.node.handler import handle, log_file_handler
 from flowproxy.settings import Settings
 
 if TYPE_CHECKING:
+    from flowproxy.node.events import EventView
     from flowproxy.pipeline import Warm
 
 log = logging.getLogger(__name__)
@@ -37,9 +39,9 @@ class _Request(socketserver.StreamRequestHandler):
     def handle(self) -> None:
         threading.current_thread().name = THREAD  # its records go to handler.log, like a handler process's
         head, _, payload = self.rfile.read().partition(b"\n")
-        kind, _, index = head.decode(errors="replace").partition(" ")
+        kind, index, subject = [*head.decode(errors="replace").split(" ", 2), "", ""][:3]
         number = int(index) if index.isascii() and index.isdigit() else None
-        code = self.server.applier.run(kind, payload.decode(errors="replace"), number)
+        code = self.server.applier.run(kind, payload.decode(errors="replace"), number, subject)
         self.wfile.write(str(code).encode())
 
 
@@ -51,24 +53,59 @@ class Applier:
         self.path: Path = settings.run_dir / SOCKET_NAME
         self.store: ConsulStore | None = None
         self.warm: Warm | None = None  # the memos of this process's applies, made on the first event
+        self.view: EventView | None = None  # what its events are compared with (node/events.py)
+        # One event at a time, each with its own payload, in the order they take this lock: the file lock
+        # (coalesce.py) would make every event that finds another applying wait for a full converge.
+        self._serial = threading.Lock()
         self._server: _Server | None = None
         self._log: logging.Handler | None = None
         self._level = logging.NOTSET
 
-    def run(self, kind: str, payload: str, index: int | None = None) -> int:
+    def run(self, kind: str, payload: str, index: int | None = None, subject: str = "") -> int:
+        """Apply one event; `subject` is the service a service watch names. Without `index` (the
+        supervisor's retries and periodic proof) the apply is a full converge, reading Consul afresh."""
         if kind not in KINDS:
             log.error("applier: unknown watch kind %r from %s; expected one of %s", kind, self.path, KINDS)
             return 2
+        arrived = time.monotonic()
         try:
-            if self.warm is None:
-                from flowproxy.pipeline import Warm
+            with self._serial:
+                if self.warm is None:
+                    from flowproxy.node.events import EventView
+                    from flowproxy.pipeline import Warm
 
-                self.warm = Warm()
-            # the lock serializes it
-            return handle(kind, payload, self.settings, store=self.store, index=index, warm=self.warm)
+                    self.warm, self.view = Warm(incremental=True), EventView()
+                if index is not None and self.warm.read_at > arrived:
+                    return 0  # a full read of Consul began after this event came: what it says is applied
+                return handle(kind, payload, self.settings, store=self.store, index=index, warm=self.warm,
+                              subject=subject, view=self.view)
         except Exception:  # a bug must not kill the listener; the tick's retry will apply again
             log.exception("applier: the %s event failed unexpectedly", kind)
             return 1
+
+    def prove(self) -> int:
+        """The periodic full converge, its reading and rendering done outside the event lock: at 10,000
+        routes that is ~1 s, which every event arriving meanwhile would wait for. Only when the model is
+        not a full render of Consul's state now does a full converge run, in turn with the events."""
+        from flowproxy.errors import FlowproxyError
+        from flowproxy.pipeline import prove
+
+        with self._serial:
+            warm = self.warm
+            model = warm.model if warm is not None else None
+        try:
+            proved = prove(self.settings, warm, model) if warm is not None and model is not None else None
+            with self._serial:
+                if warm is not None and warm.model is model:  # no event moved the model meanwhile
+                    if proved:
+                        return 0  # nothing to apply
+                    if proved is False:
+                        warm.model = None  # wrong: no event may build on it; the converge makes a new one
+        except FlowproxyError as exc:
+            log.warning("the periodic proof could not read or render: %s; converging in full", exc)
+        except Exception:  # a bug in the proof must not stop the full converge that follows
+            log.exception("the periodic proof failed unexpectedly; converging in full")
+        return self.run("service", "")
 
     def start(self) -> None:
         if self._server is not None:

@@ -23,6 +23,7 @@ from flowproxy.settings import Settings
 
 if TYPE_CHECKING:
     from flowproxy.consul.store import ConsulStore
+    from flowproxy.node.events import EventView
     from flowproxy.pipeline import Warm
 
 log = logging.getLogger(__name__)
@@ -59,24 +60,29 @@ def log_file_handler(settings: Settings) -> logging.Handler | None:
 
 
 def handle(kind: str, payload: str, settings: Settings, *, accept_empty: bool = False,
-           store: ConsulStore | None = None, index: int | None = None, warm: Warm | None = None) -> int:
+           store: ConsulStore | None = None, index: int | None = None, warm: Warm | None = None,
+           subject: str = "", view: EventView | None = None) -> int:
     """Apply if the event may change the config.
 
-    `store` and `warm` are the warm applier's client and memos, if it runs us; `index` is the agent's
-    CONSUL_INDEX for the payload.
+    `store`, `warm` and `view` are the warm applier's client, memos and event view, if it runs us: then an
+    event is applied incrementally when it can be. `index` is the agent's CONSUL_INDEX for the payload,
+    `subject` the service a service watch names.
     """
     from flowproxy.errors import FlowproxyError
 
     first = coalesce.bump(settings.run_dir)
-    entries = payload_entries(payload) if kind == "keyprefix" else None
-    skip = None if entries is None else kv_fingerprint(settings.prefix, [(e[0], e[1]) for e in entries])
+    fresh = [True]
 
     def work(generation: int) -> None:
-        nonlocal skip, entries
+        mine, fresh[0] = fresh[0], False  # only the first run may use this event's payload; later runs read
+        if mine and store is not None and warm is not None and view is not None and incremental(  # Consul afresh
+                kind, payload, settings, store=store, index=index, warm=warm, subject=subject, view=view,
+                generation=generation):
+            return
+        entries = payload_entries(payload) if mine and kind == "keyprefix" else None
         last = runstate.load(settings.run_dir, runstate.LAST_APPLY)
-        # Only the first run may use this event's payload; runs for later events read Consul afresh.
-        mine, skip, entries = (skip, entries), None, None
-        if mine[0] is not None and mine[0] == last.get("fingerprint"):
+        if entries is not None and kv_fingerprint(settings.prefix, [(e[0], e[1]) for e in entries]) == \
+                last.get("fingerprint"):
             # A status write or an unchanged payload: the applied config already reflects it.
             runstate.save(settings.run_dir, runstate.LAST_APPLY, last | {"generation": generation})
             return
@@ -84,8 +90,8 @@ def handle(kind: str, payload: str, settings: Settings, *, accept_empty: bool = 
         from flowproxy.pipeline import converge  # the heavy imports start here
 
         snapshot = None
-        if mine[1] is not None and index is not None:
-            snapshot = Snapshot(index, tuple(KVEntry(*e) for e in mine[1]))
+        if entries is not None and index is not None:
+            snapshot = Snapshot(index, tuple(KVEntry(*e) for e in entries))
         converge(settings, generation, accept_empty, store, snapshot, warm=warm)
 
     try:
@@ -94,6 +100,26 @@ def handle(kind: str, payload: str, settings: Settings, *, accept_empty: bool = 
         log.error("%s watch: apply failed: %s", kind, exc)
         return exc.exit_code
     return 0
+
+
+def incremental(kind: str, payload: str, settings: Settings, *, store: ConsulStore, index: int | None, warm: Warm,
+                subject: str, view: EventView, generation: int) -> bool:
+    """Apply the event by itself (`pipeline.apply_change`); False when the full converge must."""
+    from flowproxy.node.events import NOTHING, kv_change, service_change
+    from flowproxy.pipeline import apply_change
+
+    if kind == "keyprefix":
+        change = kv_change(view, warm, settings.prefix, payload, index)
+    elif kind == "service":
+        change = service_change(view, warm, subject, payload, index)
+    else:
+        return False
+    if change is NOTHING:
+        last = runstate.load(settings.run_dir, runstate.LAST_APPLY)
+        runstate.save(settings.run_dir, runstate.LAST_APPLY, last | {"generation": generation})
+        return True
+    return change is not None and apply_change(settings, store, warm, change, generation=generation,
+                                                fingerprint=view.fingerprint)
 
 
 def main(argv: list[str] | None = None, payload: str | None = None) -> int:

@@ -122,9 +122,11 @@ class Supervisor:
 
         def run() -> None:
             began = time.thread_time()
-            applier.run("service", "")  # a service event: a full converge, reading Consul afresh
             if why == PERIODIC:
+                applier.prove()  # a full read and render compared with the model; a converge if they differ
                 self.full_cost = time.thread_time() - began
+            else:
+                applier.run("service", "")  # a service event: a full converge, reading Consul afresh
 
         thread = threading.Thread(target=run, name=THREAD, daemon=True)  # its records go to handler.log
         thread.start()
