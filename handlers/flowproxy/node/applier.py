@@ -57,6 +57,7 @@ class Applier:
         # One event at a time, each with its own payload, in the order they take this lock: the file lock
         # (coalesce.py) would make every event that finds another applying wait for a full converge.
         self._serial = threading.Lock()
+        self._moved = False  # the last periodic proof found Consul's state apart from the model's
         self._server: _Server | None = None
         self._log: logging.Handler | None = None
         self._level = logging.NOTSET
@@ -96,11 +97,18 @@ class Applier:
         try:
             proved = prove(self.settings, warm, model) if warm is not None and model is not None else None
             with self._serial:
-                if warm is not None and warm.model is model:  # no event moved the model meanwhile
-                    if proved:
-                        return 0  # nothing to apply
-                    if proved is False:
-                        warm.model = None  # wrong: no event may build on it; the converge makes a new one
+                if warm is not None and model is not None and (proved is None or warm.model is not model):
+                    # Consul's state moved while the proof read it, or an event moved the model: writes keep
+                    # coming and their events apply them, so the next proof judges. A watch that missed an
+                    # event leaves the state apart twice in a row, which converges.
+                    moved, self._moved = self._moved, True
+                    if not moved:
+                        return 0
+                elif proved:
+                    self._moved = False
+                    return 0  # equal: nothing to apply
+                elif warm is not None and proved is False:
+                    warm.model = None  # wrong: no event may build on it; the converge makes a new one
         except FlowproxyError as exc:
             log.warning("the periodic proof could not read or render: %s; converging in full", exc)
         except Exception:  # a bug in the proof must not stop the full converge that follows
