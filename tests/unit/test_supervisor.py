@@ -16,8 +16,8 @@ from flowproxy.settings import Settings
 EVERY = [
     ("cheap-keeps-its-floor", 20.0, 0.02, 20.0),
     ("free", 10.0, 0.0, 10.0),
-    ("costly-runs-rarer", 20.0, 0.5, 100.0),
-    ("very-costly", 10.0, 2.0, 400.0),
+    ("costly-runs-rarer", 20.0, 0.5, 125.0),
+    ("very-costly", 10.0, 2.0, 500.0),
 ]
 
 
