@@ -64,3 +64,25 @@ def test_a_costly_full_resync_is_due_later(tmp_path: Path, monkeypatch: pytest.M
     sup.last_full = time.monotonic() - (supervisor.FULL_RESYNC_EVERY + 1)
     sup.full_cost = 1.0  # -> at most every 200 s
     assert sup.resync_due() == ""
+
+
+def test_notify_never_blocks_on_a_queue_nobody_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A blocking send to a full datagram queue (10 by default) once stopped the supervisor's loop for good."""
+    import socket
+
+    from flowproxy.node.supervisor import notify
+
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sink:
+        sink.bind(str(path))
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        done = threading.Event()
+
+        def beat() -> None:
+            for _ in range(50):
+                notify("WATCHDOG=1")
+            done.set()
+
+        threading.Thread(target=beat, daemon=True).start()
+        assert done.wait(20), "notify blocked on a queue nobody reads"
+        assert sink.recv(64) == b"WATCHDOG=1"

@@ -206,6 +206,11 @@ def notify(state: str) -> None:
     address = "\0" + path[1:] if path.startswith("@") else path
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            # Never block the loop that beats, retries and proves: a datagram queue that nobody reads fills
+            # up (10 datagrams by default) and a blocking send then waits forever. A watchdog beat that
+            # cannot go is dropped (the next tick sends one); READY and STOPPING wait a little.
+            sock.settimeout(0.0 if state == "WATCHDOG=1" else 2.0)
             sock.sendto(state.encode(), address)
     except OSError as exc:
-        log.warning("could not notify systemd (%s): %s", state, exc)
+        log.log(logging.DEBUG if state == "WATCHDOG=1" else logging.WARNING, "could not notify systemd (%s): %s",
+                state, exc)
