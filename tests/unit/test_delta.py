@@ -63,12 +63,20 @@ def instance_list(rows: list[tuple[str, int, bool]]) -> list[Instance]:
     return [Instance(a, p, f"i{n}", "n1", ("t",) if tagged else ()) for n, (a, p, tagged) in enumerate(rows)]
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Sequences of changes: each example runs several full builds, so no deadline (shared by test_patch).
+SEQUENCES = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def start() -> tuple[dict[str, KVEntry], dict[str, list[Instance]], Model]:
+    """Where every generated sequence starts: no keys, one instance of s1, the model of that."""
+    health = {"s1": instance_list([("127.0.0.1", 8000, True)])}
+    return {}, health, full(desired_from_kv(P, []), health)
+
+
+@SEQUENCES
 @given(steps)
 def test_the_model_equals_a_full_build_after_every_step(sequence: list[tuple[Any, ...]]) -> None:
-    entries: dict[str, KVEntry] = {}
-    health: dict[str, list[Instance]] = {"s1": instance_list([("127.0.0.1", 8000, True)])}
-    model = full(desired_from_kv(P, []), health)
+    entries, health, model = start()
     for index, step_op in enumerate(sequence, start=1):
         op = step_op[0]
         change = apply_op(step_op, entries, health, index)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 
 from flowproxy.core.delta import Change, advance
 from flowproxy.core.kv import desired_from_kv
@@ -18,7 +18,7 @@ from flowproxy.core.model import Instance, KVEntry
 from flowproxy.haproxy.deploy import live_change
 from flowproxy.haproxy.patch import Fresh, Running, patched, running_of
 from flowproxy.haproxy.runtime import Reload
-from tests.unit.test_delta import TEMPLATES, P, apply_op, full, instance_list, read_missing, steps
+from tests.unit.test_delta import SEQUENCES, TEMPLATES, P, apply_op, full, read_missing, start, steps
 
 
 def fresh_of(model: Any, step: Any) -> Fresh:
@@ -34,12 +34,10 @@ def reloaded(bundle: Any) -> Running:
     return running
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@SEQUENCES
 @given(steps)
 def test_a_patch_equals_the_full_diff(sequence: list[tuple[Any, ...]]) -> None:
-    entries: dict[str, KVEntry] = {}
-    health: dict[str, list[Instance]] = {"s1": instance_list([("127.0.0.1", 8000, True)])}
-    model = full(desired_from_kv(P, []), health)
+    entries, health, model = start()
     running = reloaded(model.bundle)
     for index, op in enumerate(sequence, start=1):
         change = apply_op(op, entries, health, index)

@@ -61,15 +61,15 @@ def kv_change(view: EventView, warm: Warm, prefix: str, payload: str, index: int
     changed = None if current is None else _changed(view, prefix, current)
     if not isinstance(changed, list):
         return changed
-    names = _route_names(prefix, changed)
-    if not names:
-        return NOTHING if names is not None else None
+    routes = _route_names(prefix, changed)
+    if not routes:
+        return NOTHING if routes is not None else None
+    before = [(e.key, view.keys[e.key].value) for e in changed if e.key in view.keys]
+    view.fingerprint = contract.moved(view.fingerprint, prefix, before, [(e.key, e.value) for e in changed])
     for entry in changed:
-        known = view.keys.get(entry.key)
-        view.fingerprint = contract.moved(view.fingerprint, prefix, [(entry.key, known.value)] if known else [],
-                                          [(entry.key, entry.value)])
         view.keys[entry.key] = entry
-        view.routes.setdefault(contract.classify(prefix, entry.key).names[0], set()).add(entry.key)
+        view.routes.setdefault(routes[entry.key], set()).add(entry.key)
+    names = set(routes.values())
     parsed = {r.name: r for r in desired_from_kv(prefix, [view.keys[k] for n in names for k in view.routes[n]]).routes}
     newest = max([warm.model.desired.index, *(e.modify_index for e in changed)])
     return Change(routes={name: parsed.get(name) for name in names}, index=newest)
@@ -99,16 +99,16 @@ def _changed(view: EventView, prefix: str, current: dict[str, KVEntry]) -> list[
     return changed
 
 
-def _route_names(prefix: str, changed: list[KVEntry]) -> set[str] | None:
-    """The routes whose keys changed; None when anything else changed (templates, certificates, keys
+def _route_names(prefix: str, changed: list[KVEntry]) -> dict[str, str] | None:
+    """The route of each changed key; None when anything else changed (templates, certificates, keys
     outside the contract: the full converge)."""
-    names = set()
+    routes = {}
     for entry in changed:
         shape = contract.classify(prefix, entry.key)
         if shape.kind not in (Kind.INTENT, Kind.ACTIVE) or not all(map(NAME_RE.fullmatch, shape.names)):
             return None
-        names.add(shape.names[0])
-    return names
+        routes[entry.key] = shape.names[0]
+    return routes
 
 
 def _entries(view: EventView, payload: str) -> dict[str, KVEntry] | None:
