@@ -27,7 +27,7 @@ from flowproxy import runstate
 from flowproxy.consul import reads, watches
 from flowproxy.consul.store import ConsulStore, store_for
 from flowproxy.core import contract
-from flowproxy.core.delta import Change, Model, advance, missing_services, model_of
+from flowproxy.core.delta import Change, Model, advance, model_of, named_services
 from flowproxy.core.kv import RouteMemo, ShapeMemo, desired_from_kv
 from flowproxy.core.memo import Memo
 from flowproxy.core.model import Desired, Instance, KVEntry, Snapshot
@@ -272,11 +272,13 @@ def apply_change(settings: Settings, store: ConsulStore, warm: Warm, change: Cha
     model = warm.model
     if model is None:
         return False
-    missing = missing_services(model, change)
-    if missing:
-        answers = {service: store.healthy_at(service) for service in sorted(missing)}
-        warm.health_index |= {s: a[0] for s, a in answers.items()}
-        change = dataclasses.replace(change, health=dict(change.health) | {s: a[1] for s, a in answers.items()})
+    # The changed routes' services are read now, as the full apply reads them: their watch may lag. Only
+    # instances that differ from the model's join the change (which then re-plans every route naming them).
+    answers = {service: store.healthy_at(service) for service in sorted(named_services(change))}
+    warm.health_index |= {s: max(a[0], warm.health_index.get(s, 0)) for s, a in answers.items()}
+    moved = {s: a[1] for s, a in answers.items() if model.health.get(s) != a[1]}
+    if moved:
+        change = dataclasses.replace(change, health=dict(change.health) | moved)
     templates = Templates(settings.templates, model.desired.templates)
     step = advance(model, change, templates, warm.backends)
     if step is None:

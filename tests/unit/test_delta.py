@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from flowproxy.core.delta import Change, Model, advance, missing_services, model_of
+from flowproxy.core.delta import Change, Model, advance, model_of, named_services
 from flowproxy.core.kv import desired_from_kv
 from flowproxy.core.model import Desired, Instance, KVEntry
 from flowproxy.core.plan import make_plan
@@ -98,9 +98,10 @@ def test_the_model_equals_a_full_build_after_every_step(sequence: list[tuple[Any
 
 
 def read_missing(model: Model, change: Change, health: dict[str, list[Instance]]) -> Change:
-    """The change with the instances of services new to the model, as `pipeline.apply_change` reads them."""
-    missing = missing_services(model, change)
-    return dataclasses.replace(change, health=dict(change.health) | {s: health.get(s, []) for s in missing})
+    """The change with the instances of its routes' services that differ from the model's, as
+    `pipeline.apply_change` reads them."""
+    moved = {s: health.get(s, []) for s in named_services(change) if model.health.get(s) != health.get(s, [])}
+    return dataclasses.replace(change, health=dict(change.health) | moved)
 
 
 def apply_op(step: tuple[Any, ...], entries: dict[str, KVEntry], health: dict[str, list[Instance]],
@@ -168,3 +169,18 @@ def test_an_edited_template_file_is_not_local(tmp_path: Path) -> None:
     cfg.write_text(cfg.read_text() + "# edited\n")
     os.utime(cfg, (cfg.stat().st_atime, cfg.stat().st_mtime + 5))  # a later modification time, whatever the clock
     assert advance(model, Change(routes={"r": active}, index=2), templates) is None
+
+
+def test_a_lagging_service_watch_does_not_decide_a_route_change() -> None:
+    """The model holds s1 without instances (its watch lags, as after an agent restart); an activation reads
+    s1 afresh, and the step equals a full build of Consul's health, every route naming s1 included."""
+    entries = [KVEntry(P + f"routes/{r}/live", json.dumps({"service": "s1", "paths": [f"/{r}"]}).encode(), 1, 1)
+               for r in ("r", "q")] + [KVEntry(P + "routes/q/active", b"live", 1, 1)]
+    consul = {"s1": instance_list([("127.0.0.1", 8000, False)])}
+    model = full(desired_from_kv(P, entries, 1), {"s1": []})
+    entries.append(KVEntry(P + "routes/r/active", b"live", 2, 2))
+    desired = desired_from_kv(P, entries, 2)
+    change = Change(routes={"r": next(x for x in desired.routes if x.name == "r")}, index=2)
+    step = advance(model, read_missing(model, change, consul), TEMPLATES)
+    assert step is not None
+    assert dict(step.model.bundle.files) == dict(full(desired, consul).bundle.files)

@@ -109,7 +109,7 @@ def advance(model: Model, change: Change, templates: Templates, memo: BackendMem
     if _contested(model.public, *(a[0] for a in asked)) or _contested(model.previews, *(a[1] for a in asked)):
         return None
     if any(s not in model.health and s not in change.health for r in new.values() for s in _services(r)):
-        return None  # a service no route named before: its instances must be read (`missing_services`)
+        return None  # a service no route named before: its instances must be read (`named_services`)
     health = dict(model.health) | dict(change.health)
     sub = Desired(model.desired.prefix, tuple(sorted((r for r in new.values() if r is not None), key=_route_name)))
     fresh = render_pieces(make_plan(sub, health), templates, None, memo)
@@ -139,10 +139,10 @@ def advance(model: Model, change: Change, templates: Templates, memo: BackendMem
     return Step(nxt, keys, before, frozenset(b.name for b in fresh.plan.backends))
 
 
-def missing_services(model: Model, change: Change) -> set[str]:
-    """Services the change's routes name whose instances neither the model nor the change holds."""
-    named = {s for r in change.routes.values() for s in _services(r)}
-    return named - model.health.keys() - change.health.keys()
+def named_services(change: Change) -> set[str]:
+    """Services the change's routes name and the change brings no instances of: the caller reads them
+    afresh, as a full apply would (a service watch can lag, e.g. in its backoff after an agent restart)."""
+    return {s for r in change.routes.values() for s in _services(r)} - change.health.keys()
 
 
 def _local(route: Route) -> bool:
