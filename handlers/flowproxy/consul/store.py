@@ -107,6 +107,10 @@ class ConsulStore:
                                     "list: is CONSUL_HTTP_ADDR a Consul agent?")
         return self._index(index, prefix), [str(k) for k in data or []]
 
+    def check_token(self) -> None:
+        """Raise ConsulUnavailable unless the agent accepts this store's token (ACLs on: it resolves it)."""
+        self._call("to resolve the ACL token", self.client.acl.self)
+
     def leader(self) -> str:
         """The cluster leader's address as this agent knows it; "" while there is none."""
         return str(self._call("to ask for the leader", self.client.status.leader) or "")

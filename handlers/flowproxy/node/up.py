@@ -153,6 +153,20 @@ class Node:
                 return False
 
         wait_for(leader, timeout, f"Consul agent at {self.http_addr()} with a leader")
+        if self.spec.acl_master:
+            # The leader creates the initial management token only after it was elected: until then that
+            # token is refused (403), so a server that bootstraps ACLs is ready once the token is accepted.
+            wait_for(self.master_accepted, timeout, f"Consul agent at {self.http_addr()} to accept its master token")
+
+    def master_accepted(self) -> bool:
+        store = ConsulStore(self.http_addr(), self.spec.acl_master)
+        try:
+            store.check_token()
+        except FlowproxyError:
+            return False
+        finally:
+            store.close()
+        return True
 
     def supervise(self, poll: float = 2.0) -> None:
         """Tick until SIGINT or SIGTERM."""
