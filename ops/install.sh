@@ -2,8 +2,9 @@
 # Installs a flowproxy node on a Debian (bookworm) host, from this checkout or a wheel:
 #   sudo bash ops/install.sh [path/to/flowproxy-X.Y.Z-py3-none-any.whl]
 # It creates the system user `flowproxy`, a venv in /opt/flowproxy/venv with the wheel, the three systemd
-# units, the tmpfiles entry, /etc/flowproxy/flowproxy.env and /etc/consul.d/flowproxy.json (the keyprefix
-# watch), without overwriting a file that exists. It installs HAProxy (bookworm) and socat with apt, and
+# units, the tmpfiles entry, /etc/flowproxy/flowproxy.env and /etc/consul.d/flowproxy.json (the config
+# folders' watches), without overwriting a file that exists (but the whole-prefix watch of versions before
+# the sharded route watches, which it replaces and keeps as flowproxy.json.old). It installs HAProxy (bookworm) and socat with apt, and
 # Consul 1.8.7 from Debian's bullseye suite only if no `consul` is on the PATH (a host usually has its own).
 # Then: fill in the REPLACE-WITH-... values (README, "Run it in production") and start the units.
 # FLOWPROXY_ROOT=/some/folder installs under that folder instead of / (no apt, no user, no systemctl).
@@ -38,6 +39,10 @@ keep() {  # install a config file only where none exists: operators edit these
   [ -e "$3" ] || install -m "$1" -g "$group" "$2" "$3"
 }
 keep 0640 "$here/ops/flowproxy.env" "$root/etc/flowproxy/flowproxy.env"
+watch="$root/etc/consul.d/flowproxy.json"
+if [ -e "$watch" ] && grep -q '"prefix": "flowproxy/"' "$watch" && [ "$(grep -c '"type"' "$watch")" -eq 1 ]; then
+  mv "$watch" "$watch.old"  # the node now keeps the routes' watches itself, split by name: see the README
+fi
 keep 0640 "$here/ops/consul.d/flowproxy.json" "$root/etc/consul.d/flowproxy.json"
 keep 0640 "$here/ops/consul.d/agent.json" "$root/etc/consul.d/agent.json"
 

@@ -68,7 +68,7 @@ def need(binary: str) -> str:
 
 def node_spec(data_dir: Path, name: str, *, dev: bool, join: tuple[str, ...] = (), proxy: bool = True,
               preview: bool = False, templates: Path | None = None, token: str | None = None,
-              acl_master: str | None = None, edge: bool = False) -> NodeSpec:
+              acl_master: str | None = None, edge: bool = False, watch_shard_size: int | None = None) -> NodeSpec:
     """edge: open HTTPS, SNI and metrics listeners on loopback ports too, with a stats password."""
     http_port = free_port()
     settings = Settings(node=name, data_dir=data_dir, consul_addr=f"127.0.0.1:{http_port}",
@@ -80,6 +80,8 @@ def node_spec(data_dir: Path, name: str, *, dev: bool, join: tuple[str, ...] = (
     if templates is not None:
         settings = replace(settings, templates=templates)
     settings = replace(settings, consul_token=token)
+    if watch_shard_size is not None:
+        settings = replace(settings, watch_shard_size=watch_shard_size)
     return NodeSpec(settings=settings, http_port=http_port, serf_port=free_port(), server_port=free_port(),
                     join=join, dev=dev, proxy=proxy, acl=bool(token or acl_master), acl_master=acl_master)
 

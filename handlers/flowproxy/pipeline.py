@@ -207,7 +207,7 @@ def converge(settings: Settings, generation: int = 0, accept_empty: bool = False
         except CandidateRefused as exc:
             built = isolate_refused(settings, desired, health, built, exc, warm=warm)
             deployed = deploy(settings, built.bundle)
-        watches.sync(settings.watch_dir, store, desired.services())
+        sync_watches(settings, store, seen)
         publish(settings, store, desired, built, deployed, started=started)
     except FlowproxyError as exc:
         warm = warm or Warm()
@@ -248,6 +248,13 @@ def compare(warm: Warm, model: Model, seen: Gathered, built: Built) -> bool | No
     return False
 
 
+def sync_watches(settings: Settings, store: ConsulStore, seen: Gathered) -> None:
+    """The agent's watches for what a full read found: every service routes name, and the routes in shards."""
+    names = contract.route_names(settings.prefix, seen.entries)
+    watches.sync(settings.watch_dir, store, seen.desired.services(),
+                 watches.RouteShards(settings.prefix, names, settings.watch_shard_size))
+
+
 def prove(settings: Settings, warm: Warm, model: Model) -> bool | None:
     """The periodic proof: read Consul and build in full, without applying (events go on meanwhile), and
     compare with `model`. True when the model is a full render of Consul's state now, False when it is
@@ -256,6 +263,7 @@ def prove(settings: Settings, warm: Warm, model: Model) -> bool | None:
     store = store_for(settings)
     try:
         seen = gather(settings, store, None, warm)
+        sync_watches(settings, store, seen)  # a table grown by incremental applies is split here
         if not seen.desired.routes:
             return None  # the empty-table guard is the full converge's to judge
         return compare(warm, model, seen, build(settings, seen.desired, seen.health, warm=warm))

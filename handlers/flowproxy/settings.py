@@ -29,6 +29,9 @@ HAPROXY_TIME_RE = re.compile(r"[1-9][0-9]{0,8}(ms|s|m|h|d)")
 DEFAULT_OLD_WORKER_LIFETIME = "24h"
 # ...and one that has outlived this many later reloads is stopped: the cap on how many can pile up.
 DEFAULT_MAX_OLD_WORKERS = 10
+# A keyprefix watch hands the agent its whole subtree each time (~110 ms for 10,000 routes): 500 routes a
+# watch keep that near 5 ms (core/shards.py).
+DEFAULT_WATCH_SHARD_SIZE = 500
 
 
 def shipped(folder: str, repo_folder: str) -> Path:
@@ -159,6 +162,7 @@ class Settings:
     drain_wait: float = 10.0  # seconds a reload waits for old workers before it counts as applied
     old_worker_lifetime: str = DEFAULT_OLD_WORKER_LIFETIME  # HAProxy's hard-stop-after
     max_old_workers: int = DEFAULT_MAX_OLD_WORKERS  # HAProxy's mworker-max-reloads
+    watch_shard_size: int = DEFAULT_WATCH_SHARD_SIZE  # routes per keyprefix watch before it is split
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -183,6 +187,7 @@ class Settings:
             "drain_wait": _seconds(env.get("FLOWPROXY_DRAIN_WAIT", ""), 10.0),
             "old_worker_lifetime": env.get("FLOWPROXY_OLD_WORKER_LIFETIME") or DEFAULT_OLD_WORKER_LIFETIME,
             "max_old_workers": _count(env.get("FLOWPROXY_MAX_OLD_WORKERS", ""), DEFAULT_MAX_OLD_WORKERS),
+            "watch_shard_size": _count(env.get("FLOWPROXY_WATCH_SHARD_SIZE", ""), DEFAULT_WATCH_SHARD_SIZE),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)  # type: ignore[arg-type]
@@ -201,6 +206,8 @@ class Settings:
                              "digits with a unit (ms, s, m, h, d), e.g. 24h")
         if not 1 <= self.max_old_workers <= 1000:
             raise UsageError(f"FLOWPROXY_MAX_OLD_WORKERS {self.max_old_workers}: a number from 1 to 1000")
+        if not 1 <= self.watch_shard_size <= 1_000_000:
+            raise UsageError(f"FLOWPROXY_WATCH_SHARD_SIZE {self.watch_shard_size}: a number from 1 to 1000000")
         return replace(self, prefix=prefix, data_dir=self.data_dir.absolute())
 
     def env(self) -> dict[str, str]:
@@ -216,6 +223,7 @@ class Settings:
             "FLOWPROXY_DRAIN_WAIT": f"{self.drain_wait:g}",
             "FLOWPROXY_OLD_WORKER_LIFETIME": self.old_worker_lifetime,
             "FLOWPROXY_MAX_OLD_WORKERS": str(self.max_old_workers),
+            "FLOWPROXY_WATCH_SHARD_SIZE": str(self.watch_shard_size),
         }
         if self.consul_token_file:
             out["CONSUL_HTTP_TOKEN_FILE"] = self.consul_token_file

@@ -12,10 +12,14 @@ import json
 import time
 from collections.abc import Callable
 
+import pytest
+
 from flowproxy.backend import IdentityServer
+from flowproxy.cli.demo import register_instance
+from flowproxy.consul.watches import ROUTES_FILE
 from flowproxy.core.render import Bundle
 from flowproxy.node.supervisor import PERIODIC
-from tests.harness import ProxyNode
+from tests.harness import ProxyNode, node_spec, start_node, status_of
 
 P = "flowproxy/"
 
@@ -88,3 +92,47 @@ def _both(proxy: ProxyNode) -> bool:
         return {proxy.get("/flip/x").instance for _ in range(8)} == {"green-1", "green-2"}
     except OSError:
         return False
+
+
+def test_routes_watched_in_shards_apply_each_change(tmp_path_factory: pytest.TempPathFactory,
+                                                    backends: Callable[[str], IdentityServer]) -> None:
+    """A node that splits its routes' watch (here at 1 route a watch) sees every change: one in a shard,
+    a new route in a shard no route was in, a deleted route; a status write wakes none of them."""
+    base = tmp_path_factory.mktemp("shards")
+    server = start_node(node_spec(base / "server", "shard-server", dev=True, proxy=False))
+    edge: ProxyNode | None = None
+    try:
+        store = server.store()
+        register_instance(store, "colors", "blue-1", backends("blue-1").port)
+        for name in ("a1", "a2", "b1", "b2", "c1"):
+            store.put(f"{P}routes/{name}/live", json.dumps({"service": "colors", "paths": [f"/{name}"]}))
+            store.put(f"{P}routes/{name}/active", "live")
+        edge = start_node(node_spec(base / "edge", "shard-edge", dev=False, join=(server.serf,), watch_shard_size=1))
+        edge.wait_reply("/c1/x", 200)
+        watched = {w["prefix"] for w in json.loads((edge.settings.watch_dir / ROUTES_FILE).read_text())["watches"]}
+        assert {f"{P}routes/a1", f"{P}routes/b2", f"{P}routes/c", f"{P}routes/z"} <= watched
+        assert f"{P}routes/" not in watched and len(watched) == 36 - 2 + 2 * 40
+        store.put(f"{P}routes/a1/live", json.dumps({"service": "colors", "paths": ["/a1", "/settled"]}))
+        edge.wait_reply("/settled/x", 200)  # by whichever path: the agent reload after the split re-fired all
+        before = len(incremental_lines(edge))
+
+        def applied(route: str) -> Callable[[], bool]:
+            return lambda: any(f"applied route {route} incrementally" in line
+                               for line in incremental_lines(edge)[before:])
+
+        store.put(f"{P}routes/b1/live", json.dumps({"service": "colors", "paths": ["/bee"]}))
+        edge.wait_reply("/bee/x", 200, timeout=5)
+        edge.wait(applied("b1"), "the incremental apply of b1")
+        store.put(f"{P}routes/z1/live", json.dumps({"service": "colors", "paths": ["/zed"]}))
+        store.put(f"{P}routes/z1/active", "live")
+        edge.wait_reply("/zed/x", 200, timeout=5)
+        edge.wait(applied("z1"), "the incremental apply of z1")
+        store.delete(f"{P}routes/c1/", recurse=True)
+        edge.wait_reply("/c1/x", 404, timeout=5)  # before the anti-entropy check (10 s) could find it
+        store.put(f"{P}routes/Bad/live", json.dumps({"service": "colors", "paths": ["/bad"]}))  # no watch has it
+        edge.wait(lambda: "routes/Bad/live" in json.dumps(status_of(edge)), "the invalid name reported", timeout=40)
+        assert edge.get("/a2/x").status == 200
+    finally:
+        if edge is not None:
+            edge.stop()
+        server.stop()

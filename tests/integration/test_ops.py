@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from flowproxy.consul.watches import config_watches
+from flowproxy.core.contract import DEFAULT_PREFIX
 from flowproxy.haproxy.master import check_config
 from flowproxy.settings import Settings
 from tests.harness import need
@@ -36,9 +38,10 @@ def test_example_agent_config_is_valid_for_consul_and_watches_the_prefix(tmp_pat
     done = subprocess.run([consul, "validate", str(tmp_path)], capture_output=True, text=True, timeout=60,
                           check=False)
     assert done.returncode == 0, done.stdout + done.stderr
-    (watch,) = json.loads((OPS / "consul.d" / "flowproxy.json").read_text())["watches"]
-    shipped = json.loads((OPS.parent / "consul.d" / "flowproxy.json").read_text())["watches"][0]
-    assert watch == shipped  # the production agent runs the same handler as `node up`
+    production = (OPS / "consul.d" / "flowproxy.json").read_text()
+    assert production == (OPS.parent / "consul.d" / "flowproxy.json").read_text()  # the same as `node up`'s
+    assert production == config_watches(DEFAULT_PREFIX)  # the config folders; the node adds the routes'
+    assert all(w["args"] == ["flowproxy-watch", "keyprefix", w["prefix"]] for w in json.loads(production)["watches"])
 
 
 def test_the_units_first_command_leaves_haproxy_a_valid_config(tmp_path: Path) -> None:

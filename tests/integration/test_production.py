@@ -166,9 +166,16 @@ def install(root: Path) -> Path:
                     str(dist), str(REPO)], check=True, timeout=300, capture_output=True)
     (wheel,) = dist.glob("flowproxy-*.whl")
     env = {**os.environ, "FLOWPROXY_ROOT": str(root)}
+    # An upgrade: the whole-prefix watch of earlier versions gives way to the config folders' watches.
+    watch = root / "etc" / "consul.d" / "flowproxy.json"
+    watch.parent.mkdir(parents=True)
+    watch.write_text(json.dumps({"watches": [{"type": "keyprefix", "prefix": "flowproxy/",
+                                              "args": ["flowproxy-watch", "keyprefix"]}]}, indent=2))
     done = subprocess.run(["bash", str(OPS / "install.sh"), str(wheel)], env=env, capture_output=True, text=True,
                           timeout=600, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
+    assert watch.read_text() == (OPS / "consul.d" / "flowproxy.json").read_text()
+    assert watch.with_suffix(".json.old").exists()
     return root / "opt" / "flowproxy" / "venv"
 
 
@@ -358,17 +365,20 @@ def test_production_layout_end_to_end(production: Production) -> None:
         assert moved.returncode == 0, moved.stderr
         assert prod.get("/after-restart/x") == (200, "green-1")
 
-        # A missed event: the keyprefix watch is taken away, a route changes, and the resync applies it.
-        watch = prod.host.root / "etc" / "consul.d" / "flowproxy.json"
-        saved = watch.read_text()
+        # A missed event: the routes' watches are taken away, a route changes, and the resync applies it
+        # and gives the agent its watches back.
+        watch = prod.host.root / "var" / "lib" / "flowproxy" / "consul.d" / "flowproxy-routes.json"
         watch.unlink()
         prod.admin("PUT", "/v1/agent/reload")
         missed = prod.flowproxy("route", "put", "go-demo", "-v", "green", "-s", "go-demo", "-t", "green",
                                 "-p", "/demo", "-p", "/missed")
         assert missed.returncode == 0, missed.stderr
         prod.wait_get("/missed/x", 200, "green-1", timeout=60)
-        watch.write_text(saved)
-        prod.admin("PUT", "/v1/agent/reload")
+        wait_for(watch.exists, 30, "the node to write its routes' watches again")
+        again = prod.flowproxy("route", "put", "go-demo", "-v", "green", "-s", "go-demo", "-t", "green",
+                               "-p", "/demo", "-p", "/watched", "--wait", "--timeout", "10")
+        assert again.returncode == 0, again.stderr
+        assert prod.get("/watched/x") == (200, "green-1")
     finally:
         blue.stop()
         green.stop()

@@ -61,15 +61,34 @@ KV_CASES: list[tuple[str, Any, Any]] = [
 ]
 
 
-@pytest.mark.parametrize(("event", "expected"), [c[1:] for c in KV_CASES], ids=[c[0] for c in KV_CASES])
-def test_keyprefix_events(event: list[KVEntry] | str, expected: Any) -> None:
+def under(part: str, entries: list[KVEntry]) -> list[KVEntry]:
+    return [e for e in entries if e.key.startswith(P + part)]
+
+
+# (what, the part of the prefix the watch names (all of it when ""), its payload, what it becomes)
+PART_CASES: list[tuple[str, str, Any, Any]] = [
+    ("a flip in the route's shard", P + "routes/r", under("routes/r", replaced("routes/r/active", b"green", 9)), {"r"}),
+    ("another shard, as applied", P + "routes/q", [], NOTHING),
+    ("a new route in an empty shard", P + "routes/q", [KVEntry(P + "routes/q/live", BLUE, 9, 9)], {"q"}),
+    ("a key gone from the route's shard", P + "routes/r", under("routes/r", BASE)[1:], None),
+    ("the templates folder, as applied", P + "templates/", [], NOTHING),
+    ("a new template", P + "templates/", [KVEntry(P + "templates/t", b"x", 9, 9)], None),
+    ("accept-empty written", P + "accept-empty", [KVEntry(P + "accept-empty", b"1", 9, 9)], None),
+    ("a part of another prefix", "other/routes/", [], None),
+]
+CASES = [(what, "", event, expected) for what, event, expected in KV_CASES] + PART_CASES
+
+
+@pytest.mark.parametrize(("part", "event", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_keyprefix_events(part: str, event: list[KVEntry] | str, expected: Any) -> None:
     warm = warm_of(BASE)
     view = EventView()
-    change = kv_change(view, warm, P, event if isinstance(event, str) else payload(event), 9)
+    change = kv_change(view, warm, P, event if isinstance(event, str) else payload(event), 9, watched=part)
     if isinstance(expected, set):
         assert change is not None and change is not NOTHING and set(change.routes) == expected
         assert isinstance(event, list)
-        config = [(e.key, e.value) for e in event if not contract.ignored(P, e.key)]
+        others = [e for e in BASE if part and not e.key.startswith(part) and e.key.startswith(P + "routes/")]
+        config = [(e.key, e.value) for e in [*event, *others] if not contract.ignored(P, e.key)]
         assert view.fingerprint == contract.kv_fingerprint(P, config)  # moved by the changed keys alone
     else:
         assert change is expected

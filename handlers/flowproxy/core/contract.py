@@ -127,6 +127,12 @@ def _hex(total: int) -> str:
     return f"{total % (1 << 256):064x}"
 
 
+def route_names(prefix: str, keys: Iterable[str]) -> frozenset[str]:
+    """The names of the routes that `keys` hold keys of."""
+    return frozenset(shape.names[0] for shape in (classify(prefix, key) for key in keys)
+                     if shape.kind in (Kind.INTENT, Kind.ACTIVE))
+
+
 def route_folder(prefix: str, route: str | None = None) -> str:
     return prefix + ROUTES + (f"{route}/" if route is not None else "")
 

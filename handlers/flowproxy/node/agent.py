@@ -7,7 +7,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from flowproxy.consul.watches import prefix_watch
+from flowproxy.consul.watches import config_watches, ensure_files
 from flowproxy.core import contract
 from flowproxy.settings import Settings, shipped
 
@@ -89,4 +89,5 @@ def install_watches(spec: NodeSpec) -> None:
         for path in sorted(spec.consul_d.glob("*.json")):
             shutil.copyfile(path, s.watch_dir / path.name)
     else:
-        (s.watch_dir / "flowproxy-prefix.json").write_text(prefix_watch(s.prefix))
+        (s.watch_dir / "flowproxy-prefix.json").write_text(config_watches(s.prefix))
+    ensure_files(s.watch_dir, s.prefix)

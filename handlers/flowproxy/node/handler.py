@@ -66,7 +66,7 @@ def handle(kind: str, payload: str, settings: Settings, *, accept_empty: bool = 
 
     `store`, `warm` and `view` are the warm applier's client, memos and event view, if it runs us: then an
     event is applied incrementally when it can be. `index` is the agent's CONSUL_INDEX for the payload,
-    `subject` the service a service watch names.
+    `subject` the service a service watch names, or the part of the prefix a keyprefix watch names.
     """
     from flowproxy.errors import FlowproxyError
 
@@ -79,7 +79,8 @@ def handle(kind: str, payload: str, settings: Settings, *, accept_empty: bool = 
                 kind, payload, settings, store=store, index=index, warm=warm, subject=subject, view=view,
                 generation=generation):
             return
-        entries = payload_entries(payload) if mine and kind == "keyprefix" else None
+        whole = kind == "keyprefix" and subject in ("", settings.prefix)  # a part's payload is no snapshot
+        entries = payload_entries(payload) if mine and whole else None
         last = runstate.load(settings.run_dir, runstate.LAST_APPLY)
         if entries is not None and kv_fingerprint(settings.prefix, [(e[0], e[1]) for e in entries]) == \
                 last.get("fingerprint"):
@@ -109,7 +110,7 @@ def incremental(kind: str, payload: str, settings: Settings, *, store: ConsulSto
     from flowproxy.pipeline import apply_change
 
     if kind == "keyprefix":
-        change = kv_change(view, warm, settings.prefix, payload, index)
+        change = kv_change(view, warm, settings.prefix, payload, index, watched=subject)
     elif kind == "service":
         change = service_change(view, warm, subject, payload, index)
     else:
@@ -126,6 +127,8 @@ def main(argv: list[str] | None = None, payload: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flowproxy handle",
                                      description="Apply Consul's state to this node (called by Consul watches).")
     parser.add_argument("--kind", choices=HANDLE_KINDS, default="manual", help="which watch called (default: manual)")
+    parser.add_argument("--subject", default="",
+                        help="the service a service watch names, or the part of the prefix a keyprefix watch names")
     parser.add_argument("--accept-empty", action="store_true",
                         help="apply an empty route table even if it is not newer than the running one")
     args = parser.parse_args(argv)
@@ -138,7 +141,7 @@ def main(argv: list[str] | None = None, payload: str | None = None) -> int:
         print(f"flowproxy handle: bad settings: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings)
-    return handle(args.kind, payload, settings, accept_empty=args.accept_empty,
+    return handle(args.kind, payload, settings, accept_empty=args.accept_empty, subject=args.subject,
                   index=int(index) if index.isascii() and index.isdigit() else None)
 
 

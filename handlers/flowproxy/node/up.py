@@ -221,7 +221,7 @@ def prepare(settings: Settings) -> None:
         folder.mkdir(parents=True, exist_ok=True)
     for folder in (settings.data_dir, settings.haproxy_dir, settings.run_dir):
         folder.chmod(0o700)
-    watches.ensure_file(settings.watch_dir)
+    watches.ensure_files(settings.watch_dir, settings.prefix)
     ensure_stats_lock(settings.data_dir)
     ensure_bootstrap_config(settings)
 
