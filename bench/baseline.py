@@ -34,3 +34,8 @@ def render(routes: Sequence[tuple[str, str, Sequence[tuple[str, int]]]], check: 
         option = " check" if check else ""
         lines += [f"    server s{i} {addr}:{port}{option}\n" for i, (addr, port) in enumerate(servers)]
     return "".join(lines).encode()
+
+
+def minimal(address: str, port: int) -> bytes:
+    """The least a hand-written HAProxy config routes with: one frontend, one backend, one server."""
+    return (HEAD + f"    default_backend be_app\n\nbackend be_app\n    server s0 {address}:{port}\n").encode()

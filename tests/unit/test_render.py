@@ -11,11 +11,13 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flowproxy.core.kv import desired_from_kv
 from flowproxy.core.model import KVEntry
 from flowproxy.core.plan import Plan, make_plan
-from flowproxy.core.render import Bundle, Templates, drop_backends, render
+from flowproxy.core.render import Bundle, Templates, drop_backends, map_splice, map_text, render
 from flowproxy.sandbox.runner import render_plan
 from flowproxy.settings import REPO_TEMPLATES
 from tests.scenarios import CUSTOM_TEMPLATE, SCENARIOS, P, routes
@@ -107,3 +109,14 @@ def test_a_failed_backend_rejects_the_route_it_serves(active: str, failed: str, 
     plan = drop_backends(web_plan(active), {failed: "flowproxy/routes/web/x: refused"})
     assert [(s.route, s.state) for s in plan.states] == [("web", state)]
     assert failed not in {b.name for b in plan.backends} | {c.backend for c in plan.claims}
+
+
+MAP_KEYS = st.text(st.sampled_from("/ab.~-*:9Z\u00e9"), min_size=1, max_size=6)
+MAP_ROWS = st.dictionaries(MAP_KEYS, st.sampled_from(["r:live", "s:blue", "fp_spare_http_00"]), max_size=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(MAP_ROWS, MAP_ROWS, st.sampled_from(["maps/path_beg.map", "maps/host_exact.map", "maps/path_reg.map"]))
+def test_a_spliced_map_file_is_the_rendered_one(before: dict[str, str], after: dict[str, str], name: str) -> None:
+    changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+    assert map_splice(name, map_text(name, before), after, changed) == map_text(name, after)

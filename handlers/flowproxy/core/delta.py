@@ -35,6 +35,7 @@ from flowproxy.core.render import (
     Splice,
     Templates,
     map_rows,
+    map_splice,
     map_text,
     render_pieces,
     sources,
@@ -124,7 +125,9 @@ def advance(model: Model, change: Change, templates: Templates, memo: BackendMem
     config = _config(model, plan, fragments, gone.backends, fresh)
     if config is None:
         return None
-    files = dict(model.bundle.files) | {name: map_text(name, rows[name]) for name in keys}
+    files = dict(model.bundle.files)
+    files |= {name: map_splice(name, files[name], rows[name], keys[name]) if name in files
+              else map_text(name, rows[name]) for name in keys}
     files["haproxy.cfg"] = config
     desired = dataclasses.replace(
         model.desired, routes=_replace(model.desired.routes, names, [r for r in new.values() if r], _route_name),

@@ -334,6 +334,43 @@ def map_rows(claims: Iterable[Claim], preview: Iterable[Claim],
     return rows
 
 
+def map_splice(name: str, text: bytes, rows: Mapping[str, str], changed: Iterable[str]) -> bytes:
+    """`map_text(name, rows)`, made from `text` (the file of rows that differ only in the `changed` keys)."""
+    spliced = None if name.endswith("_reg.map") else splice_rows(text, {k: rows.get(k) for k in changed})
+    return map_text(name, rows) if spliced is None else spliced
+
+
+def splice_rows(text: bytes, changes: Mapping[str, str | None]) -> bytes | None:
+    """A map file in key order with the rows of `changes` set (None: removed), each found by bisection
+    in the text: at 10,000 rows ~10 us a row, where sorting them all again takes ~5 ms. None when a key
+    could not be a row (a space or newline in it)."""
+    if any(" " in key or "\n" in key for key in changes):
+        return None
+    for key, value in sorted(changes.items()):
+        start, end = _row_at(text, key.encode())
+        row = b"" if value is None else f"{key} {value}\n".encode()
+        text = text[:start] + row + text[end:]
+    return text
+
+
+def _row_at(text: bytes, key: bytes) -> tuple[int, int]:
+    """Where the row of `key` is in a map file sorted by key (start, end), or where it would go (start,
+    start). Bisection over byte offsets, each probe moved back to the start of its line."""
+    lo, hi = 0, len(text)  # both at the start of a line; the row is at or after lo and before hi
+    while lo < hi:
+        mid = text.rfind(b"\n", lo, (lo + hi) // 2) + 1 or lo
+        mid = max(mid, lo)
+        end = text.find(b"\n", mid) + 1 or len(text)
+        probe = text[mid:end].split(b" ", 1)[0]
+        if probe == key:
+            return mid, end
+        if probe < key:
+            lo = end
+        else:
+            hi = mid
+    return lo, lo
+
+
 def map_text(name: str, rows: Mapping[str, str]) -> bytes:
     """A map file: map_reg takes the first match in file order, so longer (more specific) patterns first;
     the others in key order."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from flowproxy.core.render import SLOTS_MAP, SPARES, Bundle
+from flowproxy.core.render import SLOTS_MAP, SPARES, Bundle, splice_rows
 from flowproxy.haproxy import spares
 from flowproxy.haproxy.runtime import Reload, backend_change, finish, map_commands, sections
 
@@ -84,7 +84,12 @@ def patched(running: Running, fresh: Fresh) -> tuple[Running, list[str]] | Reloa
         before = _renamed(fresh.rows_before[name], keys, {b: s for s, b in running.held.items()})
         after = _renamed(fresh.rows_after[name], keys, assigned)
         maps += map_commands(name, before, after)
-        files[name] = spares.rename(fresh.bundle.files[name], assigned)
+        # The running file already names spares; its changed rows alone are set (a backend's spare is kept
+        # from its placement to the next full apply, so no other row's name moves).
+        changes: dict[str, str | None] = {k: None for k in before}
+        changes.update(after)
+        spliced = splice_rows(files[name], changes) if name in files else None
+        files[name] = spares.rename(fresh.bundle.files[name], assigned) if spliced is None else spliced
     if held != running.held:
         maps += map_commands(SLOTS_MAP, dict(running.held), held)
         files[SLOTS_MAP] = "".join(f"{spare} {backend}\n" for spare, backend in sorted(held.items())).encode()
