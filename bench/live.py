@@ -102,10 +102,10 @@ def quiet() -> None:
     time.sleep(0.3)
 
 
-def bulk_routes(store: ConsulStore, names: list[str], service: str, prefix: str = P) -> None:
+def bulk_routes(store: ConsulStore, names: list[str], service: str, prefix: str = P, check: bool = True) -> None:
     ops: list[tuple[str, str, bytes | None, int | None]] = []
     for name in names:
-        body = json.dumps({"service": service, "paths": [f"/{name}/"]}).encode()
+        body = json.dumps({"service": service, "paths": [f"/{name}/"]} | ({} if check else {"check": False})).encode()
         ops.append(("set", f"{prefix}routes/{name}/live", body, None))
         ops.append(("set", f"{prefix}routes/{name}/active", b"live", None))
     for start in range(0, len(ops), 64):  # Consul 1.8 caps a transaction at 64 operations

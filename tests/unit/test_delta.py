@@ -132,7 +132,23 @@ CASES = [
       ("routes/q/active", "live")], ("routes/r/active", "live"), False),
     ("regex-path", [("routes/r/live", {"service": "s1", "paths": ["^/r$"], "path_type": "regex"})],
      ("routes/r/active", "live"), False),
+    # The public frontend looks hosts up only when a route has domains: the first one changes it (a reload).
+    ("the-first-route-with-domains", [("routes/r/live", {"service": "s1", "domains": ["r.example"]})],
+     ("routes/r/active", "live"), False),
 ]
+
+
+def test_a_route_with_domains_among_others_is_local() -> None:
+    health = {"s1": instance_list([("127.0.0.1", 8000, False)])}
+    entries = {P + k: KVEntry(P + k, v.encode(), i + 1, i + 1) for i, (k, v) in enumerate([
+        ("routes/q/live", json.dumps({"service": "s1", "domains": ["q.example"]})), ("routes/q/active", "live"),
+        ("routes/r/live", json.dumps({"service": "s1", "domains": ["r.example"]}))])}
+    model = full(desired_from_kv(P, list(entries.values())), health)
+    entries[P + "routes/r/active"] = KVEntry(P + "routes/r/active", b"live", 99, 99)
+    desired = desired_from_kv(P, list(entries.values()), 99)
+    (parsed,) = [r for r in desired.routes if r.name == "r"]
+    step = advance(model, Change(routes={"r": parsed}, index=99), TEMPLATES)
+    assert step is not None and dict(step.model.bundle.files) == dict(full(desired, health).bundle.files)
 
 
 @pytest.mark.parametrize(("before", "write", "local"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])

@@ -38,6 +38,7 @@ from flowproxy.core.render import (
     map_splice,
     map_text,
     render_pieces,
+    routes_hosts,
     sources,
     splice_of,
 )
@@ -117,6 +118,9 @@ def advance(model: Model, change: Change, templates: Templates, memo: BackendMem
     if len(fresh.plan.backends) != len(fresh.fragments):
         return None  # a template failed: the full build rejects the route with the reason
     plan, gone = _replace_plan(model.pieces.plan, names, old, fresh.plan)
+    if (routes_hosts(gone.claims) or routes_hosts(fresh.plan.claims)) and \
+            routes_hosts(plan.claims) != routes_hosts(model.pieces.plan.claims):
+        return None  # the first route with domains, or the last: the public frontend changes (a reload)
     rows, keys = _replace_rows(model.pieces.rows, map_rows(gone.claims, gone.preview, gone.backends), fresh.rows)
     if rows is None:
         return None

@@ -153,7 +153,12 @@ def config_text(env: jinja2.Environment, plan: Plan, certs: Mapping[str, bytes] 
     return env.get_template("haproxy.cfg.j2").render(
         version=__version__, fragments=fragments, maps={name: map_path(name) for name in MAP_FILES},
         tcp=tcp_frontends(plan.claims), userlists=userlists(plan), https=bool(certs), codes=REDIRECT_CODES,
-        spares=SPARES, crt_list=CRT_LIST)
+        spares=SPARES, crt_list=CRT_LIST, hosts=routes_hosts(plan.claims))
+
+
+def routes_hosts(claims: Iterable[Claim]) -> bool:
+    """Whether any HTTP route claims a host: the public frontend looks hosts up only then."""
+    return any(c.host and c.path_type in ("exact", "prefix", "regex") for c in claims)
 
 
 @dataclass(frozen=True)

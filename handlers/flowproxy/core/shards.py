@@ -28,16 +28,17 @@ def children(shard: str) -> tuple[str, ...]:
     return (shard + "/", *(shard + c for c in REST))
 
 
-def shard_of(shards: Iterable[str], name: str) -> str | None:
-    """The shard that holds route `name`: the one its `name/` starts with (None for no valid name)."""
-    folder = name + "/"
-    return next((s for s in shards if folder.startswith(s)), None)
-
-
 def loads(shards: Iterable[str], names: Iterable[str]) -> Counter[str]:
-    """How many of `names` each shard holds (names no shard covers, which are invalid, count nowhere)."""
-    ordered = sorted(shards, key=len, reverse=True)  # disjoint: at most one matches, longest first is quick
-    return Counter(s for s in (shard_of(ordered, n) for n in names) if s is not None)
+    """How many of `names` each shard holds (names no shard covers, which are invalid, count nowhere).
+    Each name's beginnings are looked up, longest first: ~1 us a name, whatever the number of shards."""
+    held = set(shards)
+    out: Counter[str] = Counter()
+    for name in names:
+        folder = name + "/"
+        shard = next((folder[:end] for end in range(len(folder), -1, -1) if folder[:end] in held), None)
+        if shard is not None:
+            out[shard] += 1
+    return out
 
 
 def partition(names: Iterable[str], size: int, most: int) -> tuple[str, ...]:
@@ -52,9 +53,9 @@ def partition(names: Iterable[str], size: int, most: int) -> tuple[str, ...]:
         within = members.pop(shard)
         members.update((part, []) for part in parts)
         for name in within:
-            held = shard_of(parts, name)
-            if held is not None:
-                members[held].append(name)
+            child = (name + "/")[:len(shard) + 1]  # its shard's children add one character
+            if child in members:
+                members[child].append(name)
         heap.extend((-len(members[part]), part) for part in parts)
         heapq.heapify(heap)
     return tuple(sorted(members))
