@@ -81,7 +81,17 @@ ALLOWED_BACKEND_LINES = [
     re.compile(r"    server [0-9.:]+ [0-9.:]+( check( inter 2s fall 2 rise 1)?)?"),
     re.compile(r"    http-response set-header X-Flowproxy-Route [a-z0-9_.-]+"),  # templates/routes/example.j2
 ]
-BASELINE = set(render(make_plan(desired_from_kv(P, []), {}), Templates(REPO_TEMPLATES))[0].config.decode().splitlines())
+
+
+def frame(entries: list[KVEntry]) -> set[str]:
+    return set(render(make_plan(desired_from_kv(P, entries), {}), Templates(REPO_TEMPLATES))[0].config.decode()
+               .splitlines())
+
+
+# The empty render's lines, and the host lookups the public frontend gains once a route has domains.
+HOSTS = [KVEntry(f"{P}routes/h/live", b'{"service": "h", "domains": ["h.example"]}', 1, 1),
+         KVEntry(f"{P}routes/h/active", b"live", 2, 2)]
+BASELINE = frame([]) | {line for line in frame(HOSTS) if "fp_hp" in line or "fp_whp" in line}
 
 
 def render_one(doc: dict[str, Any]) -> Bundle | None:
