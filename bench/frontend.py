@@ -15,7 +15,7 @@ import re
 import statistics
 
 from bench import baseline
-from bench.parts import fast_backend, haproxy_serving
+from bench.parts import P, fast_backend, haproxy_serving
 from bench.run import route_entries
 from bench.scale import cpu_seconds
 from bench.wrk import run_wrk
@@ -26,7 +26,6 @@ from flowproxy.core.render import Templates, render
 from flowproxy.haproxy.master import HAProxySocket
 from flowproxy.settings import REPO_TEMPLATES
 
-P = "flowproxy/"
 # What each variant leaves out of the public frontend (lines matching any pattern).
 VARIANTS: dict[str, list[str]] = {
     "flowproxy as rendered (no route has domains: no host lookups)": [],

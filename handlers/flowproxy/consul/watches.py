@@ -48,8 +48,9 @@ def watched_shards(path: Path, prefix: str) -> set[str] | None:
     """The shards a routes file watches, None when there is none or it is not as `route_watches` writes."""
     folder = contract.route_folder(prefix)
     try:
-        parts = {str(w["prefix"])[len(folder):] for w in json.loads(path.read_text())["watches"]}
-        return parts if path.read_text() == route_watches(prefix, parts) else None
+        text = path.read_text()
+        parts = {str(w["prefix"])[len(folder):] for w in json.loads(text)["watches"]}
+        return parts if text == route_watches(prefix, parts) else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -64,11 +65,10 @@ def watched(path: Path) -> set[str]:
 def ensure_files(watch_dir: Path, prefix: str) -> None:
     """The node's watch files, before any route exists (the agent loads this folder at start): no service
     watch, and one watch over all the routes until a full apply splits it."""
-    watch_dir.mkdir(parents=True, exist_ok=True)
     if not (watch_dir / SERVICES_FILE).exists():
-        (watch_dir / SERVICES_FILE).write_text(service_watches(()))
+        _write(watch_dir / SERVICES_FILE, service_watches(()))
     if watched_shards(watch_dir / ROUTES_FILE, prefix) is None:
-        (watch_dir / ROUTES_FILE).write_text(route_watches(prefix, [shards.ROOT]))
+        _write(watch_dir / ROUTES_FILE, route_watches(prefix, [shards.ROOT]))
 
 
 def sync(watch_dir: Path, store: ConsulStore, services: Iterable[str], routes: RouteShards | None = None) -> bool:

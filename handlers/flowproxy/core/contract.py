@@ -127,10 +127,15 @@ def _hex(total: int) -> str:
     return f"{total % (1 << 256):064x}"
 
 
+def route_of(prefix: str, key: str) -> str | None:
+    """The route an intent or active key belongs to; None for any other key."""
+    shape = classify(prefix, key)
+    return shape.names[0] if shape.kind in (Kind.INTENT, Kind.ACTIVE) else None
+
+
 def route_names(prefix: str, keys: Iterable[str]) -> frozenset[str]:
     """The names of the routes that `keys` hold keys of."""
-    return frozenset(shape.names[0] for shape in (classify(prefix, key) for key in keys)
-                     if shape.kind in (Kind.INTENT, Kind.ACTIVE))
+    return frozenset(name for name in (route_of(prefix, key) for key in keys) if name is not None)
 
 
 def route_folder(prefix: str, route: str | None = None) -> str:

@@ -363,8 +363,7 @@ def _row_at(text: bytes, key: bytes) -> tuple[int, int]:
     start). Bisection over byte offsets, each probe moved back to the start of its line."""
     lo, hi = 0, len(text)  # both at the start of a line; the row is at or after lo and before hi
     while lo < hi:
-        mid = text.rfind(b"\n", lo, (lo + hi) // 2) + 1 or lo
-        mid = max(mid, lo)
+        mid = text.rfind(b"\n", lo, (lo + hi) // 2) + 1 or lo  # no newline in [lo, middle): lo's line
         end = text.find(b"\n", mid) + 1 or len(text)
         probe = text[mid:end].split(b" ", 1)[0]
         if probe == key:

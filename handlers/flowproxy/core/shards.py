@@ -64,7 +64,8 @@ def partition(names: Iterable[str], size: int, most: int) -> tuple[str, ...]:
 def better(current: Iterable[str], proposed: Iterable[str], names: Iterable[str]) -> bool:
     """Whether `proposed` is worth an agent reload: its fullest shard holds at most half the routes of the
     current fullest one (hysteresis, so that a table that grows by a route does not re-shard each time)."""
+    proposed = set(proposed)
+    if proposed == set(current):
+        return False  # the usual case after a full apply: the same names split the same way, no count needed
     listed = list(names)
-    now = max(loads(current, listed).values(), default=0)
-    then = max(loads(proposed, listed).values(), default=0)
-    return set(proposed) != set(current) and then * 2 <= now
+    return max(loads(proposed, listed).values(), default=0) * 2 <= max(loads(current, listed).values(), default=0)

@@ -52,9 +52,9 @@ class EventView:
             self.ordered = sorted(self.keys)
             self.routes = {}
             for key in self.keys:
-                shape = contract.classify(warm.model.desired.prefix, key)
-                if shape.kind in (Kind.INTENT, Kind.ACTIVE):
-                    self.routes.setdefault(shape.names[0], set()).add(key)
+                route = contract.route_of(warm.model.desired.prefix, key)
+                if route is not None:
+                    self.routes.setdefault(route, set()).add(key)
         return True
 
     def under(self, part: str) -> int:
