@@ -28,11 +28,8 @@ from flowproxy.settings import REPO_TEMPLATES
 
 # What each variant leaves out of the public frontend (lines matching any pattern).
 VARIANTS: dict[str, list[str]] = {
-    "flowproxy as rendered (no route has domains: no host lookups)": [],
-    "without redirect_from": [r"fp_rd"],
-    "without https_only": [r"fp_https"],
+    "flowproxy as rendered (prefix routes only: one lookup step)": [],
     "without forwardfor, x-forwarded-proto, del-header": [r"forwardfor", r"x-forwarded-proto", r"del-header"],
-    "path lookups only": [r"fp_rd", r"fp_https", r"forwardfor", r"x-forwarded-proto", r"del-header", r"fp_host"],
 }
 
 

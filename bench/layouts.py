@@ -19,9 +19,10 @@ from flowproxy.node.up import Node, wait_for
 
 
 @contextmanager
-def production(folder: Path, daemon: bool) -> Iterator[Node]:
+def production(folder: Path, daemon: bool) -> Iterator[tuple[Node, subprocess.Popen[bytes] | None]]:
     """The agent and HAProxy as the host's (children here, but no supervisor in this process), the
-    watches installed as an operator would, and `flowproxy node run` as its own process when `daemon`."""
+    watches installed as an operator would, and `flowproxy node run` as its own process when `daemon`
+    (yielded with the node, so that its CPU can be read)."""
     node = Node(spec(folder, "prod", dev=True))
     proc = None
     try:
@@ -33,7 +34,7 @@ def production(folder: Path, daemon: bool) -> Iterator[Node]:
             proc = subprocess.Popen([FLOWPROXY, "node", "run"], env=node.env(), stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL)
             wait_for((node.settings.run_dir / "apply.sock").exists, 30, "node run's applier")
-        yield node
+        yield node, proc
     finally:
         if proc is not None:
             proc.terminate()
@@ -62,9 +63,9 @@ def layout_rows(trials: int) -> list[Row]:
     rows: list[Row] = []
     with live_node(base / "up", "up") as node:
         rows += measure(node, "node up", trials)
-    with production(base / "run", daemon=True) as node:
+    with production(base / "run", daemon=True) as (node, _):
         rows += measure(node, "production, node run", trials)
-    with production(base / "cold", daemon=False) as node:
+    with production(base / "cold", daemon=False) as (node, _):
         rows += measure(node, "production, node run down (cold handler)", trials)
     return rows
 

@@ -1,9 +1,11 @@
 """Cost in the size of the work: one change at a small and at a large route table, and a node at rest.
 
-    .venv/bin/python -m bench.scale [--routes 10,10000] [--trials 15] [--rest 60]
+    .venv/bin/python -m bench.scale [--routes 10,10000] [--trials 15] [--rest 60] [--layout up|production]
 
-Each size gets its own `flowproxy node up --dev` started as users start it (its own process: its CPU is
-read from /proc), a real Consul agent and HAProxy, and real HTTP instances, all on loopback. The table
+Each size gets its own node: `flowproxy node up --dev` started as users start it (its own process: its
+CPU is read from /proc), or with `--layout production` the production layout (the agent and HAProxy as
+the host's, the watches installed as an operator does, `flowproxy node run` as its own process); a real
+Consul agent and HAProxy, and real HTTP instances, all on loopback. The table
 says, per size: activation, flip and membership-change latency (KV or catalog write -> first request
 that shows it), and at rest the CPU of the flowproxy process and of HAProxy's workers. A report, never a
 test: nothing here asserts.
@@ -90,6 +92,23 @@ def node_up(name: str = "scale", address: str = "127.0.0.1", join: str | None = 
         shutil.rmtree(data, ignore_errors=True)
 
 
+@contextmanager
+def production_node(name: str = "scale") -> Iterator[Live]:
+    """The production layout (`bench.layouts.production`), with `node run` as the flowproxy process."""
+    from bench.layouts import production
+    from bench.live import url
+
+    folder = Path(tempfile.mkdtemp(prefix=f"fp-{name}-production-"))
+    try:
+        with production(folder, daemon=True) as (node, proc):
+            assert proc is not None
+            live = Live(node.settings.node, proc, node.settings.data_dir, node.store(), url(node), "")
+            wait_for(lambda: first_apply(live), 90, f"{name}'s first apply")
+            yield live
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def first_apply(live: Live) -> bool:
     try:
         return live.store.get(contract.status_key(P, live.name)) is not None
@@ -167,14 +186,16 @@ def main() -> None:
     parser.add_argument("--routes", default="10,10000")
     parser.add_argument("--trials", type=int, default=15)
     parser.add_argument("--rest", type=float, default=60.0)
+    parser.add_argument("--layout", choices=("up", "production"), default="up")
     args = parser.parse_args()
+    start = production_node if args.layout == "production" else node_up
     sizes = [int(n) for n in args.routes.split(",")]
     columns: dict[int, dict[str, str]] = {}
     for n in sizes:
-        with node_up() as live:
+        with start() as live:
             columns[n] = trials(live, n, args.trials, args.rest)
         print(f"{n:,} routes: {columns[n]}", flush=True)
-    print(f"\n| metric ({args.trials} trials; at rest over {args.rest:.0f} s) | "
+    print(f"\n| metric (layout {args.layout}, {args.trials} trials; at rest over {args.rest:.0f} s) | "
           + " | ".join(f"{n:,} routes" for n in sizes) + " |")
     print("| --- |" + " --- |" * len(sizes))
     for metric in columns[sizes[0]]:

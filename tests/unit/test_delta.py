@@ -125,15 +125,31 @@ def apply_op(step: tuple[Any, ...], entries: dict[str, KVEntry], health: dict[st
     return Change(routes={route: parsed.get(route)}, index=index)
 
 
+OTHER = [("routes/o/live", {"service": "s1", "paths": ["/o/"]}), ("routes/o/active", "live")]
+
 CASES = [
-    ("activation", [("routes/r/live", {"service": "s1", "paths": ["/r"]})], ("routes/r/active", "live"), True),
+    ("activation", [*OTHER, ("routes/r/live", {"service": "s1", "paths": ["/r"]})], ("routes/r/active", "live"), True),
+    ("switched-off", [*OTHER, ("routes/r/live", {"service": "s1", "paths": ["/r"]}), ("routes/r/active", "live")],
+     ("routes/r/active", ""), True),
     ("conflict-with-another-route",
      [("routes/r/live", {"service": "s1", "paths": ["/r"]}), ("routes/q/live", {"service": "s1", "paths": ["/r"]}),
       ("routes/q/active", "live")], ("routes/r/active", "live"), False),
-    ("regex-path", [("routes/r/live", {"service": "s1", "paths": ["^/r$"], "path_type": "regex"})],
+    ("regex-path", [*OTHER, ("routes/r/live", {"service": "s1", "paths": ["^/r$"], "path_type": "regex"})],
      ("routes/r/active", "live"), False),
-    # The public frontend looks hosts up only when a route has domains: the first one changes it (a reload).
-    ("the-first-route-with-domains", [("routes/r/live", {"service": "s1", "domains": ["r.example"]})],
+    # The public frontend has a lookup step only for a map with rows, but for prefix paths (the default):
+    # the first row of another changes it (a reload), and so does the last one going.
+    ("a-node's-first-route", [("routes/r/live", {"service": "s1", "paths": ["/r"]})],
+     ("routes/r/active", "live"), True),
+    ("a-node's-last-route-going", [("routes/r/live", {"service": "s1", "paths": ["/r"]}), ("routes/r/active", "live")],
+     ("routes/r/active", ""), True),
+    ("the-last-exact-path-going",
+     [*OTHER, ("routes/r/live", {"service": "s1", "paths": ["/r"], "path_type": "exact"}), ("routes/r/active", "live")],
+     ("routes/r/active", ""), False),
+    ("the-first-exact-path", [*OTHER, ("routes/r/live", {"service": "s1", "paths": ["/r"], "path_type": "exact"})],
+     ("routes/r/active", "live"), False),
+    ("the-first-route-with-domains", [*OTHER, ("routes/r/live", {"service": "s1", "domains": ["r.example"]})],
+     ("routes/r/active", "live"), False),
+    ("the-first-https-only", [*OTHER, ("routes/r/live", {"service": "s1", "paths": ["/r"], "https_only": True})],
      ("routes/r/active", "live"), False),
 ]
 
@@ -174,12 +190,14 @@ def test_an_edited_template_file_is_not_local(tmp_path: Path) -> None:
     folder = tmp_path / "templates"
     shutil.copytree(TEMPLATES.folder, folder)
     templates = Templates(folder)
-    entries = [KVEntry(P + "routes/r/live", b'{"service": "s1", "paths": ["/r"]}', 1, 1)]
+    entries = [KVEntry(P + "routes/o/active", b"live", 1, 1),
+               KVEntry(P + "routes/o/live", b'{"service": "s1", "paths": ["/o/"]}', 1, 1),
+               KVEntry(P + "routes/r/live", b'{"service": "s1", "paths": ["/r"]}', 1, 1)]
     desired = desired_from_kv(P, entries, 1)
     health = {"s1": instance_list([("127.0.0.1", 8000, False)])}
     pieces = render_pieces(make_plan(desired, health), templates)
     model = model_of(desired, health, pieces, assemble(pieces, templates), templates=templates, certs={})
-    active = desired_from_kv(P, [*entries, KVEntry(P + "routes/r/active", b"live", 2, 2)], 2).routes[0]
+    active = desired_from_kv(P, [*entries, KVEntry(P + "routes/r/active", b"live", 2, 2)], 2).routes[1]
     assert advance(model, Change(routes={"r": active}, index=2), templates) is not None
     cfg = folder / "haproxy.cfg.j2"
     cfg.write_text(cfg.read_text() + "# edited\n")
@@ -200,3 +218,17 @@ def test_a_lagging_service_watch_does_not_decide_a_route_change() -> None:
     step = advance(model, read_missing(model, change, consul), TEMPLATES)
     assert step is not None
     assert dict(step.model.bundle.files) == dict(full(desired, consul).bundle.files)
+
+
+@pytest.mark.parametrize(("config", "changed", "expected"), [
+    (b"head\nbackend a\n s 1\nbackend b\n s 2\n", {"a": "backend a\n s 3\n"},
+     b"head\nbackend a\n s 3\nbackend b\n s 2\n"),
+    # The old text twice: which one is the section is unknown, so the caller joins every fragment again.
+    (b"backend a\n s 1\n# backend a\n s 1\n", {"a": "backend a\n s 3\n"}, None),
+    (b"backend b\n s 2\n", {"a": "backend a\n s 3\n"}, None),
+], ids=["one-section-swapped", "old-text-not-unique", "old-text-missing"])
+def test_a_changed_section_is_swapped_only_where_it_is_unique(config: bytes, changed: dict[str, str],
+                                                              expected: bytes | None) -> None:
+    from flowproxy.core.delta import _swapped
+
+    assert _swapped(config, {"a": "backend a\n s 1\n"}, changed) == expected

@@ -34,11 +34,11 @@ from flowproxy.core.render import (
     Rows,
     Splice,
     Templates,
+    frontend_maps,
     map_rows,
     map_splice,
     map_text,
     render_pieces,
-    routes_hosts,
     sources,
     splice_of,
 )
@@ -93,7 +93,7 @@ def model_of(desired: Desired, health: Mapping[str, list[Instance]], pieces: Pie
         previews.update(c.slot for c in shows)
         for service in _services(route):
             users.setdefault(service, set()).add(route.name)
-    return Model(desired, dict(health), pieces, bundle, splice_of(templates, pieces.plan, certs), sources(templates),
+    return Model(desired, dict(health), pieces, bundle, splice_of(templates, pieces, certs), sources(templates),
                  public, previews, {s: frozenset(r) for s, r in users.items()})
 
 
@@ -118,14 +118,14 @@ def advance(model: Model, change: Change, templates: Templates, memo: BackendMem
     if len(fresh.plan.backends) != len(fresh.fragments):
         return None  # a template failed: the full build rejects the route with the reason
     plan, gone = _replace_plan(model.pieces.plan, names, old, fresh.plan)
-    if (routes_hosts(gone.claims) or routes_hosts(fresh.plan.claims)) and \
-            routes_hosts(plan.claims) != routes_hosts(model.pieces.plan.claims):
-        return None  # the first route with domains, or the last: the public frontend changes (a reload)
     rows, keys = _replace_rows(model.pieces.rows, map_rows(gone.claims, gone.preview, gone.backends), fresh.rows)
-    if rows is None:
-        return None
+    if rows is None or frontend_maps(rows) != frontend_maps(model.pieces.rows):
+        return None  # a map's first row or its last: the public frontend gains or loses a step (a reload)
     before = frozenset(b.name for b in gone.backends)
-    fragments = {k: v for k, v in model.pieces.fragments.items() if k not in before} | dict(fresh.fragments)
+    fragments = dict(model.pieces.fragments)  # a copy in C: ~0.1 ms at 10,000 backends, a comprehension ~1.4
+    for name in before:
+        del fragments[name]
+    fragments |= fresh.fragments
     config = _config(model, plan, fragments, gone.backends, fresh)
     if config is None:
         return None
@@ -283,15 +283,29 @@ def _replace_rows(rows: Rows, old: Rows, new: Rows) -> tuple[dict[str, Mapping[s
 
 def _config(model: Model, plan: Plan, fragments: Mapping[str, str], gone: list[Backend],
             fresh: Pieces) -> bytes | None:
-    """haproxy.cfg: the old bytes when no backend came, went or changed, else spliced; None when the
+    """haproxy.cfg: the old bytes when no backend came, went or changed; the old bytes with the changed
+    sections swapped when the same backends stay; else joined again from every fragment. None when the
     template cannot be spliced."""
-    same = ({b.name for b in gone} == set(fresh.fragments)
-            and all(model.pieces.fragments.get(name) == text for name, text in fresh.fragments.items()))
-    if same:
+    same_names = {b.name for b in gone} == set(fresh.fragments)
+    changed = {name: text for name, text in fresh.fragments.items() if model.pieces.fragments.get(name) != text}
+    if same_names and not changed:
         return model.bundle.config
     if model.splice is None:
         return None
-    return model.splice.join([fragments[b.name] for b in plan.backends]).encode()
+    swapped = _swapped(model.bundle.config, model.pieces.fragments, changed) if same_names else None
+    return swapped if swapped is not None else model.splice.join([fragments[b.name] for b in plan.backends]).encode()
+
+
+def _swapped(config: bytes, old: Mapping[str, str], changed: Mapping[str, str]) -> bytes | None:
+    """`config` with each changed section's old text replaced by its new one, where the old text occurs
+    exactly once (so it is that section): a membership change at 10,000 backends then costs a scan of the
+    bytes (~0.3 ms) rather than a join of every fragment (~2.5 ms). None when a text is not unique."""
+    for name, text in changed.items():
+        before = old[name].encode()
+        if config.count(before) != 1:
+            return None
+        config = config.replace(before, text.encode(), 1)
+    return config
 
 
 def _replace(items: Sequence[T], names: set[str], fresh: list[T], key: Callable[[T], str]) -> tuple[T, ...]:

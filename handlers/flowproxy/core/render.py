@@ -138,7 +138,8 @@ def render_pieces(plan: Plan, templates: Templates, custom: Mapping[str, Mapping
 def assemble(pieces: Pieces, templates: Templates, certs: Mapping[str, bytes] | None = None) -> Bundle:
     """The files HAProxy loads, from the pieces: haproxy.cfg, the maps, the certificates and their list."""
     plan = pieces.plan
-    cfg = config_text(environment(templates.folder), plan, certs, [pieces.fragments[b.name] for b in plan.backends])
+    cfg = config_text(environment(templates.folder), plan, certs, [pieces.fragments[b.name] for b in plan.backends],
+                      frontend_maps(pieces.rows))
     files = {"haproxy.cfg": cfg.encode()} | {name: map_text(name, rows) for name, rows in pieces.rows.items()}
     files[SLOTS_MAP] = b""  # which spare holds which backend: none in a fresh render (see spares.py)
     # HAProxy reads a PEM whose last line lacks its newline, but not the next file appended to it.
@@ -149,16 +150,26 @@ def assemble(pieces: Pieces, templates: Templates, certs: Mapping[str, bytes] | 
     return Bundle(files)
 
 
-def config_text(env: jinja2.Environment, plan: Plan, certs: Mapping[str, bytes] | None, fragments: list[str]) -> str:
+def config_text(env: jinja2.Environment, plan: Plan, certs: Mapping[str, bytes] | None, fragments: list[str],
+                uses: frozenset[str]) -> str:
     return env.get_template("haproxy.cfg.j2").render(
         version=__version__, fragments=fragments, maps={name: map_path(name) for name in MAP_FILES},
         tcp=tcp_frontends(plan.claims), userlists=userlists(plan), https=bool(certs), codes=REDIRECT_CODES,
-        spares=SPARES, crt_list=CRT_LIST, hosts=routes_hosts(plan.claims))
+        spares=SPARES, crt_list=CRT_LIST, uses=uses, hosts=any(name.startswith("host_") for name in uses))
 
 
-def routes_hosts(claims: Iterable[Claim]) -> bool:
-    """Whether any HTTP route claims a host: the public frontend looks hosts up only then."""
-    return any(c.host and c.path_type in ("exact", "prefix", "regex") for c in claims)
+# The maps the public frontend looks up on every request: each has its step only while it holds rows,
+# but for the prefix paths, the default kind, whose step stays so that a node's first route, or its last
+# going, changes only map rows (no reload).
+FRONTEND_MAPS = (*PUBLIC_MAPS, "https_only", "redirect_from")
+ALWAYS_LOOKED_UP = frozenset({"path_beg"})
+
+
+def frontend_maps(rows: Rows) -> frozenset[str]:
+    """The public frontend's maps that it looks up: a step on an empty map would cost every request for
+    nothing (~0.3-1 us each of HAProxy's ~20), so the template leaves it out, and the first row (or the
+    last going) means a new config, a reload."""
+    return ALWAYS_LOOKED_UP | frozenset(name for name in FRONTEND_MAPS if rows.get(map_path(name)))
 
 
 @dataclass(frozen=True)
@@ -182,18 +193,18 @@ def sources(templates: Templates) -> tuple[jinja2.Template, ...]:
     return env.get_template("haproxy.cfg.j2"), env.get_template("backend.cfg.j2")
 
 
-def splice_of(templates: Templates, plan: Plan, certs: Mapping[str, bytes] | None) -> Splice | None:
+def splice_of(templates: Templates, pieces: Pieces, certs: Mapping[str, bytes] | None) -> Splice | None:
     """The splice of haproxy.cfg.j2 for this plan's other sections, or None when the template does more with
     its fragments than write each one the same way (a node's own template may): seen from renders with
     sentinels, two and three of them."""
-    env = environment(templates.folder)
+    env, plan, uses = environment(templates.folder), pieces.plan, frontend_maps(pieces.rows)
     marks = ["\0fp-splice-a\0", "\0fp-splice-b\0", "\0fp-splice-c\0"]
-    two, three = config_text(env, plan, certs, marks[:2]), config_text(env, plan, certs, marks)
+    two, three = config_text(env, plan, certs, marks[:2], uses), config_text(env, plan, certs, marks, uses)
     if two.count(marks[0]) != 1 or two.count(marks[1]) != 1:
         return None
     head, rest = two.split(marks[0])
     between, tail = rest.split(marks[1])
-    found = Splice(head, between, tail, config_text(env, plan, certs, []))
+    found = Splice(head, between, tail, config_text(env, plan, certs, [], uses))
     return found if found.join(marks) == three and marks[0] not in head + between + tail else None
 
 
