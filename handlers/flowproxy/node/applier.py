@@ -57,6 +57,7 @@ class Applier:
         # One event at a time, each with its own payload, in the order they take this lock: the file lock
         # (coalesce.py) would make every event that finds another applying wait for a full converge.
         self._serial = threading.Lock()
+        self.proof_cpu = 0.0  # CPU seconds of the last periodic proof's child process
         self._moved = False  # the last periodic proof found Consul's state apart from the model's
         self._server: _Server | None = None
         self._log: logging.Handler | None = None
@@ -85,17 +86,22 @@ class Applier:
             return 1
 
     def prove(self) -> int:
-        """The periodic full converge, its reading and rendering done outside the event lock: at 10,000
-        routes that is ~1 s, which every event arriving meanwhile would wait for. Only when the model is
-        not a full render of Consul's state now does a full converge run, in turn with the events."""
+        """The periodic full converge, its reading and rendering done in a child process (node/proof.py):
+        at 10,000 routes that is ~1 s of Python, which would hold up every event arriving meanwhile. Only
+        when the model is not a full render of Consul's state now does a full converge run, in turn with
+        the events. The child's CPU seconds are left in `proof_cpu` for the supervisor's budget."""
         from flowproxy.errors import FlowproxyError
-        from flowproxy.pipeline import prove
+        from flowproxy.node import proof
 
-        with self._serial:
-            warm = self.warm
-            model = warm.model if warm is not None else None
         try:
-            proved = prove(self.settings, warm, model) if warm is not None and model is not None else None
+            with self._serial:  # forked while no event is half-applied (see node/proof.py)
+                warm = self.warm
+                model = warm.model if warm is not None else None
+                child = proof.start(self.settings, warm, model) if warm is not None and model is not None else None
+            self.proof_cpu = 0.0
+            proved = None
+            if child is not None and warm is not None:
+                proved, self.proof_cpu = proof.outcome(child, warm)
             with self._serial:
                 if warm is not None and model is not None and (proved is None or warm.model is not model):
                     # Consul's state moved while the proof read it, or an event moved the model: writes keep
