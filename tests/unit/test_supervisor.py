@@ -32,6 +32,8 @@ class FakeApplier:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, str]] = []
+        self.proof_cpu = 0.0
+
 
     def run(self, kind: str, payload: str, index: int | None = None) -> int:
         end = time.thread_time() + 0.05
@@ -41,7 +43,9 @@ class FakeApplier:
         return 0
 
     def prove(self) -> int:
-        """The real one compares a full render with the model and converges only when they differ."""
+        """The real one compares a full render with the model (in a child process, whose CPU it leaves in
+        `proof_cpu`) and converges only when they differ."""
+        self.proof_cpu = 0.25
         return self.run("prove", "")
 
 
@@ -53,7 +57,7 @@ def test_the_periodic_full_resync_runs_in_the_warm_applier_and_measures_its_cost
     assert isinstance(running, threading.Thread)
     running.join(timeout=10)
     assert fake.calls == [("prove", "", THREAD)]  # the proof, logged to handler.log like a handler's
-    assert sup.full_cost >= 0.05 and not sup.busy()
+    assert sup.full_cost >= 0.05 + 0.25 and not sup.busy()  # its thread's CPU and the proof's child's
 
 
 def test_a_costly_full_resync_is_due_later(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
