@@ -11,6 +11,7 @@ machine where wrk, the backend and HAProxy share 2 cores. Medians over rounds. A
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import statistics
 
@@ -20,7 +21,7 @@ from bench.run import route_entries
 from bench.scale import cpu_seconds
 from bench.wrk import run_wrk
 from flowproxy.core.kv import desired_from_kv
-from flowproxy.core.model import Instance
+from flowproxy.core.model import Instance, KVEntry
 from flowproxy.core.plan import make_plan
 from flowproxy.core.render import Templates, render
 from flowproxy.haproxy.master import HAProxySocket
@@ -53,6 +54,21 @@ def per_request(files: dict[str, bytes], url_path: str, seconds: int) -> tuple[f
     return used / max(result.requests, 1) * 1e6, result.rps
 
 
+# Routes of other kinds besides the prefix routes: their steps in the public frontend are then rendered.
+EVERY_KIND = [KVEntry(f"{P}routes/{name}/{key}", value.encode(), 1, 1) for name, intent in (
+    ("k-exact", {"service": "app", "paths": ["/k-exact"], "path_type": "exact"}),
+    ("k-regex", {"service": "app", "paths": ["^/k-regex/[0-9]+$"], "path_type": "regex"}),
+    ("k-host", {"service": "app", "domains": ["k.example", "*.k.example"], "paths": ["/"], "https_only": True,
+                "redirect_from": ["www.k.example"]}),
+) for key, value in (("live", json.dumps(intent)), ("active", "live"))]
+
+
+def rendered(entries: list[KVEntry], port: int) -> dict[str, bytes]:
+    plan = make_plan(desired_from_kv(P, entries), {"app": [Instance("127.0.0.1", port)]})
+    bundle, _ = render(plan, Templates(REPO_TEMPLATES))
+    return dict(bundle.files)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--routes", type=int, default=10_000)
@@ -61,12 +77,12 @@ def main() -> None:
     args = parser.parse_args()
     n = args.routes
     with fast_backend() as port:
-        plan = make_plan(desired_from_kv(P, route_entries(n, check=False)), {"app": [Instance("127.0.0.1", port)]})
-        bundle, _ = render(plan, Templates(REPO_TEMPLATES))
-        files = dict(bundle.files)
+        files = rendered(route_entries(n, check=False), port)
         config = files["haproxy.cfg"].decode()
         configs = {name: files | {"haproxy.cfg": without(config, patterns).encode()}
                    for name, patterns in VARIANTS.items()}
+        many = "flowproxy with an exact, a regex and a domain route (https_only, redirect_from): 5 more steps"
+        configs[many] = rendered(route_entries(n, check=False) + EVERY_KIND, port)
         configs["minimal hand-written: one frontend, one backend"] = {
             "haproxy.cfg": baseline.minimal("127.0.0.1", port)}
         runs: dict[str, list[tuple[float, float]]] = {name: [] for name in configs}

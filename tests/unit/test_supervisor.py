@@ -90,3 +90,55 @@ def test_notify_never_blocks_on_a_queue_nobody_reads(tmp_path: Path, monkeypatch
         threading.Thread(target=beat, daemon=True).start()
         assert done.wait(20), "notify blocked on a queue nobody reads"
         assert sink.recv(64) == b"WATCHDOG=1"
+
+
+def test_a_change_counted_is_due_only_while_no_apply_holds_the_lock(tmp_path: Path) -> None:
+    """An apply under way has bumped the counter and not yet recorded it: that is no change left behind
+    (read mid-apply, this ran a full apply after every few events)."""
+    from flowproxy import runstate
+    from flowproxy.node import coalesce
+    from flowproxy.node.supervisor import apply_due
+
+    settings = Settings(node="t", data_dir=tmp_path)
+    runstate.save(settings.run_dir, runstate.LAST_APPLY, {"generation": 0})
+    coalesce.bump(settings.run_dir)
+    with coalesce.try_lock(settings.run_dir) as held:
+        assert held and apply_due(settings) == ""
+    assert "left it to the next apply" in apply_due(settings)
+
+
+# Consul's keys at each check (a, b: two states) and what was applied then; the verdict of each check.
+STANDING = [
+    ("applied", [("a", "a")], [""]),
+    ("in-flight-then-applied", [("b", "a"), ("b", "b")], ["", ""]),
+    ("missed-and-standing-still", [("b", "a"), ("b", "a")], ["", "other than those last applied"]),
+    ("moving-under-writes", [("b", "a"), ("c", "b"), ("d", "c")], ["", "", ""]),
+    ("missed-then-standing-still", [("b", "a"), ("c", "a"), ("c", "a")],
+     ["", "", "other than those last applied"]),
+]
+
+
+@pytest.mark.parametrize(("checks", "verdicts"), [c[1:] for c in STANDING], ids=[c[0] for c in STANDING])
+def test_keys_apart_from_the_applied_ones_are_due_once_they_stand_still(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, checks: list[tuple[str, str]], verdicts: list[str]) -> None:
+    from flowproxy import runstate
+    from flowproxy.consul import reads
+    from flowproxy.core import contract
+    from flowproxy.core.model import KVEntry
+
+    settings = Settings(node="t", data_dir=tmp_path)
+    sup = Supervisor(settings)
+    monkeypatch.setattr(sup, "store", lambda: None)
+    key = contract.active_key(settings.prefix, "r")
+    for (held, applied), verdict in zip(checks, verdicts, strict=True):
+        monkeypatch.setattr(reads, "read_config", lambda _store, _prefix, held=held: (
+            1, [KVEntry(key, held.encode(), 1, 1)]))
+        runstate.save(settings.run_dir, runstate.LAST_APPLY,
+                      {"fingerprint": contract.kv_fingerprint(settings.prefix, [(key, applied.encode())])})
+        sup.last_full = time.monotonic()  # the periodic proof is not judged here
+        sup.last_resync = 0.0  # the check is due (a difference makes it due again after RESYNC_GRACE)
+        found = sup.resync_due()
+        assert (verdict in found) if verdict else found == ""
+        if held != applied and not verdict:  # judged again RESYNC_GRACE s later, not RESYNC_EVERY
+            wait = supervisor.every(supervisor.RESYNC_EVERY, sup.resync_cost) - (time.monotonic() - sup.last_resync)
+            assert wait == pytest.approx(supervisor.RESYNC_GRACE, abs=0.5)

@@ -110,6 +110,8 @@ class Applier:
                     moved, self._moved = self._moved, True
                     if not moved:
                         return 0
+                    log.info("the periodic proof found Consul's state apart from the model's twice in a row; "
+                             "converging in full")
                 elif proved:
                     self._moved = False
                     return 0  # equal: nothing to apply

@@ -29,7 +29,7 @@ from flowproxy.consul.store import ConsulStore
 from flowproxy.core import contract
 from flowproxy.errors import FlowproxyError
 from flowproxy.haproxy import ports
-from flowproxy.node import coalesce, selfcheck
+from flowproxy.node import apart, coalesce, selfcheck
 from flowproxy.node import metrics as node_metrics
 from flowproxy.node.applier import THREAD, Applier
 from flowproxy.node.metrics import MetricsServer
@@ -38,6 +38,8 @@ from flowproxy.settings import Settings
 log = logging.getLogger(__name__)
 RETRY_EVERY = 5.0
 RESYNC_EVERY = 10.0
+RESYNC_TIMEOUT = 120.0  # a read of the whole table: ~0.3 s at 10,000 routes
+RESYNC_GRACE = 2.0  # how long a difference must stand still before it is one (see resync_due)
 # Full converge even when nothing looks changed: a `service` watch was seen (1 run in ~4 of the fleet test)
 # not to fire for a deregistration on its own agent, leaving that node on a stale instance list. A no-op
 # converge costs ~0.3 s of CPU, so every 20 s is ~1.5% of a core.
@@ -59,6 +61,7 @@ class Supervisor:
     full_cost: float = 0.0  # CPU seconds of the last periodic full converge (its thread's own)
     resync_cost: float = 0.0  # CPU seconds of the last comparison of Consul's keys with what was applied
     last_resync: float = 0.0
+    suspect: str = ""  # the fingerprint of Consul's keys the last check found not applied
     last_full: float = field(default_factory=time.monotonic)
     metrics: MetricsServer | None = None
     _store: ConsulStore | None = None
@@ -109,8 +112,6 @@ class Supervisor:
         why = apply_due(self.settings) or self.resync_due()
         if why:
             self.last_retry = time.monotonic()
-            # The periodic proof is routine: logged only when it finds something (the apply logs that).
-            log.log(logging.DEBUG if why == PERIODIC else logging.INFO, "an apply is due (%s)", why)
             self.retry = self.apply_now(why)
 
     def busy(self) -> bool:
@@ -122,6 +123,9 @@ class Supervisor:
         applier = self.warm_applier()
 
         def run() -> None:
+            # Said from the applier's thread, so that handler.log tells why each full apply ran. The periodic
+            # proof is routine: logged only when it finds something (it says what).
+            log.log(logging.DEBUG if why == PERIODIC else logging.INFO, "an apply is due (%s)", why)
             began = time.thread_time()
             if why == PERIODIC:
                 applier.prove()  # a full read and render compared with the model; a converge if they differ
@@ -135,7 +139,8 @@ class Supervisor:
 
     def resync_due(self) -> str:
         """Anti-entropy: a full converge every FULL_RESYNC_EVERY seconds, and every RESYNC_EVERY seconds a
-        check whether what Consul holds differs from what was applied (the fingerprint of the config keys).
+        check whether what Consul holds differs from what was applied (the fingerprint of the config keys),
+        twice in a row, RESYNC_GRACE seconds apart, for the same keys.
 
         Watches can miss an event: a snapshot restore 0.3 s after a write left a node on the old routes
         with no watch firing. Any difference, forwards or backwards, means the node must apply again.
@@ -147,17 +152,23 @@ class Supervisor:
         if time.monotonic() - self.last_resync < every(RESYNC_EVERY, self.resync_cost):
             return ""
         self.last_resync = time.monotonic()
-        from flowproxy.consul.reads import read_config
-
-        began = time.thread_time()
         try:
-            _, entries = read_config(self.store(), self.settings.prefix)
+            held, self.resync_cost = apart.run(lambda: held_keys(self.settings), "the key comparison", RESYNC_TIMEOUT)
         except FlowproxyError:
             return ""  # the agent is away; beat() has said so
         last = runstate.load(self.settings.run_dir, runstate.LAST_APPLY)
-        held = contract.kv_fingerprint(self.settings.prefix, [(e.key, e.value) for e in entries])
-        self.resync_cost = time.thread_time() - began
-        return "Consul holds config keys other than those last applied" if last.get("fingerprint") != held else ""
+        if last.get("fingerprint") == held:
+            self.suspect = ""
+            return ""
+        if held != self.suspect:
+            # A write may be on its way to the applier (its event follows it by ~10 ms): judged again
+            # RESYNC_GRACE s later, due only if Consul held the same keys all along and they were still
+            # not applied. Under writes more frequent than that, the periodic proof is the backstop.
+            self.suspect = held
+            self.last_resync = time.monotonic() - every(RESYNC_EVERY, self.resync_cost) + RESYNC_GRACE
+            return ""
+        self.suspect = ""
+        return "Consul holds config keys other than those last applied"
 
     def stop(self, deregister: bool = True) -> None:
         """Stop applying, leave the catalog (unless the agent is gone), close the client."""
@@ -186,12 +197,29 @@ def every(floor: float, cost: float) -> float:
     return max(floor, cost / (BUDGET / 2))
 
 
+def held_keys(settings: Settings) -> str:
+    """The fingerprint of the config keys Consul holds now (read in a child process: see node/apart.py)."""
+    from flowproxy.consul.reads import read_config
+    from flowproxy.consul.store import store_for
+
+    store = store_for(settings)
+    try:
+        _, entries = read_config(store, settings.prefix)
+    finally:
+        store.close()
+    return contract.kv_fingerprint(settings.prefix, [(e.key, e.value) for e in entries])
+
+
 def apply_due(settings: Settings) -> str:
     """Why an apply is due that no watch event will bring, or "" when none is."""
     last = runstate.load(settings.run_dir, runstate.LAST_APPLY)
     if not runstate.load(settings.run_dir, runstate.LAST_STATUS).get("ok", True):
         return "the last apply failed"
-    if coalesce.generation(settings.run_dir) > int(last.get("generation", 0)):
+    # An apply under way has bumped the counter and not yet recorded it: its own drain sees every later
+    # bump, so only a counter ahead while nobody applies is a change left behind. (Read mid-apply, this
+    # ran a second, full apply after every few events: ~1 s at 10,000 routes that the next event waited.)
+    if coalesce.generation(settings.run_dir) > int(last.get("generation", 0)) and \
+            not coalesce.applying(settings.run_dir):
         return "a change found the apply lock taken and left it to the next apply"
     waiting = last.get("ports_waiting", last.get("ports_held", []))  # (ports_held: its older name)
     freed = ports.freed(settings.tcp_host, waiting)
