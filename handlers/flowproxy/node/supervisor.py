@@ -61,6 +61,7 @@ class Supervisor:
     full_cost: float = 0.0  # CPU seconds of the last periodic full converge (its thread's own)
     resync_cost: float = 0.0  # CPU seconds of the last comparison of Consul's keys with what was applied
     last_resync: float = 0.0
+    left: int = 0  # the change count found left behind at the last tick (see left_behind)
     suspect: str = ""  # the fingerprint of Consul's keys the last check found not applied
     last_full: float = field(default_factory=time.monotonic)
     metrics: MetricsServer | None = None
@@ -109,7 +110,7 @@ class Supervisor:
             return
         if time.monotonic() - self.last_retry < RETRY_EVERY:
             return
-        why = apply_due(self.settings) or self.resync_due()
+        why = apply_due(self.settings) or self.left_behind() or self.resync_due()
         if why:
             self.last_retry = time.monotonic()
             self.retry = self.apply_now(why)
@@ -136,6 +137,19 @@ class Supervisor:
         thread = threading.Thread(target=run, name=THREAD, daemon=True)  # its records go to handler.log
         thread.start()
         return thread
+
+    def left_behind(self) -> str:
+        """A change that found the apply lock taken and was left to an apply that never came: the change
+        counter ahead of the last apply's while no apply holds the lock, at two ticks in a row with the
+        same count. An apply under way has counted its change and not yet recorded it, and an event counts
+        itself a moment before it takes the lock: read then, this ran a second, full apply after every few
+        events (~1 s at 10,000 routes, which the next event waited for)."""
+        run_dir = self.settings.run_dir
+        count = coalesce.generation(run_dir)
+        applied = int(runstate.load(run_dir, runstate.LAST_APPLY).get("generation", 0))
+        ahead = count > applied and not coalesce.applying(run_dir)
+        seen, self.left = self.left, (count if ahead else 0)
+        return "a change found the apply lock taken and left it to the next apply" if ahead and seen == count else ""
 
     def resync_due(self) -> str:
         """Anti-entropy: a full converge every FULL_RESYNC_EVERY seconds, and every RESYNC_EVERY seconds a
@@ -215,12 +229,6 @@ def apply_due(settings: Settings) -> str:
     last = runstate.load(settings.run_dir, runstate.LAST_APPLY)
     if not runstate.load(settings.run_dir, runstate.LAST_STATUS).get("ok", True):
         return "the last apply failed"
-    # An apply under way has bumped the counter and not yet recorded it: its own drain sees every later
-    # bump, so only a counter ahead while nobody applies is a change left behind. (Read mid-apply, this
-    # ran a second, full apply after every few events: ~1 s at 10,000 routes that the next event waited.)
-    if coalesce.generation(settings.run_dir) > int(last.get("generation", 0)) and \
-            not coalesce.applying(settings.run_dir):
-        return "a change found the apply lock taken and left it to the next apply"
     waiting = last.get("ports_waiting", last.get("ports_held", []))  # (ports_held: its older name)
     freed = ports.freed(settings.tcp_host, waiting)
     return f"port(s) {', '.join(map(str, freed))} that TCP routes wait for are free now" if freed else ""
