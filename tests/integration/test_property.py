@@ -88,10 +88,19 @@ def frame(entries: list[KVEntry]) -> set[str]:
                .splitlines())
 
 
-# The empty render's lines, and the host lookups the public frontend gains once a route has domains.
-HOSTS = [KVEntry(f"{P}routes/h/live", b'{"service": "h", "domains": ["h.example"]}', 1, 1),
-         KVEntry(f"{P}routes/h/active", b"live", 2, 2)]
-BASELINE = frame([]) | {line for line in frame(HOSTS) if "fp_hp" in line or "fp_whp" in line}
+def routes(*intents: dict[str, Any]) -> list[KVEntry]:
+    return [KVEntry(f"{P}routes/k{n}/{key}", value.encode(), 1, 1) for n, intent in enumerate(intents)
+            for key, value in (("live", json.dumps(intent)), ("active", "live"))]
+
+
+# The empty render's lines, and the public frontend's steps that come with a route of each kind: the
+# frontend looks up only the maps with rows (exact and regex paths, hosts, redirect_from, https_only).
+EVERY_KIND = routes(
+    {"service": "h", "paths": ["/e"], "path_type": "exact"}, {"service": "h", "paths": ["^/r$"], "path_type": "regex"},
+    {"service": "h", "domains": ["e.example"], "paths": ["/e"], "path_type": "exact"},
+    {"service": "h", "domains": ["r.example"], "paths": ["^/r$"], "path_type": "regex"},
+    {"service": "h", "domains": ["h.example"], "https_only": True, "redirect_from": ["www.h.example"]})
+BASELINE = frame([]) | {line for line in frame(EVERY_KIND) if line.startswith("    http-request ")}
 
 
 def render_one(doc: dict[str, Any]) -> Bundle | None:
