@@ -85,6 +85,10 @@ class Applier:
             log.exception("applier: the %s event failed unexpectedly", kind)
             return 1
 
+    def applying(self) -> bool:
+        """Whether an event or a converge is being applied now."""
+        return self._serial.locked()
+
     def prove(self) -> int:
         """The periodic full converge, its reading and rendering done in a child process (node/proof.py):
         at 10,000 routes that is ~1 s of Python, which would hold up every event arriving meanwhile. Only

@@ -36,12 +36,6 @@ def generation(run_dir: Path) -> int:
         return 0
 
 
-def applying(run_dir: Path) -> bool:
-    """Whether an apply holds the lock now (its drain then sees every change that bumped the counter)."""
-    with try_lock(run_dir) as held:
-        return not held
-
-
 @contextmanager
 def try_lock(run_dir: Path, wait: bool = False) -> Iterator[bool]:
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -140,14 +140,15 @@ class Supervisor:
 
     def left_behind(self) -> str:
         """A change that found the apply lock taken and was left to an apply that never came: the change
-        counter ahead of the last apply's while no apply holds the lock, at two ticks in a row with the
+        counter ahead of the last apply's while the warm applier is idle, at two ticks in a row with the
         same count. An apply under way has counted its change and not yet recorded it, and an event counts
         itself a moment before it takes the lock: read then, this ran a second, full apply after every few
-        events (~1 s at 10,000 routes, which the next event waited for)."""
+        events (~1 s at 10,000 routes, which the next event waited for). (Not by trying the lock file: an
+        event that found it taken by such a look would leave its change behind.)"""
         run_dir = self.settings.run_dir
         count = coalesce.generation(run_dir)
         applied = int(runstate.load(run_dir, runstate.LAST_APPLY).get("generation", 0))
-        ahead = count > applied and not coalesce.applying(run_dir)
+        ahead = count > applied and not (self.applier is not None and self.applier.applying())
         seen, self.left = self.left, (count if ahead else 0)
         return "a change found the apply lock taken and left it to the next apply" if ahead and seen == count else ""
 
