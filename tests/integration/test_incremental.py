@@ -109,9 +109,14 @@ def test_routes_watched_in_shards_apply_each_change(tmp_path_factory: pytest.Tem
             store.put(f"{P}routes/{name}/active", "live")
         edge = start_node(node_spec(base / "edge", "shard-edge", dev=False, join=(server.serf,), watch_shard_size=1))
         edge.wait_reply("/c1/x", 200)
-        watched = {w["prefix"] for w in json.loads((edge.settings.watch_dir / ROUTES_FILE).read_text())["watches"]}
-        assert {f"{P}routes/a1", f"{P}routes/b2", f"{P}routes/c", f"{P}routes/z"} <= watched
-        assert f"{P}routes/" not in watched and len(watched) == 36 - 2 + 2 * 40
+
+        def watched() -> set[str]:
+            return {w["prefix"] for w in json.loads((edge.settings.watch_dir / ROUTES_FILE).read_text())["watches"]}
+
+        # The full apply serves first and writes the watches after: wait for the file, as an operator would.
+        edge.wait(lambda: {f"{P}routes/a1", f"{P}routes/b2", f"{P}routes/c", f"{P}routes/z"} <= watched(),
+                  "the routes' watch split")
+        assert f"{P}routes/" not in watched() and len(watched()) == 36 - 2 + 2 * 40
         store.put(f"{P}routes/a1/live", json.dumps({"service": "colors", "paths": ["/a1", "/settled"]}))
         edge.wait_reply("/settled/x", 200)  # by whichever path: the agent reload after the split re-fired all
         before = len(incremental_lines(edge))
