@@ -443,7 +443,6 @@ def live_rows(trials: int, seconds: int) -> list[Row]:
             took = fresh_node(base / "b", node)
             rows.append(Row("fresh node, 1,000 routes: agent start -> all serving", f"{took:.2f} s", target="<= 5 s",
                             verdict=verdict(took <= 5)))
-            rows += large_rows(systems, min(trials, 20))
             for server in (backend, blue, green):
                 server.stop()
             rows += scale_rows(base, port)
@@ -483,26 +482,6 @@ def latency_rows(systems: Systems, trials: int) -> list[Row]:
             f"{member_reloads[bl]:.1f}", "0", verdict(member_reloads[fp] == 0)),
         Row("reloads per activation (a new route: intent, then its active key)", f"{small_reloads[fp]:.2f}",
             f"{small_reloads[bl]:.1f}", "0", verdict(small_reloads[fp] == 0)),
-    ]
-
-
-def large_rows(systems: Systems, trials: int) -> list[Row]:
-    """The latency trials again with 10,000 other routes on each system (health-checked instances), side by
-    side: what one change costs against a large table (bench.scale has the same per layout)."""
-    for s in systems.members:
-        bulk_routes(systems.node.store(), [f"o{i}" for i in range(1000, 10_000)], "app", s.prefix)
-        s.settle()
-    act, _ = activation(systems, trials, "c")
-    flip, _ = flips(systems, trials)
-    member, _ = membership(systems, trials)
-    fp, bl = "flowproxy", "baseline"
-    return [
-        Row("activation latency, 10,000 other routes", ms(act[fp]), ms(act[bl]), "p50 <= 30",
-            verdict(pct(act[fp], 0.5) <= 0.03)),
-        Row("blue-green flip latency, 10,000 other routes", ms(flip[fp]), ms(flip[bl]), "p50 <= 30",
-            verdict(pct(flip[fp], 0.5) <= 0.03)),
-        Row("membership change latency, 10,000 other routes", ms(member[fp]), ms(member[bl]), "p50 <= 50",
-            verdict(pct(member[fp], 0.5) <= 0.05)),
     ]
 
 
