@@ -102,9 +102,8 @@ class Applier:
                 warm = self.warm
                 model = warm.model if warm is not None else None
                 child = proof.start(self.settings, warm, model) if warm is not None and model is not None else None
-            self.proof_cpu = 0.0
-            proved = None
-            if child is not None and warm is not None:
+            self.proof_cpu, proved = 0.0, None
+            if child is not None and warm is not None:  # (warm is not None whenever child is: for the types)
                 proved, self.proof_cpu = proof.outcome(child, warm)
             with self._serial:
                 if warm is not None and model is not None and (proved is None or warm.model is not model):
