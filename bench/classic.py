@@ -37,28 +37,38 @@ class Classic:
         self.last = b""
         self.stopped = threading.Event()
         self.lock = threading.Lock()
+        self.kv_index = 0  # the routes' index it has read (after marking the change)
 
+    # A blocking query that times out answers with the same index: consul-template renders only when the
+    # index moved, and so does this (else it re-parses and re-renders every table each 2 s for nothing).
     def watch_kv(self) -> None:
         index = 0
         while not self.stopped.is_set():
             try:
-                index, data = self.store.client.kv.get(PREFIX + "routes/", recurse=True, index=index, wait="2s")
+                seen, data = self.store.client.kv.get(PREFIX + "routes/", recurse=True, index=index, wait="2s")
             except Exception:  # the agent is going away with the benchmark
                 self.stopped.wait(0.2)
                 continue
+            if seen == index:
+                continue
+            index = seen
             with self.lock:
                 self.entries = [KVEntry(d["Key"], d["Value"] or b"", d["CreateIndex"], d["ModifyIndex"])
                                 for d in data or []]
             self.changed.set()
+            self.kv_index = int(seen)
 
     def watch_service(self, service: str) -> None:
         index = 0
         while not self.stopped.is_set():
             try:
-                index, data = self.store.client.health.service(service, passing=True, index=index, wait="2s")
+                seen, data = self.store.client.health.service(service, passing=True, index=index, wait="2s")
             except Exception:
                 self.stopped.wait(0.2)
                 continue
+            if seen == index:
+                continue
+            index = seen
             with self.lock:
                 self.health[service] = [_instance(d) for d in data]
             self.changed.set()
@@ -92,10 +102,14 @@ class Classic:
 
     def settle(self) -> None:
         """Wait until the last change was rendered and its reload confirmed."""
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 300  # 10,000 routes: a render and reload of seconds, maybe retried
         while time.monotonic() < deadline and (self.changed.is_set() or self.busy.is_set()):
             time.sleep(0.01)
         time.sleep(0.05)
+
+    def applied(self, index: int) -> bool:
+        """Whether the routes at `index` were read and rendered (and any reload confirmed)."""
+        return self.kv_index >= index and not self.changed.is_set() and not self.busy.is_set()
 
     def reloads(self) -> int:
         return HAProxySocket(self.settings.master_socket).show_proc_settled().reloads

@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +50,7 @@ class Live:
     store: ConsulStore
     proxy: str
     serf: str
+    consul: str = ""  # its agent's HTTP address
 
     def applied(self, reader: ConsulStore | None = None) -> int:
         """The KV index this node's status key reports (read through `reader`, default its own agent)."""
@@ -81,7 +82,7 @@ def node_up(name: str = "scale", address: str = "127.0.0.1", join: str | None = 
                              *(["--join", join] if join else ["--dev"])],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     store = ConsulStore(f"127.0.0.1:{http}")
-    live = Live(name, proc, data, store, f"http://{address}:{proxy}", f"{address}:{serf}")
+    live = Live(name, proc, data, store, f"http://{address}:{proxy}", f"{address}:{serf}", f"127.0.0.1:{http}")
     try:
         wait_for(lambda: first_apply(live), 90, f"{name}'s first apply")
         yield live
@@ -102,7 +103,8 @@ def production_node(name: str = "scale") -> Iterator[Live]:
     try:
         with production(folder, daemon=True) as (node, proc):
             assert proc is not None
-            live = Live(node.settings.node, proc, node.settings.data_dir, node.store(), url(node), "")
+            live = Live(node.settings.node, proc, node.settings.data_dir, node.store(), url(node), "",
+                        node.settings.consul_addr)
             wait_for(lambda: first_apply(live), 90, f"{name}'s first apply")
             yield live
     finally:
@@ -133,50 +135,112 @@ def at_rest(live: Live, seconds: float) -> tuple[float, float]:
     return 100 * used[0] / seconds, 100 * sum(used[1:]) / seconds
 
 
-def trials(live: Live, n: int, count: int, rest: float) -> dict[str, str]:
-    blue, green = IdentityServer("blue-1").start(), IdentityServer("green-1").start()
-    member, extra = IdentityServer("member-1").start(), IdentityServer("member-2").start()
+@dataclass(frozen=True)
+class Target:
+    """One system under trial: flowproxy's node, or the classic pipeline beside it on the same Consul (its
+    own KV prefix, services and HAProxy), each with the same routes and the same changes."""
+
+    name: str
+    store: ConsulStore
+    prefix: str
+    suffix: str  # of its services and instance ids
+    proxy: str
+    settle: Callable[[], None]
+
+
+def flowproxy_target(live: Live) -> Target:
+    return Target("flowproxy", live.store, P, "", live.proxy, live.settle)
+
+
+@contextmanager
+def classic_target(live: Live) -> Iterator[Target]:
+    """The consul-template-style pipeline (bench/classic.py) on `live`'s agent, with an HAProxy of its own."""
+    from bench import baseline, classic
+    from bench.parts import haproxy_serving
+
+    services = ("app-classic", "colors-classic", "member-classic")
+    with haproxy_serving({"haproxy.cfg": baseline.render([])}) as (url, settings), \
+            classic.running(live.consul, settings, services) as pipeline:
+        def settle() -> None:
+            latest = latest_index(live.store, classic.PREFIX)
+            wait_for(lambda: pipeline.applied(latest), 300, f"the classic pipeline to apply index {latest}")
+
+        yield Target("baseline", live.store, classic.PREFIX, "-classic", url, settle)
+
+
+@dataclass(frozen=True)
+class Servers:
+    blue: IdentityServer
+    green: IdentityServer
+    member: IdentityServer
+    extra: IdentityServer
+
+
+def prepare(target: Target, n: int, servers: Servers) -> None:
+    """n routes on one instance each, a blue/green route and a route for membership changes."""
+    store, x, prefix = target.store, target.suffix, target.prefix
+    register_instance(store, f"app{x}", f"app-1{x}", servers.blue.port)
+    register_instance(store, f"colors{x}", f"blue-1{x}", servers.blue.port, tags=("blue",))
+    register_instance(store, f"colors{x}", f"green-1{x}", servers.green.port, tags=("green",))
+    register_instance(store, f"member{x}", f"member-1{x}", servers.member.port)
+    bulk_routes(store, [f"r{i}" for i in range(n)], f"app{x}", prefix)
+    for color in ("blue", "green"):
+        store.put(contract.intent_key(prefix, "flip", color),
+                  json.dumps({"service": f"colors{x}", "tags": [color], "paths": ["/flip/"]}))
+    store.put(contract.active_key(prefix, "flip"), "blue")
+    store.put(contract.intent_key(prefix, "m", "live"), json.dumps({"service": f"member{x}", "paths": ["/m/"]}))
+    store.put(contract.active_key(prefix, "m"), "live")
+    target.settle()
+    wait_for(answers(f"{target.proxy}/flip/x", 200), 120, f"{target.name}'s flip route")
+    time.sleep(2)
+
+
+def measure(target: Target, count: int, servers: Servers) -> dict[str, list[float]]:
+    """Seconds from each write to the first request that shows it: activation, flip, membership."""
+    store, x, prefix, proxy = target.store, target.suffix, target.prefix, target.proxy
+    out: dict[str, list[float]] = {"activation": [], "flip": [], "membership": []}
+    for i in range(count):
+        intent = {"service": f"app{x}", "paths": [f"/t{i}/"]}
+        store.put(contract.intent_key(prefix, f"t{i}", "live"), json.dumps(intent))
+        target.settle()
+        time.sleep(0.3)
+        store.put(contract.active_key(prefix, f"t{i}"), "live")
+        out["activation"].append(until("activation", answers(f"{proxy}/t{i}/x", 200), 60))
+        target.settle()
+        time.sleep(0.3)
+        color = "green" if i % 2 == 0 else "blue"
+        store.put(contract.active_key(prefix, "flip"), color)
+        out["flip"].append(until("flip", reaches(f"{proxy}/flip/x", f"{color}-1"), 60))
+        target.settle()
+        time.sleep(0.3)
+        register_instance(store, f"member{x}", f"member-2{x}", servers.extra.port)
+        out["membership"].append(until("membership", reaches(f"{proxy}/m/x", "member-2", tries=4), 60))
+        store.deregister_service(f"member-2{x}")
+        until("member-2 gone", avoids(f"{proxy}/m/x", "member-2"), 60)
+        time.sleep(0.3)
+    return out
+
+
+def trials(live: Live, n: int, count: int, rest: float, baseline: bool = False) -> dict[str, str]:
+    servers = Servers(*(IdentityServer(name).start() for name in ("blue-1", "green-1", "member-1", "member-2")))
     try:
-        register_instance(live.store, "app", "app-1", blue.port)
-        register_instance(live.store, "colors", "blue-1", blue.port, tags=("blue",))
-        register_instance(live.store, "colors", "green-1", green.port, tags=("green",))
-        register_instance(live.store, "member", "member-1", member.port)
-        bulk_routes(live.store, [f"r{i}" for i in range(n)], "app")
-        for color in ("blue", "green"):
-            live.store.put(contract.intent_key(P, "flip", color),
-                           json.dumps({"service": "colors", "tags": [color], "paths": ["/flip/"]}))
-        live.store.put(contract.active_key(P, "flip"), "blue")
-        live.store.put(contract.intent_key(P, "m", "live"), json.dumps({"service": "member", "paths": ["/m/"]}))
-        live.store.put(contract.active_key(P, "m"), "live")
-        live.settle()
-        wait_for(answers(f"{live.proxy}/flip/x", 200), 60, "the flip route")
-        time.sleep(2)
-        activation, flip, membership = [], [], []
-        for i in range(count):
-            intent = {"service": "app", "paths": [f"/t{i}/"]}
-            live.store.put(contract.intent_key(P, f"t{i}", "live"), json.dumps(intent))
-            live.settle()
-            time.sleep(0.3)
-            live.store.put(contract.active_key(P, f"t{i}"), "live")
-            activation.append(until("activation", answers(f"{live.proxy}/t{i}/x", 200), 60))
-            time.sleep(0.3)
-            color = "green" if i % 2 == 0 else "blue"
-            live.store.put(contract.active_key(P, "flip"), color)
-            flip.append(until("flip", reaches(f"{live.proxy}/flip/x", f"{color}-1"), 60))
-            time.sleep(0.3)
-            register_instance(live.store, "member", "member-2", extra.port)
-            membership.append(until("membership", reaches(f"{live.proxy}/m/x", "member-2", tries=4), 60))
-            live.store.deregister_service("member-2")
-            until("member-2 gone", avoids(f"{live.proxy}/m/x", "member-2"), 60)
-            time.sleep(0.3)
+        ours = flowproxy_target(live)
+        prepare(ours, n, servers)
+        seen = measure(ours, count, servers)
         time.sleep(5)
         flowproxy_cpu, haproxy_cpu = at_rest(live, rest)
+        cells = {metric: summary(values) for metric, values in seen.items()}
+        cells |= {"at rest, flowproxy": f"{flowproxy_cpu:.1f} % of a core",
+                  "at rest, HAProxy workers": f"{haproxy_cpu:.1f} % of a core"}
+        if baseline:
+            with classic_target(live) as theirs:
+                prepare(theirs, n, servers)
+                cells |= {f"{metric}, baseline": summary(values)
+                          for metric, values in measure(theirs, count, servers).items()}
     finally:
-        for server in (blue, green, member, extra):
+        for server in (servers.blue, servers.green, servers.member, servers.extra):
             server.stop()
-    return {"activation": summary(activation), "flip": summary(flip), "membership": summary(membership),
-            "at rest, flowproxy": f"{flowproxy_cpu:.1f} % of a core",
-            "at rest, HAProxy workers": f"{haproxy_cpu:.1f} % of a core"}
+    return cells
 
 
 def summary(seconds: list[float]) -> str:
@@ -189,13 +253,15 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=15)
     parser.add_argument("--rest", type=float, default=60.0)
     parser.add_argument("--layout", choices=("up", "production"), default="up")
+    parser.add_argument("--baseline", action="store_true",
+                        help="the same trials on the classic consul-template-style pipeline, beside the node")
     args = parser.parse_args()
     start = production_node if args.layout == "production" else node_up
     sizes = [int(n) for n in args.routes.split(",")]
     columns: dict[int, dict[str, str]] = {}
     for n in sizes:
         with start() as live:
-            columns[n] = trials(live, n, args.trials, args.rest)
+            columns[n] = trials(live, n, args.trials, args.rest, args.baseline)
         print(f"{n:,} routes: {columns[n]}", flush=True)
     print(f"\n| metric (layout {args.layout}, {args.trials} trials; at rest over {args.rest:.0f} s) | "
           + " | ".join(f"{n:,} routes" for n in sizes) + " |")

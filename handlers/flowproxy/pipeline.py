@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from flowproxy import runstate
+from flowproxy import runstate, telemetry
 from flowproxy.consul import reads, watches
 from flowproxy.consul.store import ConsulStore, store_for
 from flowproxy.core import contract
@@ -35,7 +35,7 @@ from flowproxy.core.plan import Plan, make_plan
 from flowproxy.core.render import BackendMemo, Bundle, Pieces, Templates, assemble, render_pieces
 from flowproxy.core.status import applied_doc, failed_doc
 from flowproxy.errors import CandidateRefused, EmptyRefused, FlowproxyError
-from flowproxy.haproxy import release, runtime
+from flowproxy.haproxy import capacity, release, runtime
 from flowproxy.haproxy.deploy import Deployed, candidate_passes, deploy, deploy_step
 from flowproxy.haproxy.isolate import find_culprits
 from flowproxy.haproxy.patch import Running, running_of
@@ -67,6 +67,8 @@ class Warm:
     read_at: float = 0.0  # when the last full converge began to read Consul (monotonic)
     proved: int = 0  # full converges that found the model's render equal to theirs, of the same state
     diverged: int = 0  # and that found it differing
+    checks: int = 0  # health-checked servers in the model
+    check_room: int = 0  # how many HAProxy's open files leave room for (haproxy/capacity.py)
 
 
 @dataclass(frozen=True)
@@ -194,9 +196,10 @@ def converge(settings: Settings, generation: int = 0, accept_empty: bool = False
     `snapshot` is the keyprefix watch's payload, used when it is still the latest state.
     """
     store = shared or store_for(settings)
+    begun = time.monotonic()
     try:
         warm = warm or Warm()
-        warm.read_at = time.monotonic()
+        warm.read_at = begun
         seen = gather(settings, store, snapshot, warm)
         desired, health = seen.desired, seen.health
         guard_empty(settings, store, desired, accept_empty)
@@ -209,7 +212,9 @@ def converge(settings: Settings, generation: int = 0, accept_empty: bool = False
             deployed = deploy(settings, built.bundle)
         sync_watches(settings, store, seen)
         publish(settings, store, desired, built, deployed, started=started)
+        telemetry.applied(deployed.path, True, time.monotonic() - begun)
     except FlowproxyError as exc:
+        telemetry.applied("full", False, time.monotonic() - begun)
         warm = warm or Warm()
         warm.model = warm.running = warm.seen = None  # the next event goes the full way
         _publish_failure(settings, store, str(exc))
@@ -231,6 +236,9 @@ def keep_model(settings: Settings, warm: Warm, seen: Gathered, built: Built) -> 
     warm.model = model_of(desired, health, built.pieces, built.bundle,
                           templates=Templates(settings.templates, desired.templates), certs=built.certs)
     warm.seen, warm.running, warm.health_index = seen, None, dict(seen.health_index)
+    limit = capacity.master_limit(settings.master_socket)
+    warm.checks = capacity.need(built.plan)
+    warm.check_room = capacity.budget(built.plan, limit, settings.min_connections, capacity.threads())
 
 
 def compare(warm: Warm, model: Model, seen: Gathered, built: Built) -> bool | None:
@@ -291,6 +299,10 @@ def apply_change(settings: Settings, store: ConsulStore, warm: Warm, change: Cha
     step = advance(model, change, templates, warm.backends)
     if step is None:
         return False
+    added = (capacity.checks_in(step.model.pieces.fragments, step.after)
+             - capacity.checks_in(model.pieces.fragments, step.before))
+    if added > 0 and warm.checks + added > warm.check_room:
+        return False  # the full build's vet stage judges which routes fit
     running = warm.running if warm.running is not None and warm.running_at == _current(settings) else None
     running = running or deploy_running(settings)
     if running is None:
@@ -303,12 +315,14 @@ def apply_change(settings: Settings, store: ConsulStore, warm: Warm, change: Cha
     if after is None:
         return False
     warm.model, warm.running, warm.running_at = step.model, after, _current(settings)
+    warm.checks += added
     desired = step.model.desired
     if set(step.model.users) - set(model.users):
         watches.sync(settings.watch_dir, store, step.model.users)
     what = [f"route {name}" for name in sorted(change.routes)] + [f"service {s}" for s in sorted(change.health)]
     log.info("applied %s incrementally: config %s (KV index %s) in %.0f ms", ", ".join(what),
              step.model.bundle.config_sha256[:12], desired.index, (time.monotonic() - started) * 1000)
+    telemetry.applied("incremental", True, time.monotonic() - started)
     built = Built(step.model.bundle, step.model.pieces.plan, Refusals(), step.model.pieces, {})
     publish(settings, store, desired, built, Deployed(changed=False), started=started)
     waiting = runstate.load(settings.run_dir, runstate.LAST_APPLY).get("ports_waiting", [])

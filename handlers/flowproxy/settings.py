@@ -32,6 +32,9 @@ DEFAULT_MAX_OLD_WORKERS = 10
 # A keyprefix watch hands the agent its whole subtree each time (~110 ms for 10,000 routes): 500 routes a
 # watch keep that near 5 ms (core/shards.py).
 DEFAULT_WATCH_SHARD_SIZE = 500
+# Health checks hold a descriptor each; routes whose checks would leave HAProxy fewer connections than this
+# under its open-file limit are refused by name (haproxy/capacity.py).
+DEFAULT_MIN_CONNECTIONS = 1000
 
 
 def shipped(folder: str, repo_folder: str) -> Path:
@@ -163,6 +166,9 @@ class Settings:
     old_worker_lifetime: str = DEFAULT_OLD_WORKER_LIFETIME  # HAProxy's hard-stop-after
     max_old_workers: int = DEFAULT_MAX_OLD_WORKERS  # HAProxy's mworker-max-reloads
     watch_shard_size: int = DEFAULT_WATCH_SHARD_SIZE  # routes per keyprefix watch before it is split
+    min_connections: int = DEFAULT_MIN_CONNECTIONS  # connections HAProxy's health checks must leave room for
+    log_format: str = "text"  # flowproxy's own log lines: text | json (logs.py)
+    log_level: str = "info"  # debug | info | warning | error
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -188,6 +194,9 @@ class Settings:
             "old_worker_lifetime": env.get("FLOWPROXY_OLD_WORKER_LIFETIME") or DEFAULT_OLD_WORKER_LIFETIME,
             "max_old_workers": _count(env.get("FLOWPROXY_MAX_OLD_WORKERS", ""), DEFAULT_MAX_OLD_WORKERS),
             "watch_shard_size": _count(env.get("FLOWPROXY_WATCH_SHARD_SIZE", ""), DEFAULT_WATCH_SHARD_SIZE),
+            "min_connections": _count(env.get("FLOWPROXY_MIN_CONNECTIONS", ""), DEFAULT_MIN_CONNECTIONS),
+            "log_format": env.get("FLOWPROXY_LOG_FORMAT") or "text",
+            "log_level": (env.get("FLOWPROXY_LOG_LEVEL") or "info").lower(),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)  # type: ignore[arg-type]
@@ -208,6 +217,12 @@ class Settings:
             raise UsageError(f"FLOWPROXY_MAX_OLD_WORKERS {self.max_old_workers}: a number from 1 to 1000")
         if not 1 <= self.watch_shard_size <= 1_000_000:
             raise UsageError(f"FLOWPROXY_WATCH_SHARD_SIZE {self.watch_shard_size}: a number from 1 to 1000000")
+        if not 1 <= self.min_connections <= 1 << 30:
+            raise UsageError(f"FLOWPROXY_MIN_CONNECTIONS {self.min_connections}: a number from 1 to 1073741824")
+        if self.log_format not in ("text", "json"):
+            raise UsageError(f"FLOWPROXY_LOG_FORMAT {self.log_format!r}: text or json")
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise UsageError(f"FLOWPROXY_LOG_LEVEL {self.log_level!r}: debug, info, warning or error")
         return replace(self, prefix=prefix, data_dir=self.data_dir.absolute())
 
     def env(self) -> dict[str, str]:
@@ -224,6 +239,9 @@ class Settings:
             "FLOWPROXY_OLD_WORKER_LIFETIME": self.old_worker_lifetime,
             "FLOWPROXY_MAX_OLD_WORKERS": str(self.max_old_workers),
             "FLOWPROXY_WATCH_SHARD_SIZE": str(self.watch_shard_size),
+            "FLOWPROXY_MIN_CONNECTIONS": str(self.min_connections),
+            "FLOWPROXY_LOG_FORMAT": self.log_format,
+            "FLOWPROXY_LOG_LEVEL": self.log_level,
         }
         if self.consul_token_file:
             out["CONSUL_HTTP_TOKEN_FILE"] = self.consul_token_file

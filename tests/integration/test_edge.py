@@ -467,3 +467,28 @@ def test_flowproxy_metrics_beside_haproxys(edge: ProxyNode, serve: Callable[...,
     assert float(after["flowproxy_applied_kv_index"]) == status["kv_index"]
     why = 'flowproxy_last_reload_info{kv_index="%d",why="new backend own:live (settings other than servers)"}'
     assert why % status["last_reload"]["kv_index"] in after
+
+    def number(metrics: dict[str, str], name: str) -> float:
+        return float(metrics.get(name, "0"))
+
+    # flowproxy's own work, counted by the node process: the reload and its kind, the apply, its time.
+    assert number(after, 'flowproxy_reloads_total{reason="new_backend"}') > number(
+        before, 'flowproxy_reloads_total{reason="new_backend"}')
+    assert number(after, 'flowproxy_applies_total{path="reload",result="ok"}') > number(
+        before, 'flowproxy_applies_total{path="reload",result="ok"}')
+    assert number(after, 'flowproxy_apply_duration_seconds_count{path="reload"}') > number(
+        before, 'flowproxy_apply_duration_seconds_count{path="reload"}')
+    assert number(after, 'flowproxy_watch_events_total{kind="keyprefix"}') > number(
+        before, 'flowproxy_watch_events_total{kind="keyprefix"}')
+    assert number(after, "flowproxy_last_apply_success_timestamp_seconds") > number(
+        before, "flowproxy_last_apply_success_timestamp_seconds")
+    assert 0 < number(after, "flowproxy_kv_index_seen") <= status["kv_index"]
+    assert number(after, "flowproxy_rejected_routes") == 0
+
+    # An instance joining an existing route: the incremental path, no reload.
+    serve("site", "site-2")
+    until(edge, lambda: number(scrape(), 'flowproxy_applies_total{path="incremental",result="ok"}') > number(
+        after, 'flowproxy_applies_total{path="incremental",result="ok"}'), "an incremental apply counted")
+    put(edge, "routes/broken/live", json.dumps({"service": "site", "paths": ["no-slash"]}))
+    put(edge, "routes/broken/active", "live")
+    until(edge, lambda: number(scrape(), "flowproxy_rejected_routes") == 1, "the rejected route counted")

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "handlers" / "flowproxy"
-SHARED = {"flowproxy", "flowproxy.defaults", "flowproxy.errors", "flowproxy.redact", "flowproxy.runstate",
-          "flowproxy.settings"}
+SHARED = {"flowproxy", "flowproxy.defaults", "flowproxy.errors", "flowproxy.logs", "flowproxy.redact",
+          "flowproxy.runstate", "flowproxy.settings", "flowproxy.telemetry"}
 # layer -> the layers it may import (besides itself and the shared modules)
 ALLOWED = {
     "core": set(),

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from flowproxy import runstate
+from flowproxy import runstate, telemetry
 from flowproxy.node.metrics import NodeCollector
 from flowproxy.settings import Settings
 
@@ -25,3 +26,47 @@ def test_metrics_come_from_the_last_status_and_say_when_haproxy_is_down(tmp_path
     assert ('flowproxy_last_reload_info{kv_index="40",why="new backend pg:live (settings other than servers)"} 1.0'
             in text)
     assert "flowproxy_old_workers" not in text  # unknown while HAProxy is down: absent, never a made-up 0
+
+
+@pytest.mark.parametrize(("why", "kind"), [
+    ("first config", "first"),
+    ("new backend own:live (settings other than servers)", "new_backend"),
+    ("backend api:live goes", "backend_gone"),
+    ("backend api:live: settings other than its servers changed", "backend_settings"),
+    ("section `frontend fp_http` changed", "section"),
+    ("maps/path_reg.map changed (a regex map is matched in file order)", "regex_map"),
+    ("new file maps/host_exact.map", "map_file"),
+    ("the certificate for clients without SNI changes (a -> b)", "certificates"),
+    ("700 runtime commands, more than 500", "runtime_limits"),
+    ("something nobody foresaw", "other"),
+], ids=lambda v: v if v.isidentifier() else None)
+def test_reload_reasons_fall_into_few_kinds(why: str, kind: str) -> None:
+    assert telemetry.reason_kind(why) == kind
+
+
+def test_counts_go_to_the_enabled_registry_only_while_enabled() -> None:
+    registry = CollectorRegistry()
+    telemetry.applied("reload", True, 0.2)  # not enabled: counted nowhere
+    telemetry.enable(registry)
+    try:
+        telemetry.applied("incremental", True, 0.012)
+        telemetry.applied("full", False, 1.5)
+        telemetry.reloaded("new backend x:live (no spare backend left)")
+        telemetry.event("keyprefix", 120)
+        telemetry.event("keyprefix", 90)  # an older shard's index: the gauge does not go back
+        telemetry.event("service", None)
+    finally:
+        telemetry.disable(registry)
+    telemetry.applied("incremental", True, 0.01)  # disabled again
+    text = generate_latest(registry).decode()
+    assert "# TYPE flowproxy_applies_total counter" in text
+    assert 'flowproxy_applies_total{path="incremental",result="ok"} 1.0' in text
+    assert 'flowproxy_applies_total{path="full",result="failed"} 1.0' in text
+    assert 'flowproxy_applies_total{path="reload",result="ok"} 0.0' in text
+    assert "# TYPE flowproxy_apply_duration_seconds histogram" in text
+    assert 'flowproxy_apply_duration_seconds_bucket{le="0.02",path="incremental"} 1.0' in text
+    assert 'flowproxy_reloads_total{reason="new_backend"} 1.0' in text
+    assert 'flowproxy_watch_events_total{kind="keyprefix"} 2.0' in text
+    assert 'flowproxy_watch_events_total{kind="service"} 1.0' in text
+    assert "flowproxy_kv_index_seen 120.0" in text
+    assert "# TYPE flowproxy_last_apply_success_timestamp_seconds gauge" in text

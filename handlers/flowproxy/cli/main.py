@@ -28,12 +28,17 @@ from flowproxy.settings import Settings
 @click.option("--node", envvar="FLOWPROXY_NODE", default=None, help="This proxy node's name (default: hostname).")
 @click.option("--data-dir", envvar="FLOWPROXY_DATA_DIR", type=click.Path(path_type=Path), default=None,
               help="This node's data folder (env FLOWPROXY_DATA_DIR).")
+@click.option("--log-format", envvar="FLOWPROXY_LOG_FORMAT", type=click.Choice(["text", "json"]), default="text",
+              show_default=True, help="flowproxy's own log lines, one event a line (env FLOWPROXY_LOG_FORMAT).")
+@click.option("--log-level", envvar="FLOWPROXY_LOG_LEVEL", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+              help="The least a line must be to be logged (env FLOWPROXY_LOG_LEVEL).")
 @click.pass_context
 def cli(ctx: click.Context, /, *, consul_addr: str, token: str | None, prefix: str, node: str | None,
-        data_dir: Path | None) -> None:
+        data_dir: Path | None, log_format: str, log_level: str) -> None:
     """On-demand HAProxy reconfiguration where Consul KV is the whole API."""
     ctx.obj = Settings.from_env(consul_addr=consul_addr, consul_token=token, prefix=prefix, node=node,
-                                data_dir=data_dir)
+                                data_dir=data_dir, log_format=log_format, log_level=log_level.lower())
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import logging
 from pathlib import Path
 
 import click
 
+from flowproxy import logs
 from flowproxy.cli.common import settings_of
 from flowproxy.errors import UsageError
 from flowproxy.node.agent import AgentTLS
 from flowproxy.node.up import Node, NodeSpec
-from flowproxy.redact import RedactFilter
 from flowproxy.settings import ConsulTLS, Settings, ensure_stats_lock
 
 
@@ -100,9 +99,8 @@ def node() -> None:
 @click.pass_context
 def up(ctx: click.Context, /, *, join: tuple[str, ...], dev: bool, acl: bool, **opts: str | int) -> None:
     """Start Consul agent + HAProxy for this node; Ctrl-C stops both."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(RedactFilter())
+    base = settings_of(ctx)
+    logs.install(base.log_format, base.log_level, base.node)
     if not dev and not join:
         raise click.UsageError("give --join ADDR to join an existing Consul, or --dev to run one here")
     remote = [a for a in join if not _loopback(a.rpartition(":")[0] or a)]

@@ -9,6 +9,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from flowproxy import telemetry
 from flowproxy.core.delta import Model, Step
 from flowproxy.core.render import Bundle
 from flowproxy.errors import ApplyIOError, CandidateRefused, HAProxyError
@@ -107,6 +108,11 @@ class Deployed:
     changed: bool
     reload: str | None = None  # why HAProxy reloaded; None when nothing changed or the runtime API did it
 
+    @property
+    def path(self) -> str:
+        """How the apply reached HAProxy: reload, runtime (API commands), or unchanged."""
+        return "reload" if self.reload is not None else "runtime" if self.changed else "unchanged"
+
 
 def live_update(settings: Settings, current: Bundle, bundle: Bundle, commands: list[str]) -> str | None:
     """Runtime API first, then the files; HAProxy's refusal when it refused a command (the caller reloads).
@@ -139,6 +145,7 @@ def reload_or_roll_back(settings: Settings, previous: Path | None, why: str) -> 
         retired = master.reload()
         # Applied means no process of this node answers with the old config any more: the old workers
         # finish their keep-alive requests first (long-lived connections: at most drain_wait seconds).
+        telemetry.reloaded(why)
         left = drain(master, retired, settings.drain_wait)
         if left:
             log.info("old worker(s) %s still hold long-lived connections after %.0f s; reporting the new "

@@ -1,8 +1,9 @@
 """The vet stage: everything in a rendered plan that HAProxy would refuse, each thing alone with its reason.
 
 One stage, one result. Certificates (OpenSSL), custom-template fragments (`haproxy -c` each), regexes (PCRE2
-as HAProxy uses it) and TCP ports another program holds: `haproxy -c` on the whole config would refuse it
-all over one of them, which would stop every other change on the node.
+as HAProxy uses it), TCP ports another program holds and health checks beyond HAProxy's open-file limit
+(capacity): `haproxy -c` on the whole config would refuse it all over one of them, or HAProxy would not
+start on it, which would stop every other change on the node.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from dataclasses import dataclass, field
 from flowproxy.core.model import Problem
 from flowproxy.core.plan import Plan
 from flowproxy.core.render import custom_fragments, drop_backends, regexes
+from flowproxy.haproxy import capacity, fragments, ports, spares
 from flowproxy.haproxy import certs as cert_vet
-from flowproxy.haproxy import fragments, ports
 from flowproxy.haproxy import regexes as regex_vet
 from flowproxy.settings import Settings
 
@@ -62,4 +63,19 @@ def vet(settings: Settings, plan: Plan, certs: Mapping[str, bytes],
                                      f"PCRE2: {bad[found[0]]}")
     held = ports.refused(plan, settings.tcp_host, settings.current / "haproxy.cfg")
     waiting = tuple(sorted(c.port for c in plan.claims if c.path_type == "tcp" and c.backend in held))
-    return Refusals(reasons | held, refused_certs, waiting)
+    refused = reasons | held
+    return Refusals(refused | over_capacity(settings, drop_backends(plan, refused) if refused else plan),
+                    refused_certs, waiting)
+
+
+def over_capacity(settings: Settings, plan: Plan) -> dict[str, str]:
+    """Backends whose health checks HAProxy has no descriptors for (see `capacity`); the running config is
+    read only then, to keep the routes it serves."""
+    limit, threads = capacity.master_limit(settings.master_socket), capacity.threads()
+    if capacity.fits(plan, limit, settings.min_connections, threads):
+        return {}
+    try:
+        running = {name.decode() for name in spares.BACKENDS.findall((settings.current / "haproxy.cfg").read_bytes())}
+    except OSError:
+        running = set()
+    return capacity.refused(plan, limit, settings.min_connections, threads, running)

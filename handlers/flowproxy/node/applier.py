@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from flowproxy import logs, telemetry
 from flowproxy.consul.store import ConsulStore
 from flowproxy.node.forward import KINDS, SOCKET_NAME
 from flowproxy.node.handler import handle, log_file_handler
@@ -70,6 +71,7 @@ class Applier:
             log.error("applier: unknown watch kind %r from %s; expected one of %s", kind, self.path, KINDS)
             return 2
         arrived = time.monotonic()
+        telemetry.event(kind, index if kind == "keyprefix" else None)  # a service's index is not the KV's
         try:
             with self._serial:
                 if self.warm is None:
@@ -154,8 +156,9 @@ class Applier:
         logging.getLogger().addHandler(self._log)
         package = logging.getLogger("flowproxy")
         self._level = package.level  # given back by stop(): the applier owns what it changed, no longer
-        if package.getEffectiveLevel() > logging.INFO:
-            package.setLevel(logging.INFO)  # what a handler process logs, at the level it logs it
+        level = logs.level_of(self.settings.log_level)
+        if package.getEffectiveLevel() > level:
+            package.setLevel(level)  # what a handler process logs, at the level it logs it
 
     def stop(self) -> None:
         if self._server is None:

@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import logging.handlers
 import os
 import sys
 from typing import TYPE_CHECKING
 
-from flowproxy import runstate
+from flowproxy import logs, runstate
 from flowproxy.consul.payload import payload_entries
 from flowproxy.core.contract import kv_fingerprint
 from flowproxy.node import coalesce
 from flowproxy.node.forward import HANDLE_KINDS
-from flowproxy.redact import RedactFilter
 from flowproxy.settings import Settings
 
 if TYPE_CHECKING:
@@ -30,33 +28,17 @@ log = logging.getLogger(__name__)
 
 
 def setup_logging(settings: Settings) -> None:
-    root = logging.getLogger()
-    root.setLevel(logging.INFO)
-    err = logging.StreamHandler(sys.stderr)
-    err.setFormatter(log_format(settings))
-    err.addFilter(RedactFilter())
-    root.addHandler(err)
-    log_file = log_file_handler(settings)
-    if log_file is not None:
-        root.addHandler(log_file)
-
-
-def log_format(settings: Settings) -> logging.Formatter:
-    return logging.Formatter(f"%(asctime)s {settings.node} %(levelname)s %(name)s: %(message)s")
+    """stderr (the agent's log, or journald) and `<data>/handler.log`, in the node's format and level."""
+    logs.install(settings.log_format, settings.log_level, settings.node, file=settings.data_dir / "handler.log")
 
 
 def log_file_handler(settings: Settings) -> logging.Handler | None:
     """`<data>/handler.log`, where every apply reports, whichever process ran it."""
     try:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        log_file = logging.handlers.RotatingFileHandler(settings.data_dir / "handler.log",
-                                                        maxBytes=5_000_000, backupCount=2)
+        return logs.handler(logs.capped_file(settings.data_dir / "handler.log"), settings.log_format, settings.node)
     except OSError as exc:
         log.warning("cannot open %s/handler.log (%s); logging to stderr only", settings.data_dir, exc)
         return None
-    log_file.setFormatter(log_format(settings))
-    log_file.addFilter(RedactFilter())
-    return log_file
 
 
 def handle(kind: str, payload: str, settings: Settings, *, accept_empty: bool = False,

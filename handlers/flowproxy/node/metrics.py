@@ -18,7 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from flowproxy import runstate
+from flowproxy import runstate, telemetry
 from flowproxy.haproxy.master import local_old_workers
 from flowproxy.settings import Settings
 
@@ -45,6 +45,10 @@ class NodeCollector(Collector):
                                 int(last.get("kv_index") or 0))
         yield GaugeMetricFamily("flowproxy_last_apply_ok", "1 when the node's last apply succeeded",
                                 bool(last.get("ok", False)))
+        routes = last.get("routes")
+        states = list(routes.values()) if isinstance(routes, dict) else []
+        rejected = len([st for st in states if isinstance(st, dict) and st.get("state") == "rejected"])
+        yield GaugeMetricFamily("flowproxy_rejected_routes", "Routes this node rejected in its last apply", rejected)
         reload = last.get("last_reload")
         if isinstance(reload, dict):
             yield InfoMetricFamily("flowproxy_last_reload", "The node's latest HAProxy reload and why",
@@ -76,6 +80,7 @@ class MetricsServer(socketserver.ThreadingUnixStreamServer):
     def __init__(self, settings: Settings) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(NodeCollector(settings))
+        telemetry.enable(self.registry)
         super().__init__(abstract_address(settings.node_metrics_name), _Handler)
 
     def start(self) -> MetricsServer:
@@ -83,6 +88,7 @@ class MetricsServer(socketserver.ThreadingUnixStreamServer):
         return self
 
     def stop(self) -> None:
+        telemetry.disable(self.registry)
         self.shutdown()
         self.server_close()
 

@@ -1,0 +1,89 @@
+"""flowproxy's own log lines: one event per line, text or JSON, the node's name on each, secrets redacted.
+
+The one adapter for python-json-logger. Every process of a node (the terminal of `node up`, `node run`
+under journald, a watch handler, the warm applier's `handler.log`) formats through `formatter`, so a
+line reads the same wherever it lands. A traceback stays on its event's line: folded with `\\n` in text,
+a field (`exc_info`) in JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from flowproxy.redact import RedactFilter, redact
+
+FORMATS = ("text", "json")
+LEVELS = ("debug", "info", "warning", "error")
+# What a log file may grow to before it is rotated (two older files are kept).
+MAX_BYTES = 5_000_000
+BACKUPS = 2
+
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]
+
+
+def level_of(name: str) -> int:
+    return int(logging.getLevelName(name.upper()))
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self, node: str) -> None:
+        super().__init__(f"%(asctime)s {node} %(levelname)s %(name)s: %(message)s")
+
+    def formatException(self, ei: ExcInfo) -> str:
+        return redact(super().formatException(ei))
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).replace("\n", "\\n")
+
+
+def json_lines(node: str) -> logging.Formatter:
+    """{"level", "logger", "message", "node", "time" (ISO 8601, UTC)[, "exc_info"]} a line.
+
+    Imported here: a cold watch handler in text format does without the import."""
+    from pythonjsonlogger.json import JsonFormatter
+
+    class JsonLines(JsonFormatter):
+        def formatException(self, ei: ExcInfo) -> str:
+            text = super().formatException(ei)
+            return redact(text if isinstance(text, str) else "\n".join(text))
+
+        def process_log_record(self, log_data: dict[str, Any]) -> dict[str, Any]:
+            return {key: redact(value) if isinstance(value, str) else value for key, value in log_data.items()}
+
+    return JsonLines("%(levelname)s %(name)s %(message)s", static_fields={"node": node}, timestamp="time",
+                     rename_fields={"levelname": "level", "name": "logger"})
+
+
+def formatter(fmt: str, node: str) -> logging.Formatter:
+    return json_lines(node) if fmt == "json" else TextFormatter(node)
+
+
+def handler(target: logging.Handler, fmt: str, node: str) -> logging.Handler:
+    target.setFormatter(formatter(fmt, node))
+    target.addFilter(RedactFilter())
+    return target
+
+
+def capped_file(path: Path) -> logging.handlers.RotatingFileHandler:
+    """A log file of at most MAX_BYTES, rotated to `.1` and `.2`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return logging.handlers.RotatingFileHandler(path, maxBytes=MAX_BYTES, backupCount=BACKUPS)
+
+
+def install(fmt: str, level: str, node: str, *, stream: bool = True, file: Path | None = None) -> None:
+    """The process's logging: stderr (the terminal, or journald under systemd) and/or a capped file."""
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.setLevel(level_of(level))
+    if stream:
+        root.addHandler(handler(logging.StreamHandler(), fmt, node))
+    if file is not None:
+        try:
+            root.addHandler(handler(capped_file(file), fmt, node))
+        except OSError as exc:
+            logging.getLogger(__name__).warning("cannot open %s (%s); logging to stderr only", file, exc)
