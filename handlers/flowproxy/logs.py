@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+import os
+import threading
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -62,8 +64,11 @@ def formatter(fmt: str, node: str) -> logging.Formatter:
     return json_lines(node) if fmt == "json" else TextFormatter(node)
 
 
-def handler(target: logging.Handler, fmt: str, node: str) -> logging.Handler:
+def handler(target: logging.Handler, fmt: str, node: str, level: str = "debug") -> logging.Handler:
+    """`target` in the node's format, redacted, passing `level` and above (whatever a logger lets through:
+    the warm applier lowers the package's level to what a handler process logs)."""
     target.setFormatter(formatter(fmt, node))
+    target.setLevel(level_of(level))
     target.addFilter(RedactFilter())
     return target
 
@@ -81,9 +86,52 @@ def install(fmt: str, level: str, node: str, *, stream: bool = True, file: Path 
         root.removeHandler(old)
     root.setLevel(level_of(level))
     if stream:
-        root.addHandler(handler(logging.StreamHandler(), fmt, node))
+        root.addHandler(handler(logging.StreamHandler(), fmt, node, level))
     if file is not None:
         try:
-            root.addHandler(handler(capped_file(file), fmt, node))
+            root.addHandler(handler(capped_file(file), fmt, node, level))
         except OSError as exc:
             logging.getLogger(__name__).warning("cannot open %s (%s); logging to stderr only", file, exc)
+
+
+class CappedFile:
+    """What a child process prints (HAProxy's access log and alerts, the agent's log), appended to a file of
+    at most `max_bytes`, then rotated to `.1`, `.2`, ...: `node up`'s logs never fill the disk."""
+
+    def __init__(self, path: Path, max_bytes: int = MAX_BYTES, backups: int = BACKUPS) -> None:
+        self.path, self.max_bytes, self.backups = path, max_bytes, backups
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+
+    def write(self, data: bytes) -> None:
+        if os.fstat(self.fd).st_size + len(data) > self.max_bytes:
+            self.rotate()
+        os.write(self.fd, data)
+
+    def rotate(self) -> None:
+        for n in range(self.backups - 1, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{n}")
+            if older.exists():
+                older.replace(self.path.with_name(f"{self.path.name}.{n + 1}"))
+        os.close(self.fd)
+        self.path.replace(self.path.with_name(f"{self.path.name}.1"))
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def pump(read_fd: int, target: CappedFile) -> threading.Thread:
+    """Copy a pipe into `target` until the writer closes it; big reads, so a busy access log costs little."""
+    def run() -> None:
+        try:
+            while chunk := os.read(read_fd, 1 << 16):
+                target.write(chunk)
+        except OSError:
+            pass  # the file went away with the node's folder: nothing left to keep
+        finally:
+            os.close(read_fd)
+            target.close()
+
+    thread = threading.Thread(target=run, daemon=True, name=f"log-{target.path.name}")
+    thread.start()
+    return thread

@@ -35,6 +35,8 @@ DEFAULT_WATCH_SHARD_SIZE = 500
 # Health checks hold a descriptor each; routes whose checks would leave HAProxy fewer connections than this
 # under its open-file limit are refused by name (haproxy/capacity.py).
 DEFAULT_MIN_CONNECTIONS = 1000
+# Where HAProxy sends its access log: its stdout or stderr, a syslog host:port, a unix socket path, or off.
+ACCESS_LOG_RE = re.compile(r"off|stdout|stderr|[A-Za-z0-9_.\[\]:-]+:[0-9]{1,5}|/[A-Za-z0-9_./-]+")
 
 
 def shipped(folder: str, repo_folder: str) -> Path:
@@ -169,6 +171,8 @@ class Settings:
     min_connections: int = DEFAULT_MIN_CONNECTIONS  # connections HAProxy's health checks must leave room for
     log_format: str = "text"  # flowproxy's own log lines: text | json (logs.py)
     log_level: str = "info"  # debug | info | warning | error
+    access_log: str = "stdout"  # HAProxy's access log target: stdout, stderr, a syslog address, or off
+    access_log_format: str = "text"  # text | json
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -197,6 +201,8 @@ class Settings:
             "min_connections": _count(env.get("FLOWPROXY_MIN_CONNECTIONS", ""), DEFAULT_MIN_CONNECTIONS),
             "log_format": env.get("FLOWPROXY_LOG_FORMAT") or "text",
             "log_level": (env.get("FLOWPROXY_LOG_LEVEL") or "info").lower(),
+            "access_log": env.get("FLOWPROXY_ACCESS_LOG") or "stdout",
+            "access_log_format": env.get("FLOWPROXY_ACCESS_LOG_FORMAT") or "text",
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)  # type: ignore[arg-type]
@@ -223,6 +229,11 @@ class Settings:
             raise UsageError(f"FLOWPROXY_LOG_FORMAT {self.log_format!r}: text or json")
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise UsageError(f"FLOWPROXY_LOG_LEVEL {self.log_level!r}: debug, info, warning or error")
+        if not ACCESS_LOG_RE.fullmatch(self.access_log):
+            raise UsageError(f"FLOWPROXY_ACCESS_LOG {self.access_log!r}: stdout, stderr, off, a syslog address "
+                             "(host:port) or a unix socket path (/dev/log)")
+        if self.access_log_format not in ("text", "json"):
+            raise UsageError(f"FLOWPROXY_ACCESS_LOG_FORMAT {self.access_log_format!r}: text or json")
         return replace(self, prefix=prefix, data_dir=self.data_dir.absolute())
 
     def env(self) -> dict[str, str]:
@@ -242,6 +253,8 @@ class Settings:
             "FLOWPROXY_MIN_CONNECTIONS": str(self.min_connections),
             "FLOWPROXY_LOG_FORMAT": self.log_format,
             "FLOWPROXY_LOG_LEVEL": self.log_level,
+            "FLOWPROXY_ACCESS_LOG": self.access_log,
+            "FLOWPROXY_ACCESS_LOG_FORMAT": self.access_log_format,
         }
         if self.consul_token_file:
             out["CONSUL_HTTP_TOKEN_FILE"] = self.consul_token_file
@@ -272,7 +285,13 @@ class Settings:
                 "FP_STATS_SOCKET": str(self.stats_socket),
                 "FP_STATS_AUTH": self.stats_auth or stats_lock(self.data_dir),
                 "FP_OLD_WORKER_LIFETIME": self.old_worker_lifetime, "FP_MAX_OLD_WORKERS": str(self.max_old_workers),
-                "FP_NODE_METRICS": f"abns@{self.node_metrics_name}"} | unprivileged()
+                "FP_NODE_METRICS": f"abns@{self.node_metrics_name}", **self.access_log_env()} | unprivileged()
+
+    def access_log_env(self) -> dict[str, str]:
+        """HAProxy's access log: a target (none when off: the config then logs nothing) and a format."""
+        if self.access_log == "off":
+            return {}
+        return {"FP_ACCESS_LOG": self.access_log, "FP_ACCESS_LOG_FORMAT": self.access_log_format}
 
     @property
     def node_metrics_name(self) -> str:

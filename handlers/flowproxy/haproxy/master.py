@@ -231,7 +231,8 @@ def recent_alerts(log: Path, since: int = 0, most: int = 3) -> list[str]:
     file), in HAProxy's own words, and not an older failure's."""
     try:
         with log.open("rb") as f:
-            f.seek(max(since, log.stat().st_size - 65536))
+            size = log.stat().st_size
+            f.seek(max(since if since <= size else 0, size - 65536))  # smaller than `since`: it was rotated
             lines = f.read().decode(errors="replace").splitlines()
     except OSError:
         return []

@@ -35,7 +35,8 @@ def setup_logging(settings: Settings) -> None:
 def log_file_handler(settings: Settings) -> logging.Handler | None:
     """`<data>/handler.log`, where every apply reports, whichever process ran it."""
     try:
-        return logs.handler(logs.capped_file(settings.data_dir / "handler.log"), settings.log_format, settings.node)
+        return logs.handler(logs.capped_file(settings.data_dir / "handler.log"), settings.log_format, settings.node,
+                            settings.log_level)
     except OSError as exc:
         log.warning("cannot open %s/handler.log (%s); logging to stderr only", settings.data_dir, exc)
         return None

@@ -12,11 +12,12 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO
 
+from flowproxy import logs
 from flowproxy.consul import watches
 from flowproxy.consul.store import ConsulStore
 from flowproxy.errors import FlowproxyError, UsageError
@@ -40,7 +41,7 @@ class Node:
 
     spec: NodeSpec
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-    logs: dict[str, IO[bytes]] = field(default_factory=dict)
+    logs: dict[str, threading.Thread] = field(default_factory=dict)
     supervisor: Supervisor = field(init=False)
 
     def __post_init__(self) -> None:
@@ -113,11 +114,19 @@ class Node:
                     log.error("restarting %s failed: %s; trying again on the next tick", name, exc)
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
-        logfile = open(self.settings.data_dir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - lives with the child
-        self.logs[name] = logfile
-        # A session of its own: a terminal's Ctrl-C reaches only us, and we stop children in order.
-        self.procs[name] = subprocess.Popen(argv, env=env, stdout=logfile, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
+        # The child's output (HAProxy's access log and alerts, the agent's log) through a pipe into a file of
+        # at most 5 MB and two older ones. A session of its own: a terminal's Ctrl-C reaches only us, and we
+        # stop children in order.
+        read_fd, write_fd = os.pipe()
+        try:
+            self.procs[name] = subprocess.Popen(argv, env=env, stdout=write_fd, stderr=subprocess.STDOUT,
+                                                stdin=subprocess.DEVNULL, start_new_session=True)
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        self.logs[name] = logs.pump(read_fd, logs.CappedFile(self.settings.data_dir / "logs" / f"{name}.log"))
         log.info("started %s (pid %s): %s", name, self.procs[name].pid, " ".join(argv))
 
     def start_haproxy(self) -> None:
@@ -194,8 +203,8 @@ class Node:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-        for logfile in self.logs.values():
-            logfile.close()
+        for pump in self.logs.values():
+            pump.join(timeout=1)  # ends when the child's last process closes its end of the pipe
         self.logs.clear()
 
 
