@@ -44,9 +44,9 @@ def without(config: str, patterns: list[str]) -> str:
     return "\n".join(out)
 
 
-def per_request(files: dict[str, bytes], url_path: str, seconds: int) -> tuple[float, float]:
+def per_request(files: dict[str, bytes], url_path: str, seconds: int, access_log: str = "off") -> tuple[float, float]:
     """HAProxy's CPU per request (us) and the requests/s wrk saw."""
-    with haproxy_serving(files) as (url, settings):
+    with haproxy_serving(files, access_log) as (url, settings):
         workers = HAProxySocket(settings.master_socket).show_proc_settled().workers
         before = sum(cpu_seconds(w) for w in workers)
         result = run_wrk(f"{url}{url_path}", seconds, connections=16)
@@ -85,10 +85,12 @@ def main() -> None:
         configs[many] = rendered(route_entries(n, check=False) + EVERY_KIND, port)
         configs["minimal hand-written: one frontend, one backend"] = {
             "haproxy.cfg": baseline.minimal("127.0.0.1", port)}
-        runs: dict[str, list[tuple[float, float]]] = {name: [] for name in configs}
+        logged = "flowproxy as rendered, with its access log (text, through `node up`'s capped file)"
+        runs: dict[str, list[tuple[float, float]]] = {name: [] for name in [*configs, logged]}
         for _ in range(args.rounds):
             for name, served in configs.items():
                 runs[name].append(per_request(served, f"/r{n - 1}/x", args.seconds))
+            runs[logged].append(per_request(files, f"/r{n - 1}/x", args.seconds, access_log="stdout"))
     least = statistics.median(r[0] for r in runs["minimal hand-written: one frontend, one backend"])
     print(f"| config ({n:,} routes) | HAProxy CPU per request | over minimal | requests/s |\n| --- | --- | --- | --- |")
     for name, found in runs.items():

@@ -53,11 +53,12 @@ def pct(values: list[float], q: float) -> float:
 
 
 @contextmanager
-def haproxy_serving(files: dict[str, bytes]) -> Iterator[tuple[str, Settings]]:
-    """A bare HAProxy master-worker serving these files; yields its URL and settings."""
+def haproxy_serving(files: dict[str, bytes], access_log: str = "off") -> Iterator[tuple[str, Settings]]:
+    """A bare HAProxy master-worker serving these files; yields its URL and settings. No access log unless
+    asked: the throughput rows compare routing with a minimal config that logs nothing either."""
     folder = Path(tempfile.mkdtemp(prefix="fp-bench-"))
-    # No access log: the throughput rows compare routing with a minimal config that logs nothing either.
-    settings = Settings(node="bench", data_dir=folder, http_bind=f"127.0.0.1:{free_port()}", access_log="off").checked()
+    settings = Settings(node="bench", data_dir=folder, http_bind=f"127.0.0.1:{free_port()}",
+                        access_log=access_log).checked()
     release.activate(settings.current, release.stage(settings.haproxy_dir, Bundle(files)))
     node = Node(NodeSpec(settings=settings))
     (folder / "logs").mkdir()
