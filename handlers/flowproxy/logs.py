@@ -13,30 +13,23 @@ import logging.handlers
 import os
 import threading
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from flowproxy.redact import RedactFilter, redact
 
-FORMATS = ("text", "json")
-LEVELS = ("debug", "info", "warning", "error")
 # What a log file may grow to before it is rotated (two older files are kept).
 MAX_BYTES = 5_000_000
 BACKUPS = 2
-
-ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]
-
 
 def level_of(name: str) -> int:
     return int(logging.getLevelName(name.upper()))
 
 
 class TextFormatter(logging.Formatter):
+    """Redaction is the handler's filter's (`RedactFilter`: the message and the traceback's text)."""
+
     def __init__(self, node: str) -> None:
         super().__init__(f"%(asctime)s {node} %(levelname)s %(name)s: %(message)s")
-
-    def formatException(self, ei: ExcInfo) -> str:
-        return redact(super().formatException(ei))
 
     def format(self, record: logging.LogRecord) -> str:
         return super().format(record).replace("\n", "\\n")
@@ -49,10 +42,7 @@ def json_lines(node: str) -> logging.Formatter:
     from pythonjsonlogger.json import JsonFormatter
 
     class JsonLines(JsonFormatter):
-        def formatException(self, ei: ExcInfo) -> str:
-            text = super().formatException(ei)
-            return redact(text if isinstance(text, str) else "\n".join(text))
-
+        # It formats the traceback itself (not the filter's redacted text): every field is redacted here.
         def process_log_record(self, log_data: dict[str, Any]) -> dict[str, Any]:
             return {key: redact(value) if isinstance(value, str) else value for key, value in log_data.items()}
 

@@ -12,9 +12,11 @@ import re
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from prometheus_client import Counter, Gauge, Histogram
-from prometheus_client.registry import CollectorRegistry
+if TYPE_CHECKING:  # imported by `enable` only: a cold handler's apply imports this module and pays nothing
+    from prometheus_client import Counter, Gauge, Histogram
+    from prometheus_client.registry import CollectorRegistry
 
 # Reload reasons are free text (they name backends); their metric label is one of these few kinds.
 REASONS = (
@@ -56,6 +58,8 @@ _lock = threading.Lock()
 
 def enable(registry: CollectorRegistry) -> None:
     """Count from now on, into `registry` too (the node process's metrics server's)."""
+    from prometheus_client import Counter, Gauge, Histogram
+
     metrics = _Metrics(
         Counter("flowproxy_applies", "Applies by path (incremental, runtime, reload, unchanged; full when it "
                 "failed before deploying) and result (ok, failed)", ["path", "result"], registry=registry),
