@@ -24,14 +24,16 @@ frontend fp_http
 """
 
 
-def render(routes: Sequence[tuple[str, str, Sequence[tuple[str, int]]]], check: bool = True) -> bytes:
-    """routes: (name, path prefix, [(address, port)]) -> haproxy.cfg, the way a hand-written template does it."""
+def render(routes: Sequence[tuple[str, str, Sequence[tuple[str, int]]]], check: bool = True,
+           unchecked: frozenset[str] = frozenset()) -> bytes:
+    """routes: (name, path prefix, [(address, port)]) -> haproxy.cfg, the way a hand-written template does it;
+    servers are health-checked if `check`, except in the routes named in `unchecked`."""
     lines = [HEAD]
     lines += [f"    use_backend be_{name} if {{ path_beg {path} }}\n" for name, path, _ in routes]
     lines.append("    default_backend be_none\n\nbackend be_none\n    http-request return status 404\n")
     for name, _, servers in routes:
         lines.append(f"\nbackend be_{name}\n    balance roundrobin\n")
-        option = " check" if check else ""
+        option = " check" if check and name not in unchecked else ""
         lines += [f"    server s{i} {addr}:{port}{option}\n" for i, (addr, port) in enumerate(servers)]
     return "".join(lines).encode()
 

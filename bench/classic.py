@@ -122,15 +122,17 @@ def _instance(doc: dict[str, Any]) -> tuple[str, int, tuple[str, ...]]:
 
 def render(desired: Desired, health: dict[str, list[tuple[str, int, tuple[str, ...]]]]) -> bytes:
     """Serving routes in name order, one ACL line per path, as a hand-written template lists them."""
-    routes = []
+    routes, unchecked = [], set()
     for route in desired.routes:
         chosen = route.serving_intent()
         if chosen is None or chosen.intent is None:
             continue
         intent = chosen.intent
         servers = [(a, p) for a, p, tags in health.get(intent.service, []) if set(intent.tags) <= set(tags)]
-        routes += [(f"{route.name}_{i}", path, servers) for i, path in enumerate(intent.paths)]
-    return baseline.render(routes)
+        names = [f"{route.name}_{i}" for i in range(len(intent.paths))]
+        routes += [(name, path, servers) for name, path in zip(names, intent.paths, strict=True)]
+        unchecked |= set() if intent.check else set(names)
+    return baseline.render(routes, unchecked=frozenset(unchecked))
 
 
 @contextmanager

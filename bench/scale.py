@@ -1,6 +1,7 @@
 """Cost in the size of the work: one change at a small and at a large route table, and a node at rest.
 
     .venv/bin/python -m bench.scale [--routes 10,10000] [--trials 15] [--rest 60] [--layout up|production]
+                                    [--baseline] [--bulk-checks on|off]
 
 Each size gets its own node: `flowproxy node up --dev` started as users start it (its own process: its
 CPU is read from /proc), or with `--layout production` the production layout (the agent and HAProxy as
@@ -29,7 +30,7 @@ from bench.live import FLOWPROXY, answers, avoids, bulk_routes, reaches, until
 from bench.parts import free_port, pct
 from flowproxy.backend import IdentityServer
 from flowproxy.cli.demo import register_instance
-from flowproxy.cli.fleet import latest_index
+from flowproxy.consul.reads import latest_index
 from flowproxy.consul.store import ConsulStore
 from flowproxy.core import contract
 from flowproxy.errors import FlowproxyError
@@ -71,15 +72,17 @@ class Live:
 
 
 @contextmanager
-def node_up(name: str = "scale", address: str = "127.0.0.1", join: str | None = None) -> Iterator[Live]:
-    """`flowproxy node up` as users start it: `--dev` (its own Consul server), or joining `join`."""
+def node_up(name: str = "scale", address: str = "127.0.0.1", join: str | None = None,
+            extra: tuple[str, ...] = ()) -> Iterator[Live]:
+    """`flowproxy node up` as users start it: `--dev` (its own Consul server), or joining `join`; `extra`
+    options after those."""
     data = Path(tempfile.mkdtemp(prefix=f"fp-{name}-"))
     http, proxy, serf = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CONSUL_", "FLOWPROXY_"))}
     proc = subprocess.Popen([FLOWPROXY, "--data-dir", str(data), "--node", name, "node", "up", "--bind", address,
                              "--http", f"{address}:{proxy}", "--consul-http-port", str(http),
                              "--serf-port", str(serf), "--server-port", str(free_port()),
-                             *(["--join", join] if join else ["--dev"])],
+                             *(["--join", join] if join else ["--dev"]), *extra],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     store = ConsulStore(f"127.0.0.1:{http}")
     live = Live(name, proc, data, store, f"http://{address}:{proxy}", f"{address}:{serf}", f"127.0.0.1:{http}")
@@ -176,14 +179,15 @@ class Servers:
     extra: IdentityServer
 
 
-def prepare(target: Target, n: int, servers: Servers) -> None:
-    """n routes on one instance each, a blue/green route and a route for membership changes."""
+def prepare(target: Target, n: int, servers: Servers, bulk_checks: bool = True) -> None:
+    """n routes on one instance each (HAProxy-checked if `bulk_checks`, else trusting Consul's checks), a
+    blue/green route and a route for membership changes (both always HAProxy-checked)."""
     store, x, prefix = target.store, target.suffix, target.prefix
     register_instance(store, f"app{x}", f"app-1{x}", servers.blue.port)
     register_instance(store, f"colors{x}", f"blue-1{x}", servers.blue.port, tags=("blue",))
     register_instance(store, f"colors{x}", f"green-1{x}", servers.green.port, tags=("green",))
     register_instance(store, f"member{x}", f"member-1{x}", servers.member.port)
-    bulk_routes(store, [f"r{i}" for i in range(n)], f"app{x}", prefix)
+    bulk_routes(store, [f"r{i}" for i in range(n)], f"app{x}", prefix, check=bulk_checks)
     for color in ("blue", "green"):
         store.put(contract.intent_key(prefix, "flip", color),
                   json.dumps({"service": f"colors{x}", "tags": [color], "paths": ["/flip/"]}))
@@ -221,11 +225,12 @@ def measure(target: Target, count: int, servers: Servers) -> dict[str, list[floa
     return out
 
 
-def trials(live: Live, n: int, count: int, rest: float, baseline: bool = False) -> dict[str, str]:
+def trials(live: Live, n: int, count: int, rest: float, *, baseline: bool = False,
+           bulk_checks: bool = True) -> dict[str, str]:
     servers = Servers(*(IdentityServer(name).start() for name in ("blue-1", "green-1", "member-1", "member-2")))
     try:
         ours = flowproxy_target(live)
-        prepare(ours, n, servers)
+        prepare(ours, n, servers, bulk_checks)
         seen = measure(ours, count, servers)
         time.sleep(5)
         flowproxy_cpu, haproxy_cpu = at_rest(live, rest)
@@ -234,7 +239,7 @@ def trials(live: Live, n: int, count: int, rest: float, baseline: bool = False) 
                   "at rest, HAProxy workers": f"{haproxy_cpu:.1f} % of a core"}
         if baseline:
             with classic_target(live) as theirs:
-                prepare(theirs, n, servers)
+                prepare(theirs, n, servers, bulk_checks)
                 cells |= {f"{metric}, baseline": summary(values)
                           for metric, values in measure(theirs, count, servers).items()}
     finally:
@@ -255,15 +260,19 @@ def main() -> None:
     parser.add_argument("--layout", choices=("up", "production"), default="up")
     parser.add_argument("--baseline", action="store_true",
                         help="the same trials on the classic consul-template-style pipeline, beside the node")
+    parser.add_argument("--bulk-checks", choices=("on", "off"), default="on",
+                        help='off: the table\'s routes say "check": false (Consul\'s checks alone decide)')
     args = parser.parse_args()
     start = production_node if args.layout == "production" else node_up
     sizes = [int(n) for n in args.routes.split(",")]
     columns: dict[int, dict[str, str]] = {}
     for n in sizes:
         with start() as live:
-            columns[n] = trials(live, n, args.trials, args.rest, args.baseline)
+            columns[n] = trials(live, n, args.trials, args.rest, baseline=args.baseline,
+                                bulk_checks=args.bulk_checks == "on")
         print(f"{n:,} routes: {columns[n]}", flush=True)
-    print(f"\n| metric (layout {args.layout}, {args.trials} trials; at rest over {args.rest:.0f} s) | "
+    print(f"\n| metric (layout {args.layout}, {args.trials} trials, bulk checks {args.bulk_checks}; at rest over "
+          f"{args.rest:.0f} s) | "
           + " | ".join(f"{n:,} routes" for n in sizes) + " |")
     print("| --- |" + " --- |" * len(sizes))
     for metric in columns[sizes[0]]:

@@ -212,9 +212,11 @@ def converge(settings: Settings, generation: int = 0, accept_empty: bool = False
             deployed = deploy(settings, built.bundle)
         sync_watches(settings, store, seen)
         publish(settings, store, desired, built, deployed, started=started)
-        telemetry.applied(deployed.path, True, time.monotonic() - begun)
+        what = f"full apply, reload: {deployed.reload}" if deployed.reload else "full apply"
+        telemetry.applied(deployed.path, True, time.monotonic() - begun, what=what, kv_index=desired.index,
+                          config=built.bundle.config_sha256)
     except FlowproxyError as exc:
-        telemetry.applied("full", False, time.monotonic() - begun)
+        telemetry.applied("full", False, time.monotonic() - begun, what=str(exc))
         warm = warm or Warm()
         warm.model = warm.running = warm.seen = None  # the next event goes the full way
         _publish_failure(settings, store, str(exc))
@@ -322,7 +324,8 @@ def apply_change(settings: Settings, store: ConsulStore, warm: Warm, change: Cha
     what = [f"route {name}" for name in sorted(change.routes)] + [f"service {s}" for s in sorted(change.health)]
     log.info("applied %s incrementally: config %s (KV index %s) in %.0f ms", ", ".join(what),
              step.model.bundle.config_sha256[:12], desired.index, (time.monotonic() - started) * 1000)
-    telemetry.applied("incremental", True, time.monotonic() - started)
+    telemetry.applied("incremental", True, time.monotonic() - started, what=", ".join(what), kv_index=desired.index,
+                      config=step.model.bundle.config_sha256)
     built = Built(step.model.bundle, step.model.pieces.plan, Refusals(), step.model.pieces, {})
     publish(settings, store, desired, built, Deployed(changed=False), started=started)
     waiting = runstate.load(settings.run_dir, runstate.LAST_APPLY).get("ports_waiting", [])

@@ -283,9 +283,13 @@ class Settings:
                 "FP_SNI_BIND": own("sni.sock", self.sni_bind),
                 "FP_METRICS_BIND": own("metrics.sock", self.metrics_bind), "FP_TCP_HOST": self.tcp_host,
                 "FP_STATS_SOCKET": str(self.stats_socket),
-                "FP_STATS_AUTH": self.stats_auth or stats_lock(self.data_dir),
+                "FP_STATS_AUTH": self.stats_credentials(),
                 "FP_OLD_WORKER_LIFETIME": self.old_worker_lifetime, "FP_MAX_OLD_WORKERS": str(self.max_old_workers),
                 "FP_NODE_METRICS": f"abns@{self.node_metrics_name}", **self.access_log_env()} | unprivileged()
+
+    def stats_credentials(self) -> str:
+        """`user:password` of the stats page and the dashboard (locked without FLOWPROXY_STATS_AUTH)."""
+        return self.stats_auth or stats_lock(self.data_dir)
 
     def access_log_env(self) -> dict[str, str]:
         """HAProxy's access log: a target (none when off: the config then logs nothing) and a format."""

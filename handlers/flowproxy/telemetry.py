@@ -11,8 +11,9 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # imported by `enable` only: a cold handler's apply imports this module and pays nothing
     from prometheus_client import Counter, Gauge, Histogram
@@ -54,6 +55,10 @@ class _Metrics:
 # each then counts every node's work.)
 _enabled: list[_Metrics] = []
 _lock = threading.Lock()
+# The node process's last applies that changed something or failed, newest last (the dashboard's "last
+# changes"): like the counters, kept only while enabled and lost with the process.
+RECENT = 50
+_recent: deque[dict[str, Any]] = deque(maxlen=RECENT)
 
 
 def enable(registry: CollectorRegistry) -> None:
@@ -88,12 +93,24 @@ def disable(registry: CollectorRegistry) -> None:
         _enabled[:] = [m for m in _enabled if m.registry is not registry]
 
 
-def applied(path: str, ok: bool, seconds: float) -> None:
+def applied(path: str, ok: bool, seconds: float, *, what: str = "", kv_index: int = 0, config: str = "") -> None:
+    """One apply: its path, result and duration; `what` it changed (or why it failed), at which KV index,
+    to which config."""
     for metrics in list(_enabled):
         metrics.applies.labels(path, "ok" if ok else "failed").inc()
         metrics.duration.labels(path).observe(seconds)
         if ok:
             metrics.last_success.set(time.time())
+    if _enabled and path != "unchanged":
+        with _lock:
+            _recent.append({"time": time.time(), "path": path, "ok": ok, "what": what, "kv_index": kv_index,
+                            "config_sha256": config, "ms": round(seconds * 1000, 1)})
+
+
+def recent() -> list[dict[str, Any]]:
+    """The last applies that changed something or failed, newest first."""
+    with _lock:
+        return list(reversed(_recent))
 
 
 def reloaded(why: str) -> None:

@@ -19,7 +19,7 @@ import pytest
 from bench.wrk import WrkResult, run_wrk
 from flowproxy.backend import IdentityServer
 from flowproxy.cli.demo import fetch, register_instance
-from flowproxy.cli.fleet import latest_index
+from flowproxy.consul.reads import latest_index
 from flowproxy.node.up import wait_for
 from tests.harness import ProxyNode, need, node_spec, start_node, status_of
 

@@ -10,6 +10,7 @@ Consul agent restart, and a missed watch event repaired by the node's resync.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -288,6 +289,29 @@ def production(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Production]
         notify.close()
 
 
+def dashboard_shows_green(prod: Production) -> None:
+    """The dashboard and its API, from the wheel, behind HAProxy's metrics listener (a unix socket here)."""
+    assert dashboard_get(prod, "/api/routes", "ops:wrong")[0] == 401
+    status_code, body = dashboard_get(prod, "/api/routes")
+    demo = next(r for r in json.loads(body)["routes"] if r["route"] == "go-demo")
+    assert status_code == 200 and demo["state"] == "serving"
+    assert {v["variant"]: v["role"] for v in demo["variants"]} == {"blue": "staged", "green": "serving"}
+    assert all(dashboard_get(prod, path)[0] == 200 for path in ("/dashboard", "/dashboard/app.js"))
+
+
+def dashboard_get(prod: Production, path: str, auth: str = "ops:CHANGE-ME") -> tuple[int, bytes]:
+    """GET on the metrics listener (a unix socket in the data folder), with the stats credentials."""
+    sock = prod.host.root / "var" / "lib" / "flowproxy" / "haproxy" / "metrics.sock"
+    token = base64.b64encode(auth.encode()).decode()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(10)
+        conn.connect(str(sock))
+        conn.sendall(f"GET {path} HTTP/1.0\r\nHost: edge\r\nAuthorization: Basic {token}\r\n\r\n".encode())
+        answer = b"".join(iter(lambda: conn.recv(65536), b""))
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
 def register(prod: Production, name: str, port: int, tags: list[str]) -> None:
     prod.admin("PUT", "/v1/agent/service/register", json={
         "Name": "go-demo", "ID": name, "Address": "127.0.0.1", "Port": port, "Tags": tags,
@@ -341,6 +365,8 @@ def test_production_layout_end_to_end(production: Production) -> None:
         flip = prod.flowproxy("route", "activate", "go-demo", "green", "--wait", "--timeout", "60")
         assert flip.returncode == 0, flip.stderr
         assert prod.get("/demo/x") == (200, "green-1")
+
+        dashboard_shows_green(prod)
 
         # kill -9 of the flowproxy process: the agent's watches apply through the cold path meanwhile.
         prod.host.stop("flowproxy", signal.SIGKILL)

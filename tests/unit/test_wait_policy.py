@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from flowproxy.cli.fleet import NodeView, Verdict, WaitPolicy, fleet_exit_code, judge
+from flowproxy.cli.fleet import Verdict, WaitPolicy, judge
+from flowproxy.core.fleet import NodeView, fleet_exit_code
 
 
 def doc(index: int, route_state: str = "serving", error: str | None = None) -> dict[str, Any]:

@@ -2,79 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from flowproxy.consul.reads import read_statuses
 from flowproxy.consul.store import ConsulStore
-from flowproxy.core.contract import is_status_key, status_folder
+from flowproxy.core.fleet import NodeView, fleet_exit_code
 from flowproxy.errors import NotConverged, RejectedByNode
 from flowproxy.node.selfcheck import SERVICE
-
-
-@dataclass(frozen=True)
-class NodeView:
-    node: str
-    health: str  # passing | warning | critical | unregistered
-    kv_index: int
-    config_sha256: str | None
-    ok: bool
-    last_error: str | None
-    time: str
-    current: bool  # has applied the latest routes/templates write
-    same: bool  # config equal to most nodes'
-
-
-def read_statuses(store: ConsulStore, prefix: str) -> dict[str, dict[str, Any]]:
-    _, entries = store.read_prefix(status_folder(prefix))
-    docs: dict[str, dict[str, Any]] = {}
-    for entry in entries:
-        if not is_status_key(prefix, entry.key) or entry.key.endswith("/"):
-            continue  # a key nested deeper is no node's status: reported as ignored instead
-        try:
-            doc = json.loads(entry.value)
-        except ValueError:
-            doc = {"ok": False, "last_error": "status key is not JSON"}
-        docs[entry.key.rsplit("/", 1)[-1]] = doc if isinstance(doc, dict) else {"ok": False}
-    return docs
-
-
-def latest_index(store: ConsulStore, prefix: str) -> int:
-    """The index of the newest write that a node's config depends on, as the nodes themselves compute it."""
-    from flowproxy.consul.reads import read_config
-
-    return read_config(store, prefix)[0]
-
-
-def fleet_view(docs: dict[str, dict[str, Any]], health: dict[str, tuple[str, dict[str, str]]],
-               latest: int) -> list[NodeView]:
-    """Pure: one row per node known from a status key or from the catalog."""
-    names = sorted(set(docs) | {meta.get("node", n) for n, (_, meta) in health.items()})
-    by_node = {meta.get("node", n): status for n, (status, meta) in health.items()}
-    hashes = Counter(d.get("config_sha256") for d in docs.values() if d.get("config_sha256"))
-    common = hashes.most_common(1)[0][0] if hashes else None
-    rows = []
-    for name in names:
-        d = docs.get(name, {})
-        rows.append(NodeView(
-            node=name, health=by_node.get(name, "unregistered"), kv_index=int(d.get("kv_index") or 0),
-            config_sha256=d.get("config_sha256"), ok=bool(d.get("ok")), last_error=d.get("last_error"),
-            time=str(d.get("time", "-")), current=int(d.get("kv_index") or 0) >= latest,
-            same=d.get("config_sha256") == common))
-    return rows
-
-
-def fleet_exit_code(rows: list[NodeView], docs: dict[str, dict[str, Any]]) -> int:
-    """7 when a node is stale, critical, failing or differs (or none reported), 9 when a route is rejected."""
-    if not rows or any(not (r.current and r.same and r.ok) or r.health not in ("passing", "maintenance")
-                       for r in rows):
-        return NotConverged.exit_code
-    if any(st.get("state") == "rejected" for d in docs.values() for st in (d.get("routes") or {}).values()):
-        return RejectedByNode.exit_code
-    return 0
 
 
 def fleet_report(rows: list[NodeView], docs: dict[str, dict[str, Any]], latest: int) -> str:

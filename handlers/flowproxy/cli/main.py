@@ -87,8 +87,10 @@ def status(ctx: click.Context, as_json: bool) -> None:
     """Show every proxy node: applied index, config hash, rejected routes; and this node's traffic per route."""
     import dataclasses
 
-    from flowproxy.cli.fleet import fleet_exit_code, fleet_report, fleet_view, latest_index, read_statuses
+    from flowproxy.cli.fleet import fleet_report
+    from flowproxy.consul.reads import latest_index, read_statuses
     from flowproxy.consul.store import store_for
+    from flowproxy.core.fleet import fleet_exit_code, fleet_view
     from flowproxy.core.render import SLOTS_MAP
     from flowproxy.haproxy import release
     from flowproxy.haproxy.master import local_old_workers

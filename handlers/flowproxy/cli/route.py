@@ -221,8 +221,7 @@ def remove(ctx: click.Context, /, *, name: str, **waiting: Any) -> None:
 @click.pass_context
 def list_routes(ctx: click.Context, as_json: bool) -> None:
     """Every route with its variants, the active one, and what the nodes report."""
-    from flowproxy.cli.fleet import read_statuses
-    from flowproxy.consul.reads import read_config
+    from flowproxy.consul.reads import read_config, read_statuses
     from flowproxy.consul.store import store_for
 
     settings = settings_of(ctx)

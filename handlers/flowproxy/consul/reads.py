@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from flowproxy.consul.store import ConsulStore
 from flowproxy.core import contract
 from flowproxy.core.model import KVEntry, Snapshot
@@ -60,3 +63,23 @@ def read(store: ConsulStore, prefix: str, snapshot: Snapshot | None = None) -> t
 def routes_deleted_since(store: ConsulStore, prefix: str, index: int) -> bool | None:
     """Whether routes were deleted after `index` (tombstones), None when Consul cannot tell."""
     return store.deleted_since(contract.route_folder(prefix), index)
+
+
+def read_statuses(store: ConsulStore, prefix: str) -> dict[str, dict[str, Any]]:
+    """Every node's status document, by node name (one that is not JSON reads as a failure)."""
+    _, entries = store.read_prefix(contract.status_folder(prefix))
+    docs: dict[str, dict[str, Any]] = {}
+    for entry in entries:
+        if not contract.is_status_key(prefix, entry.key) or entry.key.endswith("/"):
+            continue  # a key nested deeper is no node's status: reported as ignored instead
+        try:
+            doc = json.loads(entry.value)
+        except ValueError:
+            doc = {"ok": False, "last_error": "status key is not JSON"}
+        docs[entry.key.rsplit("/", 1)[-1]] = doc if isinstance(doc, dict) else {"ok": False}
+    return docs
+
+
+def latest_index(store: ConsulStore, prefix: str) -> int:
+    """The index of the newest write that a node's config depends on, as the nodes themselves compute it."""
+    return read_config(store, prefix)[0]

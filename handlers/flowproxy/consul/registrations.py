@@ -14,7 +14,9 @@ class Check:
     tcp: str | None = None
     ttl: str | None = None
     interval: str = "1s"
-    timeout: str = "1s"
+    # Consul's own default. A dead instance refuses or answers 503 at once, so this bounds only a slow answer;
+    # at 1 s a busy 2-core host flapped healthy instances critical and back, a route change nobody asked for.
+    timeout: str = "10s"
     status: str | None = None  # the status it starts in (Consul's default: critical)
     check_id: str | None = None
     name: str | None = None

@@ -186,17 +186,19 @@ class ConsulStore:
 
     def service_health(self, service: str) -> dict[str, tuple[str, dict[str, str]]]:
         """Every instance of a service, passing or not: node name -> (worst check status, service meta)."""
-        _, entries = self._call(f"to list instances of {service}", lambda: self.client.health.service(service))
-        rank = {"passing": 0, "warning": 1, "critical": 2}
         out: dict[str, tuple[str, dict[str, str]]] = {}
-        for e in entries:
-            checks = e.get("Checks") or []
-            statuses = [c.get("Status", "critical") for c in checks]
-            worst = max(statuses or ["critical"], key=lambda s: rank.get(s, 2))
-            if any(str(c.get("CheckID", "")).startswith(("_node_maintenance", "_service_maintenance")) for c in checks):
-                worst = "maintenance"  # `consul maint`: an operator took it out on purpose
-            out[str((e.get("Node") or {}).get("Node", ""))] = (worst, dict((e.get("Service") or {}).get("Meta") or {}))
+        for e in self._all_instances(service):
+            meta = dict((e.get("Service") or {}).get("Meta") or {})
+            out[str((e.get("Node") or {}).get("Node", ""))] = (worst_status(e), meta)
         return out
+
+    def instances(self, service: str) -> list[tuple[Instance, str]]:
+        """Every instance of a service, passing or not, with its worst check status."""
+        return [(instance_of(e), worst_status(e)) for e in self._all_instances(service)]
+
+    def _all_instances(self, service: str) -> list[dict[str, Any]]:
+        _, entries = self._call(f"to list instances of {service}", lambda: self.client.health.service(service))
+        return list(entries or [])
 
     def update_check(self, check_id: str, status: str, output: str) -> None:
         self._call(f"to update check {check_id}", lambda: self.client.http.put(
@@ -239,6 +241,15 @@ def instances_in(payload: str) -> tuple[str, list[Instance]] | None:
         return (names.pop() if len(names) == 1 else ""), [instance_of(e) for e in entries or []]
     except (ValueError, TypeError, KeyError, AttributeError):
         return None
+
+
+def worst_status(entry: dict[str, Any]) -> str:
+    """An instance's worst check (critical when it has none), or maintenance when an operator set it."""
+    checks = entry.get("Checks") or []
+    if any(str(c.get("CheckID", "")).startswith(("_node_maintenance", "_service_maintenance")) for c in checks):
+        return "maintenance"  # `consul maint`: an operator took it out on purpose
+    rank = {"passing": 0, "warning": 1, "critical": 2}
+    return max([str(c.get("Status", "critical")) for c in checks] or ["critical"], key=lambda s: rank.get(s, 2))
 
 
 def instance_of(e: dict[str, Any]) -> Instance:

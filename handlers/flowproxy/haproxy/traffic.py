@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from flowproxy.errors import HAProxyError
@@ -25,11 +25,9 @@ def route_counts(show_stat: str, slots: Mapping[str, str] | None = None) -> dict
     """
     totals: dict[str, dict[str, int]] = {}
     busiest: dict[str, tuple[int, str]] = {}
-    for row in csv.DictReader(io.StringIO(show_stat.lstrip("# "))):
-        backend = row.get("pxname", "")
-        backend = (slots or {}).get(backend, backend)
-        if row.get("svname") != "BACKEND" or ":" not in backend:
-            continue  # flowproxy's own backends (fp_no_route...) have no colon
+    for backend, row in route_rows(show_stat, slots):
+        if row.get("svname") != "BACKEND":
+            continue
         route, _, variant = backend.partition(":")
         counts = {name: int(row.get(column) or 0) for name, column in COUNTS.items()}
         into = totals.setdefault(route, dict.fromkeys(COUNTS, 0))
@@ -39,14 +37,38 @@ def route_counts(show_stat: str, slots: Mapping[str, str] | None = None) -> dict
     return {route: {"variant": busiest[route][1], **totals[route]} for route in sorted(totals)}
 
 
-def local_counts(stats_socket: Path, slots: Mapping[str, str]) -> dict[str, dict[str, int | str]] | None:
-    """This node's counts, or None when its HAProxy is not reachable from here."""
+def server_states(show_stat: str, slots: Mapping[str, str] | None = None) -> dict[str, dict[str, str]]:
+    """route backend -> {server address:port -> HAProxy's state of it: UP, DOWN, MAINT, no check, ...}."""
+    out: dict[str, dict[str, str]] = {}
+    for backend, row in route_rows(show_stat, slots):
+        if row.get("svname") not in ("BACKEND", "FRONTEND") and row.get("addr"):
+            out.setdefault(backend, {})[row["addr"]] = row.get("status", "")
+    return out
+
+
+def route_rows(show_stat: str, slots: Mapping[str, str] | None) -> Iterator[tuple[str, dict[str, str]]]:
+    """`show stat` rows of route backends, each with its backend's name (a spare's is the one it holds)."""
+    for row in csv.DictReader(io.StringIO(show_stat.lstrip("# "))):
+        backend = row.get("pxname", "")
+        backend = (slots or {}).get(backend, backend)
+        if ":" in backend:  # flowproxy's own backends (fp_no_route...) have no colon
+            yield backend, row
+
+
+def local_stat(stats_socket: Path) -> str | None:
+    """`show stat` of this node's HAProxy, or None when it is not reachable from here."""
     if not stats_socket.exists():
         return None
     try:
-        return route_counts(HAProxySocket(stats_socket).command("show stat -1 2 -1"), slots)
+        return HAProxySocket(stats_socket).command("show stat -1 6 -1")
     except HAProxyError:
         return None
+
+
+def local_counts(stats_socket: Path, slots: Mapping[str, str]) -> dict[str, dict[str, int | str]] | None:
+    """This node's counts, or None when its HAProxy is not reachable from here."""
+    stat = local_stat(stats_socket)
+    return None if stat is None else route_counts(stat, slots)
 
 
 def counts_report(counts: dict[str, dict[str, int | str]]) -> str:

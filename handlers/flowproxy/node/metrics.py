@@ -1,4 +1,5 @@
-"""flowproxy's own metrics for a node, served beside HAProxy's exporter at `/metrics/flowproxy`.
+"""flowproxy's own metrics for a node, served beside HAProxy's exporter at `/metrics/flowproxy`, and the
+dashboard (`/dashboard`, `/api/...`: node/dashboard.py).
 
 prometheus-client writes the exposition format; this module is its one adapter. Values are read when
 scraped (HAProxy's master socket, the node's last status), so nothing here keeps state of its own. The
@@ -20,6 +21,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from flowproxy import runstate, telemetry
 from flowproxy.haproxy.master import local_old_workers
+from flowproxy.node import dashboard
 from flowproxy.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -59,13 +61,24 @@ class _Handler(BaseHTTPRequestHandler):
     server: MetricsServer
 
     def do_GET(self) -> None:
-        found = self.path.split("?", 1)[0] == PATH
-        body = generate_latest(self.server.registry) if found else b"not found\n"
-        self.send_response(200 if found else 404)
-        self.send_header("Content-Type", CONTENT_TYPE_LATEST if found else "text/plain")
+        path = self.path.split("?", 1)[0]
+        if path == PATH:
+            self.reply(200, {"Content-Type": CONTENT_TYPE_LATEST}, generate_latest(self.server.registry))
+        elif dashboard.handles(path):
+            self.reply(*self.server.dashboard.answer(path, self.headers.get("Authorization")))
+        else:
+            self.reply(404, {"Content-Type": "text/plain"}, b"not found\n")
+
+    def reply(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def version_string(self) -> str:
+        return "flowproxy"  # not the Python version
 
     def address_string(self) -> str:
         return "haproxy"  # a unix socket has no client address
@@ -80,6 +93,7 @@ class MetricsServer(socketserver.ThreadingUnixStreamServer):
     def __init__(self, settings: Settings) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(NodeCollector(settings))
+        self.dashboard = dashboard.Dashboard(settings)
         telemetry.enable(self.registry)
         super().__init__(abstract_address(settings.node_metrics_name), _Handler)
 
