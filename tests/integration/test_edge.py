@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import datetime
 import http.client
 import json
 import os
@@ -447,9 +448,10 @@ def test_canary_weights_move_without_a_reload(edge: ProxyNode, serve: Callable[.
     assert (after.reloads, after.workers) == (before.reloads, before.workers)
 
 
-def test_flowproxy_metrics_beside_haproxys(edge: ProxyNode, serve: Callable[..., IdentityServer]) -> None:
+def test_flowproxy_metrics_beside_haproxys(edge: ProxyNode, serve: Callable[..., IdentityServer],
+                                          tmp_path: Path) -> None:
     """`/metrics/flowproxy` on the metrics listener: the node's reloads (and why), old workers and their
-    memory, the applied index; scraped as Prometheus would, the numbers move with a reload."""
+    memory, the applied index, certificates' expiry; scraped as Prometheus would, the numbers move."""
     serve("site", "site-1")
 
     def scrape() -> dict[str, str]:
@@ -493,6 +495,15 @@ def test_flowproxy_metrics_beside_haproxys(edge: ProxyNode, serve: Callable[...,
     put(edge, "routes/broken/live", json.dumps({"service": "site", "paths": ["no-slash"]}))
     put(edge, "routes/broken/active", "live")
     until(edge, lambda: number(scrape(), "flowproxy_rejected_routes") == 1, "the rejected route counted")
+
+    # A certificate served from KV: its expiry, as openssl reads it.
+    put(edge, "certs/expiry", self_signed(tmp_path, "expiry"))
+    ends = subprocess.run(["openssl", "x509", "-noout", "-enddate", "-in", str(tmp_path / "expiry.crt")],
+                          capture_output=True, text=True, check=True).stdout.split("=", 1)[1].strip()
+    expected = datetime.datetime.strptime(ends, "%b %d %H:%M:%S %Y %Z").replace(tzinfo=datetime.UTC).timestamp()
+    gauge = 'flowproxy_certificate_expiry_timestamp_seconds{certificate="expiry"}'
+    until(edge, lambda: number(scrape(), gauge) == expected, "the certificate's expiry")
+    edge.store().delete(edge.settings.prefix + "certs/expiry")
 
 
 ACCESS_FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')

@@ -70,3 +70,38 @@ def test_counts_go_to_the_enabled_registry_only_while_enabled() -> None:
     assert 'flowproxy_watch_events_total{kind="service"} 1.0' in text
     assert "flowproxy_kv_index_seen 120.0" in text
     assert "# TYPE flowproxy_last_apply_success_timestamp_seconds gauge" in text
+
+
+def self_signed(days: int) -> bytes:
+    """A certificate and key PEM, as `certs/<name>` holds them."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "a.example.test")])
+    start = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(start).not_valid_after(start + datetime.timedelta(days=days))
+            .sign(key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def test_each_served_certificate_has_its_expiry(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path).checked()
+    folder = settings.current / "certs"
+    folder.mkdir(parents=True)
+    (folder / "a.example.pem").write_bytes(self_signed(90))
+    (folder / "b.pem").write_bytes(self_signed(1))
+    (folder / "keyonly.pem").write_bytes(b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+    registry = CollectorRegistry()
+    registry.register(NodeCollector(settings))
+    text = generate_latest(registry).decode()
+    assert "# TYPE flowproxy_certificate_expiry_timestamp_seconds gauge" in text
+    assert 'flowproxy_certificate_expiry_timestamp_seconds{certificate="a.example"} 1.7750016e+09' in text
+    assert 'flowproxy_certificate_expiry_timestamp_seconds{certificate="b"} 1.767312e+09' in text
+    assert 'certificate="keyonly"' not in text  # nothing to read: absent, never a made-up time

@@ -49,3 +49,16 @@ def pem_problem(pem: bytes) -> str | None:
     finally:
         os.unlink(path)
     return None
+
+
+def not_after(pem: bytes) -> float | None:
+    """When the first certificate of a PEM expires (Unix time), or None when there is none to read.
+
+    `cryptography` reads it: this is its one adapter, imported here only (metrics ask, applies do not)."""
+    from cryptography import x509
+
+    try:
+        chain = x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        return None
+    return chain[0].not_valid_after_utc.timestamp() if chain else None

@@ -20,6 +20,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from flowproxy import runstate, telemetry
+from flowproxy.haproxy.certs import not_after
 from flowproxy.haproxy.master import local_old_workers
 from flowproxy.node import dashboard
 from flowproxy.settings import Settings
@@ -51,10 +52,26 @@ class NodeCollector(Collector):
         states = list(routes.values()) if isinstance(routes, dict) else []
         rejected = len([st for st in states if isinstance(st, dict) and st.get("state") == "rejected"])
         yield GaugeMetricFamily("flowproxy_rejected_routes", "Routes this node rejected in its last apply", rejected)
+        yield self.certificates()
         reload = last.get("last_reload")
         if isinstance(reload, dict):
             yield InfoMetricFamily("flowproxy_last_reload", "The node's latest HAProxy reload and why",
                                    {"why": str(reload.get("why")), "kv_index": str(reload.get("kv_index"))})
+
+
+    def certificates(self) -> Metric:
+        """The expiry of every certificate HAProxy serves from this node's current release."""
+        family = GaugeMetricFamily("flowproxy_certificate_expiry_timestamp_seconds",
+                                   "When a served certificate (KV certs/<name>) expires (Unix time)",
+                                   labels=["certificate"])
+        for path in sorted((self.settings.current / "certs").glob("*.pem")):
+            try:
+                expires = not_after(path.read_bytes())
+            except OSError:  # a release being swapped: the next scrape reads the new one
+                continue
+            if expires is not None:
+                family.add_metric([path.stem], expires)
+        return family
 
 
 class _Handler(BaseHTTPRequestHandler):
