@@ -296,6 +296,9 @@ def dashboard_shows_green(prod: Production) -> None:
     demo = next(r for r in json.loads(body)["routes"] if r["route"] == "go-demo")
     assert status_code == 200 and demo["state"] == "serving"
     assert {v["variant"]: v["role"] for v in demo["variants"]} == {"blue": "staged", "green": "serving"}
+    status_code, body = dashboard_get(prod, "/api/nodes")  # with the node's own least-privilege token
+    assert status_code == 200 and [(n["node"], n["health"]) for n in json.loads(body)["nodes"]] == [
+        ("edge-1", "passing")]
     assert all(dashboard_get(prod, path)[0] == 200 for path in ("/dashboard", "/dashboard/app.js"))
 
 
