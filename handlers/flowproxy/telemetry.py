@@ -15,6 +15,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from flowproxy.redact import redact
+
 if TYPE_CHECKING:  # imported by `enable` only: a cold handler's apply imports this module and pays nothing
     from prometheus_client import Counter, Gauge, Histogram
     from prometheus_client.registry import CollectorRegistry
@@ -103,7 +105,8 @@ def applied(path: str, ok: bool, seconds: float, *, what: str = "", kv_index: in
             metrics.last_success.set(time.time())
     if _enabled and path != "unchanged":
         with _lock:
-            _recent.append({"time": time.time(), "path": path, "ok": ok, "what": what, "kv_index": kv_index,
+            # An error's text may quote a request: redacted like every log line.
+            _recent.append({"time": time.time(), "path": path, "ok": ok, "what": redact(what), "kv_index": kv_index,
                             "config_sha256": config, "ms": round(seconds * 1000, 1)})
 
 

@@ -105,3 +105,24 @@ def basic(text: str) -> str:
 ], ids=["right", "scheme-any-case", "wrong-password", "longer", "other-scheme", "garbage", "empty", "absent"])
 def test_the_dashboard_takes_the_stats_credentials_only(header: str | None, ok: bool) -> None:
     assert authorized(header, b"ops:secret") is ok
+
+
+def test_last_changes_are_kept_while_enabled_newest_first_and_redacted() -> None:
+    from prometheus_client.registry import CollectorRegistry
+
+    from flowproxy import telemetry
+
+    registry = CollectorRegistry()
+    telemetry.applied("reload", True, 0.2, what="before enabling")  # not kept: no node process counts
+    telemetry.enable(registry)
+    try:
+        telemetry.applied("unchanged", True, 0.01, what="anti-entropy found nothing")  # not a change
+        telemetry.applied("incremental", True, 0.012, what="route api", kv_index=9, config="ab" * 32)
+        telemetry.applied("full", False, 1.5, what="Consul refused token=0badc0de-0000-4000-8000-000000000000")
+        seen = telemetry.recent()[:2]
+    finally:
+        telemetry.disable(registry)
+    assert [(c["path"], c["ok"], c["what"]) for c in seen] == [
+        ("full", False, "Consul refused token=[redacted]"), ("incremental", True, "route api")]
+    assert seen[1]["kv_index"] == 9 and seen[1]["ms"] == 12.0
+    assert all(c["what"] not in ("before enabling", "anti-entropy found nothing") for c in telemetry.recent())

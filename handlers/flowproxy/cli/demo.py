@@ -130,9 +130,18 @@ def run_demo(spec: NodeSpec, keep_running: bool) -> None:
             cli = Path(sys.executable).parent / "flowproxy"
             click.echo(f"Try: curl -i {proxy}/demo/hello   |   CONSUL_HTTP_ADDR={node.http_addr()} "
                        f"{cli} status   |   Ctrl-C stops everything")
+            click.echo(dashboard_hint(spec.settings.metrics_bind, spec.settings.stats_auth))
             node.supervise()
     finally:
         for proc in backends:
             proc.terminate()
             proc.wait(timeout=10)
         node.stop()
+
+
+def dashboard_hint(metrics_bind: str | None, stats_auth: str | None) -> str:
+    if metrics_bind and stats_auth:
+        user = stats_auth.split(":", 1)[0]
+        return f"Dashboard: http://{metrics_bind}/dashboard (user {user}, the --stats-auth password)"
+    return ("Dashboard: start the demo with --metrics 127.0.0.1:9101 --stats-auth ops:<password>, then open "
+            "http://127.0.0.1:9101/dashboard")
