@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,32 @@ def node_spec(data_dir: Path, name: str, *, dev: bool, join: tuple[str, ...] = (
                     join=join, dev=dev, proxy=proxy, acl=bool(token or acl_master), acl_master=acl_master)
 
 
+class Pause:
+    """The supervisor's pause switch. Once `set()` returns no tick runs, not even one that began before it
+    (it is waited for): a test that kills a child right after pausing must not race a tick that restarts it."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+
+    def set(self) -> None:
+        self._event.set()
+        with self._lock:  # a tick in flight finishes first
+            pass
+
+    def clear(self) -> None:
+        self._event.clear()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    @contextlib.contextmanager
+    def unless_paused(self) -> Iterator[bool]:
+        """Held for one tick: True when it may run."""
+        with self._lock:
+            yield not self._event.is_set()
+
+
 @dataclass
 class ProxyNode:
     """A running proxy node (Consul agent + HAProxy) and the ways a test talks to it.
@@ -95,13 +122,14 @@ class ProxyNode:
 
     node: Node
     ticking: threading.Event = field(default_factory=threading.Event)
-    paused: threading.Event = field(default_factory=threading.Event)
+    paused: Pause = field(default_factory=Pause)
 
     def __post_init__(self) -> None:
         def run() -> None:
             while not self.ticking.wait(1.0):
-                if not self.paused.is_set():
-                    self.node.tick()
+                with self.paused.unless_paused() as running:
+                    if running:
+                        self.node.tick()
 
         threading.Thread(target=run, daemon=True, name=f"tick-{self.settings.node}").start()
 

@@ -234,26 +234,27 @@ def test_a_node_without_its_agent_keeps_serving_shows_stale_then_catches_up(flee
     fleet.converge(set())
     lonely = fleet.nodes[1]
     lonely.paused.set()  # its supervisor would revive the agent within a second; keep it down for now
-    agent = lonely.node.procs["consul"]
-    agent.kill()
-    agent.wait()
-    fleet.put("routes/go-demo/blue", json.dumps({"service": "go-demo", "tags": ["blue"], "paths": ["/next"]}))
-    fleet.nodes[0].wait_reply("/next", 200)
-    assert lonely.get("/demo/x").status == 200  # the last good config keeps serving
-    assert lonely.get("/next").status == 404
+    try:
+        agent = lonely.node.procs["consul"]
+        agent.kill()
+        agent.wait()
+        fleet.put("routes/go-demo/blue", json.dumps({"service": "go-demo", "tags": ["blue"], "paths": ["/next"]}))
+        fleet.nodes[0].wait_reply("/next", 200)
+        assert lonely.get("/demo/x").status == 200  # the last good config keeps serving
+        assert lonely.get("/next").status == 404
 
-    def reported_stale() -> bool:
-        done = fleet.cli("status", "--json")
-        rows = {r["node"]: r for r in json.loads(done.stdout)["nodes"]}
-        return not rows["edge-2"]["current"] and rows["edge-2"]["health"] != "passing"
+        def reported_stale() -> bool:
+            done = fleet.cli("status", "--json")
+            rows = {r["node"]: r for r in json.loads(done.stdout)["nodes"]}
+            return not rows["edge-2"]["current"] and rows["edge-2"]["health"] != "passing"
 
-    wait_for(reported_stale, 30, "edge-2 to show as stale and not passing")
-    status = fleet.cli("status")
-    assert re.search(r"edge-2\s+\S+\s+\d+\s+STALE", status.stdout), status.stdout
-    # "converged" means every node is current: one that is down and stale says NOT, with exit 7.
-    assert "NOT converged" in status.stdout and status.returncode == 7
-
-    lonely.paused.clear()  # the supervisor's next tick restarts the agent, which re-arms its watches
+        wait_for(reported_stale, 30, "edge-2 to show as stale and not passing")
+        status = fleet.cli("status")
+        assert re.search(r"edge-2\s+\S+\s+\d+\s+STALE", status.stdout), status.stdout
+        # "converged" means every node is current: one that is down and stale says NOT, with exit 7.
+        assert "NOT converged" in status.stdout and status.returncode == 7
+    finally:
+        lonely.paused.clear()  # the supervisor's next tick restarts the agent, which re-arms its watches
     lonely.wait_reply("/next", 200, timeout=30)
     wait_for(lambda: "fleet converged" in fleet.cli("status").stdout, 30, "the fleet to converge again")
 
