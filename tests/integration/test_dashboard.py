@@ -21,7 +21,7 @@ import pytest
 from flowproxy.backend import IdentityServer
 from flowproxy.cli.demo import register_instance
 from flowproxy.node.up import wait_for
-from tests.harness import ProxyNode, need, node_spec, start_node, wait_applied
+from tests.harness import ProxyNode, need, node_spec, start_node, status_of, wait_applied
 
 AUTH = "ops:stats-secret"  # node_spec(edge=True)'s stats credentials
 ARTIFACTS = Path(os.environ.get("FLOWPROXY_TEST_ARTIFACTS", Path(__file__).resolve().parents[2] / "test-artifacts"))
@@ -189,7 +189,11 @@ def test_the_api_documents_routes_nodes_and_changes(dash: ProxyNode, backends: C
 
     status, _, nodes = api(dash, "/api/nodes")
     assert status == 200 and [n["node"] for n in nodes["nodes"]] == ["dash-1"]
-    assert nodes["nodes"][0]["config_sha256"] == applied["config_sha256"]
+
+    def as_status_says() -> bool:  # later applies (health checks settling) may move both; they meet
+        row = api(dash, "/api/nodes")[2]["nodes"][0]
+        return bool(row["config_sha256"] == status_of(dash)["config_sha256"] and row["current"])
+    wait_for(as_status_says, 20, "the nodes document to show the node's status")
     status, _, changes = api(dash, "/api/changes")
     assert status == 200 and changes["changes"] and all(c["ok"] in (True, False) for c in changes["changes"])
 
