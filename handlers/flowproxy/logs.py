@@ -21,6 +21,7 @@ from flowproxy.redact import RedactFilter, redact
 MAX_BYTES = 5_000_000
 BACKUPS = 2
 
+
 def level_of(name: str) -> int:
     return int(logging.getLevelName(name.upper()))
 

@@ -238,7 +238,8 @@ def keep_model(settings: Settings, warm: Warm, seen: Gathered, built: Built) -> 
     warm.model = model_of(desired, health, built.pieces, built.bundle,
                           templates=Templates(settings.templates, desired.templates), certs=built.certs)
     warm.seen, warm.running, warm.health_index = seen, None, dict(seen.health_index)
-    limit = capacity.master_limit(settings.master_socket)
+    # The limit vetting read for this very build (a build without vetting, none: asked now).
+    limit = built.refusals.fd_limit or capacity.master_limit(settings.master_socket)
     warm.checks = capacity.need(built.plan)
     warm.check_room = capacity.budget(built.plan, limit, settings.min_connections, capacity.threads())
 

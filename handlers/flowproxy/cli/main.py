@@ -88,23 +88,18 @@ def status(ctx: click.Context, as_json: bool) -> None:
     import dataclasses
 
     from flowproxy.cli.fleet import fleet_report
-    from flowproxy.consul.reads import latest_index, read_statuses
+    from flowproxy.consul.reads import read_fleet
     from flowproxy.consul.store import store_for
-    from flowproxy.core.fleet import fleet_exit_code, fleet_view
-    from flowproxy.core.render import SLOTS_MAP
-    from flowproxy.haproxy import release
+    from flowproxy.core.fleet import fleet_exit_code
     from flowproxy.haproxy.master import local_old_workers
-    from flowproxy.haproxy.spares import slots
+    from flowproxy.haproxy.spares import current_slots
     from flowproxy.haproxy.traffic import counts_report, local_counts
     from flowproxy.node.selfcheck import SERVICE
 
     settings = settings_of(ctx)
     store = store_for(settings)
-    docs = read_statuses(store, settings.prefix)
-    latest = latest_index(store, settings.prefix)
-    rows = fleet_view(docs, store.service_health(SERVICE), latest)
-    running = release.read_bundle(settings.current)
-    counts = local_counts(settings.stats_socket, slots(running.files.get(SLOTS_MAP, b"")) if running else {})
+    docs, latest, rows = read_fleet(store, settings.prefix, SERVICE)
+    counts = local_counts(settings.stats_socket, current_slots(settings.current))
     old = local_old_workers(settings.master_socket)
     code = fleet_exit_code(rows, docs)
     if as_json:

@@ -7,6 +7,7 @@ from typing import Any
 
 from flowproxy.consul.store import ConsulStore
 from flowproxy.core import contract
+from flowproxy.core.fleet import NodeView, fleet_view
 from flowproxy.core.model import KVEntry, Snapshot
 
 
@@ -83,3 +84,11 @@ def read_statuses(store: ConsulStore, prefix: str) -> dict[str, dict[str, Any]]:
 def latest_index(store: ConsulStore, prefix: str) -> int:
     """The index of the newest write that a node's config depends on, as the nodes themselves compute it."""
     return read_config(store, prefix)[0]
+
+
+def read_fleet(store: ConsulStore, prefix: str, service: str) -> tuple[dict[str, dict[str, Any]], int, list[NodeView]]:
+    """Every node's status, the newest config write's index, and a row per node (its status beside the
+    health of its registration as `service`): what `flowproxy status` and the dashboard show."""
+    docs = read_statuses(store, prefix)
+    latest = latest_index(store, prefix)
+    return docs, latest, fleet_view(docs, store.service_health(service), latest)

@@ -10,6 +10,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from flowproxy.core.fleet import NodeView
 from flowproxy.core.model import Desired, Instance, Route, Variant
 from flowproxy.core.plan import backend_name
 
@@ -92,7 +93,7 @@ def variant_doc(route: Route, variant: Variant, weights: Mapping[str, int], inst
     }
 
 
-def nodes_doc(latest: int, rows: Sequence[Any], converged: bool) -> dict[str, Any]:
+def nodes_doc(latest: int, rows: Sequence[NodeView], converged: bool) -> dict[str, Any]:
     """Every proxy node (fleet rows, as `flowproxy status` shows them) and whether the fleet converged."""
     return {"latest_index": latest, "converged": converged, "nodes": [dataclasses.asdict(r) for r in rows]}
 

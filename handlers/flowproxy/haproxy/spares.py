@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 from flowproxy.core.render import CRT_LIST, SLOTS_MAP, SPARES, Bundle
 from flowproxy.haproxy.runtime import Reload, crt_list, section_change, sections
@@ -117,3 +118,12 @@ def rename(data: bytes, assigned: dict[str, str]) -> bytes:
 def slots(data: bytes) -> dict[str, str]:
     """spare -> the backend it holds, from `maps/slots.map`."""
     return dict(line.split(" ", 1) for line in data.decode().splitlines() if " " in line)
+
+
+def current_slots(current: Path) -> dict[str, str]:
+    """spare -> backend in the release HAProxy runs: its slots map alone (reading the whole release costs
+    ~40 ms at 10,000 routes); none when there is no release yet."""
+    try:
+        return slots((current / SLOTS_MAP).read_bytes())
+    except OSError:
+        return {}

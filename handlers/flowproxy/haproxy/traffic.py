@@ -55,12 +55,13 @@ def route_rows(show_stat: str, slots: Mapping[str, str] | None) -> Iterator[tupl
             yield backend, row
 
 
-def local_stat(stats_socket: Path) -> str | None:
-    """`show stat` of this node's HAProxy, or None when it is not reachable from here."""
+def local_stat(stats_socket: Path, servers: bool = False) -> str | None:
+    """`show stat` of this node's HAProxy (backend rows, and with `servers` their servers' too: ~10x the
+    text on a large table), or None when it is not reachable from here."""
     if not stats_socket.exists():
         return None
     try:
-        return HAProxySocket(stats_socket).command("show stat -1 6 -1")
+        return HAProxySocket(stats_socket).command(f"show stat -1 {6 if servers else 2} -1")
     except HAProxyError:
         return None
 

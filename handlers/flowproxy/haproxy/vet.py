@@ -29,6 +29,7 @@ class Refusals:
     backends: dict[str, str] = field(default_factory=dict)
     certs: dict[str, Problem] = field(default_factory=dict)
     waiting: tuple[int, ...] = ()
+    fd_limit: int = 0  # HAProxy's open-file limit as vetting read it (capacity); 0 when not read
 
     def __bool__(self) -> bool:
         return bool(self.backends or self.certs)
@@ -64,14 +65,15 @@ def vet(settings: Settings, plan: Plan, certs: Mapping[str, bytes],
     held = ports.refused(plan, settings.tcp_host, settings.current / "haproxy.cfg")
     waiting = tuple(sorted(c.port for c in plan.claims if c.path_type == "tcp" and c.backend in held))
     refused = reasons | held
-    return Refusals(refused | over_capacity(settings, drop_backends(plan, refused) if refused else plan),
-                    refused_certs, waiting)
+    limit = capacity.master_limit(settings.master_socket)
+    return Refusals(refused | over_capacity(settings, drop_backends(plan, refused) if refused else plan, limit),
+                    refused_certs, waiting, limit)
 
 
-def over_capacity(settings: Settings, plan: Plan) -> dict[str, str]:
-    """Backends whose health checks HAProxy has no descriptors for (see `capacity`); the running config is
-    read only then, to keep the routes it serves."""
-    limit, threads = capacity.master_limit(settings.master_socket), capacity.threads()
+def over_capacity(settings: Settings, plan: Plan, limit: int) -> dict[str, str]:
+    """Backends whose health checks HAProxy has no descriptors for under its open-file `limit` (see
+    `capacity`); the running config is read only then, to keep the routes it serves."""
+    threads = capacity.threads()
     if capacity.fits(plan, limit, settings.min_connections, threads):
         return {}
     try:

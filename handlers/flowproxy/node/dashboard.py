@@ -19,15 +19,13 @@ from typing import Any
 
 from flowproxy import runstate, telemetry
 from flowproxy.consul import reads
-from flowproxy.consul.reads import latest_index, read_statuses
+from flowproxy.consul.reads import read_fleet
 from flowproxy.consul.store import ConsulStore, store_for
 from flowproxy.core import dashboard
-from flowproxy.core.fleet import fleet_exit_code, fleet_view
+from flowproxy.core.fleet import fleet_exit_code
 from flowproxy.core.kv import desired_from_kv
-from flowproxy.core.render import SLOTS_MAP
 from flowproxy.errors import FlowproxyError
-from flowproxy.haproxy import release
-from flowproxy.haproxy.spares import slots
+from flowproxy.haproxy.spares import current_slots
 from flowproxy.haproxy.traffic import local_stat, route_counts, server_states
 from flowproxy.node.selfcheck import SERVICE
 from flowproxy.settings import Settings
@@ -87,18 +85,15 @@ class Dashboard:
         index, entries = reads.read(store, settings.prefix)
         desired = desired_from_kv(settings.prefix, entries, index)
         instances = {service: store.instances(service) for service in desired.services()}
-        stat = local_stat(settings.stats_socket)
-        running = release.read_bundle(settings.current)
-        held = slots(running.files.get(SLOTS_MAP, b"")) if running else {}
+        stat = local_stat(settings.stats_socket, servers=True)
+        held = current_slots(settings.current)
         last = runstate.load(settings.run_dir, runstate.LAST_STATUS)
         return dashboard.routes_doc(settings.node, desired, last, instances,
                                     servers=None if stat is None else server_states(stat, held),
                                     counts=None if stat is None else route_counts(stat, held))
 
     def nodes(self, store: ConsulStore) -> dict[str, Any]:
-        docs = read_statuses(store, self.settings.prefix)
-        latest = latest_index(store, self.settings.prefix)
-        rows = fleet_view(docs, store.service_health(SERVICE), latest)
+        _, latest, rows = read_fleet(store, self.settings.prefix, SERVICE)
         return dashboard.nodes_doc(latest, rows, bool(rows) and fleet_exit_code(rows, {}) == 0)
 
     def changes(self, _store: ConsulStore) -> dict[str, Any]:
