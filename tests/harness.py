@@ -32,10 +32,15 @@ node_prefix "" { policy = "read" }
 service "flowproxy" { policy = "write" }
 agent_prefix "" { policy = "write" }
 node_prefix "edge-" { policy = "write" }
+key_prefix "flowproxy/acme/" { policy = "write" }
+key_prefix "flowproxy/certs/acme-" { policy = "write" }
+session_prefix "edge-" { policy = "write" }
 """
 OPERATOR_RULES = """
 key_prefix "flowproxy/" { policy = "read" }
 key_prefix "flowproxy/routes/" { policy = "write" }
+key_prefix "flowproxy/acme/accounts/" { policy = "deny" }
+key_prefix "flowproxy/acme/orders/" { policy = "deny" }
 service_prefix "" { policy = "read" }
 node_prefix "" { policy = "read" }
 """
@@ -258,7 +263,7 @@ def wait_applied(proxy: ProxyNode, timeout: float = 20) -> dict[str, Any]:
 def reset(proxy: ProxyNode, service_ids: list[str]) -> None:
     """Remove what a test wrote: its routes, templates and service registrations."""
     store = proxy.store()
-    for folder in ("routes/", "templates/", "certs/"):
+    for folder in ("routes/", "templates/", "certs/", "acme/"):
         store.delete(proxy.settings.prefix + folder, recurse=True)
     for service_id in service_ids:
         store.client.agent.service.deregister(service_id)

@@ -84,6 +84,14 @@ EDGE_KV = [
 EDGE_HEALTH = {"web": [Instance("10.0.1.1", 80, tags=("blue",)), Instance("10.0.1.2", 80, tags=("green",))],
                "api": [Instance("10.0.2.1", 8080)], "db": [Instance("10.0.3.1", 5432)]}
 
+TOKEN = "LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0"
+ACME_KV = [
+    *routes({"shop": {"service": "web", "domains": ["shop.example.test"], "https_only": True,
+                      "tls": {"acme": True}}}),
+    KVEntry(f"{P}acme/challenges/{TOKEN}", f"{TOKEN}.9jg46WB3rR_AHD-EBXdN7cBkH1WOu0tA3M9fm21mqTI".encode(), 1, 1),
+    KVEntry(f"{P}acme/locks/acme-shop", b"", 1, 1),  # the worker's bookkeeping: no part of the config
+]
+
 SCENARIOS: dict[str, tuple[list[KVEntry], dict[str, list[Instance]]]] = {
     "empty": ([], {}),
     "walkthrough": (routes({"go-demo": {"service": "go-demo", "paths": ["/demo/hello", "/demo/person"]}}),
@@ -97,4 +105,5 @@ SCENARIOS: dict[str, tuple[list[KVEntry], dict[str, list[Instance]]]] = {
                           "file-tpl": {"service": "s1", "paths": ["/f"], "template": "example"}},
                          {"custom": CUSTOM_TEMPLATE}), {"s1": [Instance("127.0.0.1", 9000)]}),
     "edge": (EDGE_KV, EDGE_HEALTH),
+    "acme": (ACME_KV, {"web": [Instance("10.0.1.1", 80)]}),
 }

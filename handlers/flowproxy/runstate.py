@@ -12,6 +12,7 @@ from typing import Any
 
 LAST_APPLY = "last-apply.json"  # fingerprint, KV index and change generation of the last good apply
 LAST_STATUS = "last-status.json"  # the status document this node last published
+ACME = "acme.json"  # the ACME worker's last look at the certificates (node/certifier.py; the metrics read it)
 
 
 def load(run_dir: Path, name: str) -> dict[str, Any]:

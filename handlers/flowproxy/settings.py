@@ -36,6 +36,11 @@ DEFAULT_WATCH_SHARD_SIZE = 500
 # under its open-file limit are refused by name (haproxy/capacity.py).
 DEFAULT_MIN_CONNECTIONS = 1000
 # Where HAProxy sends its access log: its stdout or stderr, a syslog host:port, a unix socket path, or off.
+# A failed ACME attempt waits a minute, then twice as long each time, at most six hours (fleet-wide).
+DEFAULT_ACME_RETRY = 60.0
+DEFAULT_ACME_RETRY_MAX = 6 * 3600.0
+ACME_URL_RE = re.compile(r"https?://[A-Za-z0-9._\[\]:-]+(/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*)?")
+EMAIL_RE = re.compile(r"[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9.-]{1,253}")
 ACCESS_LOG_RE = re.compile(r"off|stdout|stderr|[A-Za-z0-9_.\[\]:-]+:[0-9]{1,5}|/[A-Za-z0-9_./-]+")
 
 
@@ -173,6 +178,13 @@ class Settings:
     log_level: str = "info"  # debug | info | warning | error
     access_log: str = "stdout"  # HAProxy's access log target: stdout, stderr, a syslog address, or off
     access_log_format: str = "text"  # text | json
+    # ACME (core/acme.py, node/certifier.py): off without a directory URL.
+    acme_directory: str | None = None  # e.g. https://acme-v02.api.letsencrypt.org/directory
+    acme_email: str | None = None  # the account's contact
+    acme_agree_tos: bool = False  # the CA's terms of service, agreed by the operator
+    acme_ca_bundle: str | None = None  # CA certificates that verify the directory's HTTPS (default: the system's)
+    acme_retry: float = DEFAULT_ACME_RETRY  # seconds after a first failure; doubled each time after that
+    acme_retry_max: float = DEFAULT_ACME_RETRY_MAX
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -203,6 +215,12 @@ class Settings:
             "log_level": (env.get("FLOWPROXY_LOG_LEVEL") or "info").lower(),
             "access_log": env.get("FLOWPROXY_ACCESS_LOG") or "stdout",
             "access_log_format": env.get("FLOWPROXY_ACCESS_LOG_FORMAT") or "text",
+            "acme_directory": env.get("FLOWPROXY_ACME_DIRECTORY") or None,
+            "acme_email": env.get("FLOWPROXY_ACME_EMAIL") or None,
+            "acme_agree_tos": _true(env.get("FLOWPROXY_ACME_AGREE_TOS", "")),
+            "acme_ca_bundle": env.get("FLOWPROXY_ACME_CA_BUNDLE") or None,
+            "acme_retry": _seconds(env.get("FLOWPROXY_ACME_RETRY", ""), DEFAULT_ACME_RETRY),
+            "acme_retry_max": _seconds(env.get("FLOWPROXY_ACME_RETRY_MAX", ""), DEFAULT_ACME_RETRY_MAX),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)  # type: ignore[arg-type]
@@ -234,7 +252,20 @@ class Settings:
                              "(host:port) or a unix socket path (/dev/log)")
         if self.access_log_format not in ("text", "json"):
             raise UsageError(f"FLOWPROXY_ACCESS_LOG_FORMAT {self.access_log_format!r}: text or json")
+        self._check_acme()
         return replace(self, prefix=prefix, data_dir=self.data_dir.absolute())
+
+    def _check_acme(self) -> None:
+        from flowproxy.errors import UsageError
+
+        if self.acme_directory is not None and not ACME_URL_RE.fullmatch(self.acme_directory):
+            raise UsageError(f"FLOWPROXY_ACME_DIRECTORY {self.acme_directory!r}: the CA's directory URL, "
+                             "https://... (e.g. https://acme-staging-v02.api.letsencrypt.org/directory)")
+        if self.acme_email is not None and not EMAIL_RE.fullmatch(self.acme_email):
+            raise UsageError(f"FLOWPROXY_ACME_EMAIL {self.acme_email!r}: one e-mail address")
+        if not 1 <= self.acme_retry <= self.acme_retry_max:
+            raise UsageError(f"FLOWPROXY_ACME_RETRY {self.acme_retry:g}: seconds, at least 1 and at most "
+                             f"FLOWPROXY_ACME_RETRY_MAX ({self.acme_retry_max:g})")
 
     def env(self) -> dict[str, str]:
         """The environment that carries these settings to the agent, its handlers and HAProxy."""
@@ -261,10 +292,20 @@ class Settings:
         elif self.consul_token:
             out["CONSUL_HTTP_TOKEN"] = self.consul_token
         out |= self.consul_tls.env()
+        out |= self.acme_env()
         optional = {"FLOWPROXY_PREVIEW_BIND": self.preview_bind, "FLOWPROXY_HTTPS_BIND": self.https_bind,
                     "FLOWPROXY_SNI_BIND": self.sni_bind, "FLOWPROXY_METRICS_BIND": self.metrics_bind,
                     "FLOWPROXY_TCP_HOST": self.tcp_host, "FLOWPROXY_STATS_AUTH": self.stats_auth}
         return out | {k: v for k, v in optional.items() if v} | self.haproxy_env()
+
+    def acme_env(self) -> dict[str, str]:
+        if not self.acme_directory:
+            return {}
+        out = {"FLOWPROXY_ACME_DIRECTORY": self.acme_directory,
+               "FLOWPROXY_ACME_AGREE_TOS": "true" if self.acme_agree_tos else "false",
+               "FLOWPROXY_ACME_RETRY": f"{self.acme_retry:g}", "FLOWPROXY_ACME_RETRY_MAX": f"{self.acme_retry_max:g}"}
+        return out | {k: v for k, v in (("FLOWPROXY_ACME_EMAIL", self.acme_email),
+                                        ("FLOWPROXY_ACME_CA_BUNDLE", self.acme_ca_bundle)) if v}
 
     def haproxy_env(self) -> dict[str, str]:
         # A listener the node does not open (preview, HTTPS, SNI, metrics) still exists, since the config is

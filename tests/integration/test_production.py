@@ -31,6 +31,7 @@ import requests
 from bench.parts import free_port
 from flowproxy.backend import IdentityServer
 from flowproxy.node.up import wait_for
+from tests.acme_ca import Pebble, start_pebble
 from tests.harness import NODE_RULES, OPERATOR_RULES, need
 
 REPO = Path(__file__).resolve().parents[2]
@@ -105,6 +106,8 @@ class Production:
     tokens: dict[str, str]
     http: str  # the proxy listener
     notify: socket.socket
+    acme: Pebble  # the ACME CA the node's settings name
+    https: str  # the HTTPS listener
 
     def flowproxy(self, *args: str, token: str = "operator") -> subprocess.CompletedProcess[str]:
         env = {"PATH": os.environ["PATH"], "CONSUL_HTTP_ADDR": self.api, "CONSUL_CACERT": self.ca,
@@ -263,12 +266,16 @@ def production(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Production]
         https = client_config(host, serf, key, tokens)
         (host.root / "etc" / "flowproxy").mkdir(parents=True, exist_ok=True)
         (host.root / "etc" / "flowproxy" / "consul-token").write_text(tokens["node"] + "\n")
-        http = f"127.0.0.1:{free_port()}"
+        http_port = free_port()
+        http, https_bind = f"127.0.0.1:{http_port}", f"127.0.0.1:{free_port()}"
+        acme_ca = start_pebble(base / "ca", http_port, 3600)
         env = dict(line.split("=", 1) for line in (OPS / "flowproxy.env").read_text().splitlines()
                    if "=" in line and not line.startswith("#") and not line.startswith("FP_"))
         env = {k: host.path(v) for k, v in env.items()} | {
-            "FLOWPROXY_HTTP_BIND": http, "FLOWPROXY_HTTPS_BIND": "", "FLOWPROXY_METRICS_BIND": "",
-            "FLOWPROXY_TCP_HOST": "127.0.0.1", "CONSUL_HTTP_ADDR": f"https://127.0.0.1:{https}"}
+            "FLOWPROXY_HTTP_BIND": http, "FLOWPROXY_HTTPS_BIND": https_bind, "FLOWPROXY_METRICS_BIND": "",
+            "FLOWPROXY_TCP_HOST": "127.0.0.1", "CONSUL_HTTP_ADDR": f"https://127.0.0.1:{https}",
+            "FLOWPROXY_ACME_DIRECTORY": acme_ca.directory, "FLOWPROXY_ACME_CA_BUNDLE": str(acme_ca.ca_bundle),
+            "FLOWPROXY_ACME_AGREE_TOS": "true", "FLOWPROXY_ACME_EMAIL": "ops@example.test"}
         fp = subprocess.run([str(host.venv / "bin" / "flowproxy"), "node", "env"],
                             env=env | {"PATH": os.environ["PATH"]}, capture_output=True, text=True, check=True,
                             timeout=60).stdout
@@ -278,7 +285,7 @@ def production(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Production]
         host.run_unit("flowproxy-consul", "consul")
         host.run_unit("flowproxy-haproxy", "haproxy")
         host.run_unit("flowproxy", "flowproxy", {"NOTIFY_SOCKET": str(base / "notify.sock")})
-        prod = Production(host, server, f"https://127.0.0.1:{https}", ca, tokens, http, notify)
+        prod = Production(host, server, f"https://127.0.0.1:{https}", ca, tokens, http, notify, acme_ca, https_bind)
         prod.notified(b"READY=1", timeout=60)
         yield prod
     finally:
@@ -287,6 +294,8 @@ def production(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Production]
         server.send_signal(signal.SIGINT)
         server.wait(timeout=15)
         notify.close()
+        if "acme_ca" in locals():
+            acme_ca.stop()
 
 
 def dashboard_shows_green(prod: Production) -> None:
@@ -411,3 +420,52 @@ def test_production_layout_end_to_end(production: Production) -> None:
     finally:
         blue.stop()
         green.stop()
+
+
+def test_acme_certificates_with_the_least_privilege_tokens(production: Production) -> None:
+    """An operator opts a route in with `route put --acme`; the node process (wheel-installed, node token of
+    the documented policy) gets the certificate from the CA and HAProxy serves it; the operator's token
+    reads the state but not the account's key."""
+    import ssl
+
+    from flowproxy.core import acme
+
+    prod = production
+    shop = IdentityServer("shop-1").start()
+    try:
+        prod.admin("PUT", "/v1/agent/service/register", json={
+            "Name": "shop", "ID": "shop-1", "Address": "127.0.0.1", "Port": shop.port,
+            "Check": {"TCP": f"127.0.0.1:{shop.port}", "Interval": "1s"}})
+        put = prod.flowproxy("route", "put", "shop", "-v", "live", "-s", "shop", "-d", "shop.example.test",
+                             "--acme", "--activate", "--wait", "--timeout", "60")
+        assert put.returncode == 0, put.stdout + put.stderr
+        context = ssl.create_default_context(cadata=prod.acme.root())
+        host, port = prod.https.rsplit(":", 1)
+        seen: list[str] = []
+
+        def served() -> bool:
+            try:
+                with socket.create_connection((host, int(port)), timeout=3) as raw, \
+                        context.wrap_socket(raw, server_hostname="shop.example.test") as tls:
+                    tls.sendall(b"GET / HTTP/1.1\r\nHost: shop.example.test\r\nConnection: close\r\n\r\n")
+                    seen[:] = [tls.recv(4096).decode(errors="replace")]
+                    return True
+            except (OSError, ssl.SSLError) as exc:
+                seen[:] = [repr(exc)]
+                return False
+
+        try:
+            wait_for(served, 60, "the node to serve a certificate from the ACME CA")
+        except Exception:
+            raise AssertionError(f"{seen}\n{(prod.host.root / 'flowproxy.log').read_text()[-3000:]}") from None
+        assert seen[0].startswith("HTTP/1.1 200") and "shop-1" in seen[0], seen
+        status = prod.flowproxy("status")
+        name = acme.cert_name(("shop.example.test",))
+        assert name in status.stdout and "Pebble Intermediate" in status.stdout, status.stdout + status.stderr
+        account = f"/v1/kv/flowproxy/acme/accounts/{acme.account_id(prod.acme.directory)}"
+        assert prod.admin("GET", account).status_code == 200  # it exists ...
+        denied = requests.get(f"{prod.api}{account}", verify=prod.ca, timeout=10,
+                              headers={"X-Consul-Token": prod.tokens["operator"]})
+        assert denied.status_code in (403, 404), denied.status_code  # ... and the operator cannot read it
+    finally:
+        shop.stop()

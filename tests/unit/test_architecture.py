@@ -18,9 +18,10 @@ ALLOWED = {
     "consul": {"core"},
     "haproxy": {"core"},
     "sandbox": {"core"},
+    "ca": {"core"},  # the ACME CA (certbot's acme)
     "pipeline": {"core", "consul", "haproxy", "sandbox"},
-    "node": {"core", "consul", "haproxy", "sandbox", "pipeline"},
-    "cli": {"core", "consul", "haproxy", "sandbox", "pipeline", "node"},
+    "node": {"core", "consul", "haproxy", "sandbox", "ca", "pipeline"},
+    "cli": {"core", "consul", "haproxy", "sandbox", "ca", "pipeline", "node"},
     "entry": {"cli", "node"},
     "backend": set(),
     "shared": {"core"},

@@ -29,6 +29,12 @@ CLASSIFY = [
     ("route-too-shallow", P + "routes/a", Key(Kind.STRAY, ("routes", "a"))),
     ("unknown-folder", P + "secrets/x", Key(Kind.STRAY, ("secrets", "x"))),
     ("template-folder", P + "templates/", Key(Kind.TEMPLATE, ("",))),
+    ("challenge", P + "acme/challenges/tok", Key(Kind.CHALLENGE, ("tok",))),
+    ("acme-state", P + "acme/state/acme-a", Key(Kind.ACME, ("state", "acme-a"))),
+    ("acme-lock", P + "acme/locks/acme-a", Key(Kind.ACME, ("locks", "acme-a"))),
+    ("acme-account", P + "acme/accounts/0123", Key(Kind.ACME, ("accounts", "0123"))),
+    ("acme-unknown-folder", P + "acme/keys/x", Key(Kind.STRAY, ("acme", "keys", "x"))),
+    ("acme-too-deep", P + "acme/state/a/b", Key(Kind.STRAY, ("acme", "state", "a", "b"))),
 ]
 
 
@@ -59,6 +65,9 @@ FINGERPRINT = [
     ("new-cert", [*BASE, (P + "certs/c", b"pem")], True),
     ("stray-key-by-name", [*BASE, (P + "secrets/x", b"1")], True),
     ("accept-empty-marker", [*BASE, (P + "accept-empty", b"yes")], True),
+    ("challenge-answer", [*BASE, (P + "acme/challenges/t", b"t.x")], True),
+    ("acme-bookkeeping-changes-nothing", [*BASE, (P + "acme/locks/a", b"edge-1"), (P + "acme/state/a", b"{}"),
+                                          (P + "acme/orders/a", b"{}"), (P + "acme/accounts/x", b"{}")], False),
 ]
 
 
@@ -75,7 +84,8 @@ def test_a_stray_key_counts_by_name_not_value() -> None:
 def test_the_readme_documents_every_kind_of_key() -> None:
     text = README.read_text()
     for shape in ("routes/<route>/<variant>", "routes/<route>/active", "templates/<name>", "certs/<name>",
-                  "status/<node>", contract.ACCEPT_EMPTY):
+                  "status/<node>", contract.ACCEPT_EMPTY, "acme/challenges/<token>",
+                  *(f"acme/{folder}/" for folder in contract.ACME_WORK)):
         assert shape in text, shape
 
 

@@ -100,6 +100,14 @@ EDGE_ERRORS = [
     ("health-interval", {"health": {"interval": "fast"}}, [f"{KEY}: health: interval:"]),
     ("health-path-on-tcp", {"mode": "tcp", "port": 1, "paths": None, "health": {"path": "/h"}},
      [f"{KEY}: health.path: HTTP checks need mode http, not tcp"]),
+    ("tls-not-object", {"domains": ["a.io"], "tls": True}, [f"{KEY}: tls: must be a JSON object, got bool"]),
+    ("tls-unknown", {"domains": ["a.io"], "tls": {"acme": True, "ca": "x"}}, [f"{KEY}: tls: ca: unknown field"]),
+    ("tls-acme-string", {"domains": ["a.io"], "tls": {"acme": "yes"}}, [f"{KEY}: tls: acme: must be true or false"]),
+    ("acme-needs-domains", {"tls": {"acme": True}}, [f"{KEY}: tls.acme: needs domains"]),
+    ("acme-no-wildcard", {"domains": ["a.io", "*.b.io"], "tls": {"acme": True}},
+     [f"{KEY}: tls.acme: '*.b.io': HTTP-01 cannot prove a wildcard name"]),
+    ("acme-not-on-sni", {"mode": "sni", "paths": None, "domains": ["a.io"], "tls": {"acme": True}},
+     [f"{KEY}: tls.acme: certificates for mode sni routes are the service's own"]),
 ]
 
 
@@ -121,6 +129,9 @@ def test_rejects_with_key_and_field(raw: bytes, expected: list[str]) -> None:
 
 ACCEPTED = [
     ("minimal", {"service": "go-demo", "paths": ["/demo"]}, Intent("go-demo", paths=("/demo",))),
+    ("acme", {"service": "web", "domains": ["a.io", "www.a.io"], "tls": {"acme": True}},
+     Intent("web", domains=("a.io", "www.a.io"), acme=True)),
+    ("acme-off", {"service": "web", "domains": ["*.a.io"], "tls": {"acme": False}}, Intent("web", domains=("*.a.io",))),
     ("domains-only", {"service": "web", "domains": ["my-domain.com", "*.example.com"]},
      Intent("web", domains=("my-domain.com", "*.example.com"))),
     ("everything", {"service": "api", "paths": ["/v1", "/v2"], "path_type": "exact", "tags": ["blue", "env=prod"],

@@ -50,6 +50,8 @@ STRAY = [
     ("bad-variant-name", "routes/r/V1", "route and variant names must match"),
     ("bad-template-name", "templates/../x", "key is outside"),
     ("status-too-deep", "status/a/b", "key is outside"),
+    ("challenge-short-token", "acme/challenges/abc", "challenge tokens are 16-128 base64url characters"),
+    ("acme-unknown-folder", "acme/secrets/x", "key is outside"),
 ]
 
 
@@ -145,3 +147,27 @@ def test_the_warm_memos_never_change_what_a_table_reads_as(states: list[dict[str
         entries = [KVEntry(k, v, i, i) for k, (v, i) in sorted(state.items())]
         assert desired_from_kv("flowproxy/", entries, 7, shapes=shapes, routes_memo=routes) == \
             desired_from_kv("flowproxy/", entries, 7)
+
+
+TOKEN = "LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0"
+THUMB = "9jg46WB3rR_AHD-EBXdN7cBkH1WOu0tA3M9fm21mqTI"
+CHALLENGES = [
+    ("answer", TOKEN, f"{TOKEN}.{THUMB}".encode(), True),
+    ("answer-with-newline", TOKEN, f"{TOKEN}.{THUMB}\n".encode(), True),
+    ("other-token", TOKEN, f"{'A' * 43}.{THUMB}".encode(), False),
+    ("no-thumbprint", TOKEN, TOKEN.encode(), False),
+    ("space-injection", TOKEN, f"{TOKEN}.{THUMB} extra".encode(), False),
+    ("map-row-injection", TOKEN, f"{TOKEN}.{THUMB}\n/other x".encode(), False),
+    ("short-token", "abc", b"abc." + THUMB.encode(), False),
+    ("token-slash-is-deeper", TOKEN + "/x", f"{TOKEN}.{THUMB}".encode(), False),
+]
+
+
+@pytest.mark.parametrize(("token", "value", "served"), [c[1:] for c in CHALLENGES], ids=[c[0] for c in CHALLENGES])
+def test_challenge_answers_are_served_only_as_key_authorizations(token: str, value: bytes, served: bool) -> None:
+    """What reaches HAProxy's challenge map must be exactly `<token>.<thumbprint>`: anything else a KV writer
+    puts there is reported, never served."""
+    key = f"{P}acme/challenges/{token}"
+    desired = desired_from_kv(P, [KVEntry(key, value, 1, 1)])
+    assert (desired.challenges == {token: value.decode().strip()}) is served
+    assert bool(desired.stray) is not served

@@ -46,6 +46,21 @@ def fleet_report(rows: list[NodeView], docs: dict[str, dict[str, Any]], latest: 
     return "\n".join(lines) + "\n"
 
 
+def certificates_report(rows: dict[str, dict[str, Any]]) -> str:
+    """A line per certificate: issuer, expiry and, for ACME's, the last error and next attempt. Pure."""
+    if not rows:
+        return ""
+    lines = ["certificates:", f"  {'NAME':<40} {'ISSUER':<32} {'EXPIRES':<20} ACME"]
+    for name, row in rows.items():
+        acme = "-"
+        if row.get("acme"):
+            acme = "ok" if not row.get("last_error") else (
+                f"{row['last_error']} ({row.get('failures', 0)} failed; next {row.get('next_attempt') or '-'})")
+        lines.append(f"  {name:<40} {str(row.get('issuer') or '-')[:32]:<32} {row.get('not_after') or '-'!s:<20} "
+                     f"{acme}")
+    return "\n".join(lines) + "\n"
+
+
 @dataclass(frozen=True)
 class WaitPolicy:
     """Which nodes `--wait` waits for. Passing and warning nodes must apply; so must critical ones (a

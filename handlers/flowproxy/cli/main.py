@@ -87,8 +87,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
     """Show every proxy node: applied index, config hash, rejected routes; and this node's traffic per route."""
     import dataclasses
 
-    from flowproxy.cli.fleet import fleet_report
-    from flowproxy.consul.reads import read_fleet
+    from flowproxy.cli.fleet import certificates_report, fleet_report
+    from flowproxy.consul.reads import read_certificates, read_fleet
     from flowproxy.consul.store import store_for
     from flowproxy.core.fleet import fleet_exit_code
     from flowproxy.haproxy.master import local_old_workers
@@ -101,13 +101,17 @@ def status(ctx: click.Context, as_json: bool) -> None:
     docs, latest, rows = read_fleet(store, settings.prefix, SERVICE)
     counts = local_counts(settings.stats_socket, current_slots(settings.current))
     old = local_old_workers(settings.master_socket)
+    certificates = read_certificates(store, settings.prefix)
     code = fleet_exit_code(rows, docs)
     if as_json:
         echo_json({"latest_index": latest, "nodes": [dataclasses.asdict(r) for r in rows], "status": docs,
-                   "exit_code": code} | ({"traffic": counts} if counts is not None else {})
+                   "certificates": certificates, "exit_code": code}
+                  | ({"traffic": counts} if counts is not None else {})
                   | ({"haproxy": dataclasses.asdict(old)} if old is not None else {}))
     else:
         click.echo(fleet_report(rows, docs, latest), nl=False)
+        if certificates:
+            click.echo("\n" + certificates_report(certificates), nl=False)
         if old is not None:
             click.echo(f"\nthis node: {old.reloads} reload(s) since HAProxy started; {old.summary()}")
         if counts:

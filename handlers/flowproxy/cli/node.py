@@ -47,6 +47,13 @@ def node_options(fn: click.decorators.FC) -> click.decorators.FC:
                      help="Prometheus /metrics and the /stats page here (address:port); off by default."),
         click.option("--stats-auth", envvar="FLOWPROXY_STATS_AUTH", default=None,
                      help="user:password for the /stats page (env FLOWPROXY_STATS_AUTH); without it, locked."),
+        click.option("--acme-directory", envvar="FLOWPROXY_ACME_DIRECTORY", default=None,
+                     help="ACME directory URL: routes with \"tls\": {\"acme\": true} get certificates from it."),
+        click.option("--acme-email", envvar="FLOWPROXY_ACME_EMAIL", default=None, help="The ACME account's contact."),
+        click.option("--acme-agree-tos", envvar="FLOWPROXY_ACME_AGREE_TOS", is_flag=True, default=False,
+                     help="Agree to the ACME CA's terms of service."),
+        click.option("--acme-ca-bundle", envvar="FLOWPROXY_ACME_CA_BUNDLE", default=None,
+                     type=click.Path(exists=True, dir_okay=False), help="CA certificates for the directory's HTTPS."),
         click.option("--consul-http-port", default=8500, show_default=True, type=int,
                      help="Port of the agent's HTTP (or, with TLS, HTTPS) API."),
         click.option("--serf-port", default=8301, show_default=True, type=int, help="Serf LAN port of the agent."),
@@ -70,7 +77,8 @@ def make_spec(settings: Settings, *, bind: str, consul_http_port: int, serf_port
               consul_bin: str, join: tuple[str, ...], dev: bool, client: str = "127.0.0.1",
               advertise: str | None = None, encrypt: str | None = None, tls_ca: str | None = None,
               tls_cert: str | None = None, tls_key: str | None = None, **listeners: str | None) -> NodeSpec:
-    """`listeners`: http_bind, preview_bind, https_bind, sni_bind, tcp_host, metrics_bind, stats_auth."""
+    """`listeners`: http_bind, preview_bind, https_bind, sni_bind, tcp_host, metrics_bind, stats_auth, and the
+    acme_* settings."""
     tls = None
     if tls_ca or tls_cert or tls_key:
         if not (tls_ca and tls_cert and tls_key):
@@ -80,7 +88,7 @@ def make_spec(settings: Settings, *, bind: str, consul_http_port: int, serf_port
     client_tls = ConsulTLS(enabled=True, ca_file=tls.ca_file, cert_file=tls.cert_file, key_file=tls.key_file) \
         if tls else settings.consul_tls
     settings = dataclasses.replace(settings, consul_addr=f"{scheme}{client}:{consul_http_port}",
-                                   consul_tls=client_tls, **listeners)  # type: ignore[arg-type]
+                                   consul_tls=client_tls, **listeners).checked()  # type: ignore[arg-type]
     return NodeSpec(settings=settings, bind=bind, http_port=consul_http_port, serf_port=serf_port,
                     server_port=server_port, join=join, dev=dev, consul_bin=consul_bin, client=client,
                     advertise=advertise, encrypt=encrypt, tls=tls)

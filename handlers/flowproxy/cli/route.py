@@ -96,20 +96,21 @@ def route() -> None:
 @click.option("--no-check", is_flag=True, help="No HAProxy health checks on top of Consul's.")
 @click.option("--template", default=None, help="Custom template name for this route's backend.")
 @click.option("--activate", is_flag=True, help="Also make this variant the serving one, in the same write.")
+@click.option("--acme", is_flag=True, help="Certificates for its domains from the nodes' ACME CA (tls.acme).")
 @click.option("--extra", default=None, metavar="JSON",
               help='More intent fields as a JSON object, e.g. \'{"https_only": true, "timeout_server": "30s"}\'.')
 @wait_options
 @click.pass_context
 def put(ctx: click.Context, /, *, name: str, variant: str, service: str, paths: tuple[str, ...],
         domains: tuple[str, ...], tags: tuple[str, ...], path_type: str, balance: str, no_check: bool,
-        template: str | None, activate: bool, extra: str | None, **waiting: Any) -> None:
+        template: str | None, activate: bool, acme: bool, extra: str | None, **waiting: Any) -> None:
     """Stage (and optionally activate) the intent routes/NAME/VARIANT."""
     from flowproxy.consul.store import store_for
 
     settings = settings_of(ctx)
     key = contract.intent_key(settings.prefix, _name(name, 'route'), _name(variant, 'variant'))
     intent = Intent(service=service, paths=paths, domains=domains, tags=tags, path_type=path_type,
-                    balance=balance, check=not no_check, template=template)
+                    balance=balance, check=not no_check, template=template, acme=acme)
     body = _with_extra(intent_to_json(intent), extra)
     _, problems = parse_intent(key, body.encode())
     if problems:

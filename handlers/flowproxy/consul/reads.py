@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from flowproxy.consul.store import ConsulStore
-from flowproxy.core import contract
+from flowproxy.core import acme, contract, pem
 from flowproxy.core.fleet import NodeView, fleet_view
 from flowproxy.core.model import KVEntry, Snapshot
 
@@ -92,3 +92,14 @@ def read_fleet(store: ConsulStore, prefix: str, service: str) -> tuple[dict[str,
     docs = read_statuses(store, prefix)
     latest = latest_index(store, prefix)
     return docs, latest, fleet_view(docs, store.service_health(service), latest)
+
+
+def read_certificates(store: ConsulStore, prefix: str) -> dict[str, dict[str, Any]]:
+    """Every certificate in KV with its issuer and expiry, and for ACME's, the last error and next attempt
+    (`acme/state/<name>`): what `flowproxy status` shows."""
+    _, certs = store.read_prefix(prefix + contract.CERTS)
+    # acme/state/ alone: an operator's token need not read the account's or the orders' keys (README: Security).
+    _, work = store.read_prefix(contract.acme_key(prefix, "state", ""))
+    facts = {e.key.rsplit("/", 1)[-1]: pem.facts(e.value) for e in certs if not e.key.endswith("/")}
+    states = {e.key.rsplit("/", 1)[-1]: acme.state_from(e.value) for e in work if not e.key.endswith("/")}
+    return acme.status_rows(states, facts, frozenset(states))

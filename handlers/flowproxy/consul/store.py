@@ -145,10 +145,49 @@ class ConsulStore:
         self._index(index, key)
         return self._call(f"to read {key}", lambda: _entry(data)) if data else None
 
-    def put(self, key: str, value: str | bytes, cas: int | None = None) -> None:
-        ok = self._call(f"to write {key}", lambda: self.client.kv.put(key, value, cas=cas))
+    def put(self, key: str, value: str | bytes, cas: int | None = None, flags: int | None = None) -> None:
+        ok = self._call(f"to write {key}", lambda: self.client.kv.put(key, value, cas=cas, flags=flags))
         if not ok:
             raise CasConflict(f"{key} changed while this command ran (check-and-set failed); run it again")
+
+    # Sessions and locks (the ACME worker's: one node works on a certificate at a time). A session ends with
+    # its TTL unless renewed, or with its node's serf health: a holder that dies releases its locks.
+    def create_session(self, name: str, ttl: int, lock_delay: int = 0) -> str:
+        """A session that releases its locks when it ends (`behavior=release`); Consul's default lock delay
+        (15 s after an invalidation) shortened to `lock_delay`."""
+        created = self._call("to create a session", lambda: self.client.session.create(
+            name=name, ttl=ttl, lock_delay=lock_delay, behavior="release"))
+        return str(created)
+
+    def renew_session(self, session: str) -> bool:
+        """Renew it; False when Consul no longer has it (expired or destroyed)."""
+        try:
+            self._call("to renew a session", lambda: self.client.session.renew(session))
+        except ConsulUnavailable as exc:
+            if "not found" in str(exc).lower() or "404" in str(exc):
+                return False
+            raise
+        return True
+
+    def destroy_session(self, session: str) -> None:
+        self._call("to destroy a session", lambda: self.client.session.destroy(session))
+
+    def acquire(self, key: str, value: str | bytes, session: str) -> bool:
+        """Take the lock `key` for `session` (writing `value`); False when another session holds it."""
+        return bool(self._call(f"to lock {key}", lambda: self.client.kv.put(key, value, acquire=session)))
+
+    def release(self, key: str, session: str) -> bool:
+        return bool(self._call(f"to unlock {key}", lambda: self.client.kv.put(key, b"", release=session)))
+
+    def holder(self, key: str) -> str | None:
+        """The session holding the lock `key`, or None."""
+        _, data = self._call(f"to read {key}", lambda: self.client.kv.get(key))
+        return str(data["Session"]) if data and data.get("Session") else None
+
+    def session_node(self, session: str) -> str | None:
+        """The node name a session belongs to (its Consul agent's), or None when it has ended."""
+        _, info = self._call("to read a session", lambda: self.client.session.info(session))
+        return str(info.get("Node", "")) if info else None
 
     def delete(self, key: str, recurse: bool = False, cas: int | None = None) -> None:
         ok = self._call(f"to delete {key}", lambda: self.client.kv.delete(key, recurse=recurse or None, cas=cas))
@@ -229,7 +268,7 @@ def _cause(exc: BaseException) -> str:
 
 def _entry(d: dict[str, Any]) -> KVEntry:
     return KVEntry(key=d["Key"], value=d.get("Value") or b"", create_index=int(d.get("CreateIndex", 0)),
-                   modify_index=int(d.get("ModifyIndex", 0)))
+                   modify_index=int(d.get("ModifyIndex", 0)), flags=int(d.get("Flags") or 0))
 
 
 def instances_in(payload: str) -> tuple[str, list[Instance]] | None:

@@ -15,6 +15,7 @@ from flowproxy.core import contract, shards
 log = logging.getLogger(__name__)
 SERVICES_FILE = "flowproxy-services.json"
 ROUTES_FILE = "flowproxy-routes.json"
+ACME_FILE = "flowproxy-acme.json"  # the ACME challenges' answers, which every node serves
 # Watches over the routes at most: each is a goroutine and a blocking query of the agent (and an RPC to
 # a server); an agent reload re-fires every one.
 MOST_SHARDS = 128
@@ -37,6 +38,13 @@ def config_watches(prefix: str) -> str:
     the routes, and `accept-empty`. Not the whole prefix: every node's status write would wake every node."""
     prefixes = [prefix + contract.TEMPLATES, prefix + contract.CERTS, contract.accept_empty_key(prefix)]
     return json.dumps({"watches": [keyprefix(p) for p in prefixes]}, indent=2, sort_keys=True) + "\n"
+
+
+def acme_watches(prefix: str) -> str:
+    """The challenges' folder: an answer written by the node working on an order is served by every node.
+    The node's own file (not the shipped one), so that a host upgraded in place gains it without an edit."""
+    watch = keyprefix(contract.challenge_key(prefix))
+    return json.dumps({"watches": [watch]}, indent=2, sort_keys=True) + "\n"
 
 
 def route_watches(prefix: str, parts: Iterable[str]) -> str:
@@ -69,15 +77,17 @@ def ensure_files(watch_dir: Path, prefix: str) -> None:
         _write(watch_dir / SERVICES_FILE, service_watches(()))
     if watched_shards(watch_dir / ROUTES_FILE, prefix) is None:
         _write(watch_dir / ROUTES_FILE, route_watches(prefix, [shards.ROOT]))
+    _sync_acme(watch_dir, prefix)
 
 
 def sync(watch_dir: Path, store: ConsulStore, services: Iterable[str], routes: RouteShards | None = None) -> bool:
     """Make sure every routed service has a watch, and the routes' shards are fine enough (when `routes` is
     given: after a full apply); reload the agent, once, when either file changed."""
-    changed = [_sync_services(watch_dir, services), routes is not None and _sync_routes(watch_dir, routes)]
+    changed = [_sync_services(watch_dir, services), routes is not None and _sync_routes(watch_dir, routes),
+               routes is not None and _sync_acme(watch_dir, routes.prefix)]
     if any(changed):
         log.info("watches changed (%s); reloading the Consul agent", ", ".join(
-            name for name, moved in zip((SERVICES_FILE, ROUTES_FILE), changed, strict=True) if moved))
+            name for name, moved in zip((SERVICES_FILE, ROUTES_FILE, ACME_FILE), changed, strict=True) if moved))
         store.reload_agent()
     return any(changed)
 
@@ -101,6 +111,18 @@ def _sync_routes(watch_dir: Path, routes: RouteShards) -> bool:
     fullest = max(shards.loads(proposed, routes.names).values(), default=0)
     log.info("routes watched in %d part(s), the fullest with %d of %d routes", len(proposed), fullest,
              len(routes.names))
+    return True
+
+
+def _sync_acme(watch_dir: Path, prefix: str) -> bool:
+    path = watch_dir / ACME_FILE
+    text = acme_watches(prefix)
+    try:
+        if path.read_text() == text:
+            return False
+    except OSError:
+        pass
+    _write(path, text)
     return True
 
 

@@ -6,6 +6,8 @@ under the prefix is, and the fingerprint of what an apply depends on. Stdlib onl
     <prefix>templates/<name>           a Jinja2 template for routes with `"template": "<name>"`
     <prefix>certs/<name>               PEM: certificate chain and private key, served by SNI
     <prefix>status/<node>              written by proxy nodes only
+    <prefix>acme/challenges/<token>    an HTTP-01 key authorization every node answers (written by nodes)
+    <prefix>acme/{accounts,orders,locks,state}/<name>   ACME bookkeeping, written by nodes only
     <prefix>accept-empty               any value: an operator accepts an empty route table (after a restore)
 
 Every other module asks this one: adding a key kind means a folder (or name) and a `Kind` here, its
@@ -24,13 +26,18 @@ ROUTES = "routes/"
 TEMPLATES = "templates/"
 CERTS = "certs/"
 STATUS = "status/"
+ACME = "acme/"
+CHALLENGES = ACME + "challenges/"
+# What the ACME worker keeps besides the challenges: drives no config (an apply never reads it).
+ACME_WORK = ("accounts", "orders", "locks", "state")
 ACTIVE = "active"
 ACCEPT_EMPTY = "accept-empty"
 # What an apply reads and depends on, the required folder first. Consul answers an empty subtree without
 # tombstones with the whole table's index, so the optional ones count only when they hold keys.
-CONFIG_FOLDERS = (ROUTES, TEMPLATES, CERTS)
+CONFIG_FOLDERS = (ROUTES, TEMPLATES, CERTS, CHALLENGES)
 OPTIONAL_FOLDERS = CONFIG_FOLDERS[1:]
-SHAPES = "routes/<route>/<variant|active>, templates/<name>, certs/<name>"
+SHAPES = ("routes/<route>/<variant|active>, templates/<name>, certs/<name>, acme/challenges/<token>, "
+          "acme/{accounts,orders,locks,state}/<name>")
 
 
 class Kind(enum.Enum):
@@ -40,6 +47,8 @@ class Kind(enum.Enum):
     TEMPLATE = "template"
     CERT = "cert"
     STATUS = "status"  # written by nodes; drives nothing
+    CHALLENGE = "challenge"  # acme/challenges/<token>: written by the node holding an order; every node serves it
+    ACME = "acme"  # acme/<accounts|orders|locks|state>/<name>: the ACME worker's bookkeeping; drives nothing
     ACCEPT_EMPTY = "accept-empty"
     STRAY = "stray"  # under the prefix, outside the contract: reported, never used
     OUTSIDE = "outside"  # not under the prefix at all
@@ -71,7 +80,21 @@ def classify(prefix: str, key: str) -> Key:
         return Key(Kind.TEMPLATE, parts[1:])
     if parts[0] + "/" == CERTS and len(parts) == 2:
         return Key(Kind.CERT, parts[1:])
+    if parts[0] + "/" == ACME and len(parts) == 3:
+        if parts[1] + "/" == CHALLENGES[len(ACME):]:
+            return Key(Kind.CHALLENGE, parts[2:])
+        if parts[1] in ACME_WORK:
+            return Key(Kind.ACME, parts[1:])
     return Key(Kind.STRAY, parts)
+
+
+def is_acme_work_key(prefix: str, key: str) -> bool:
+    """`<prefix>acme/<accounts|orders|locks|state>/<name>` (or one of those folders): what ACME workers write."""
+    rest = key[len(prefix) + len(ACME):] if key.startswith(prefix + ACME) else None
+    if rest is None:
+        return False
+    folder, _, name = rest.partition("/")
+    return folder in ACME_WORK and "/" not in name
 
 
 def is_status_key(prefix: str, key: str) -> bool:
@@ -91,8 +114,9 @@ def in_config(prefix: str, key: str) -> bool:
 
 
 def ignored(prefix: str, key: str) -> bool:
-    """Keys an apply never looks at, not even by name: the prefix itself and the nodes' status keys."""
-    return key == prefix or is_status_key(prefix, key)
+    """Keys an apply never looks at, not even by name: the prefix itself, the nodes' status keys and the ACME
+    workers' bookkeeping (a lock taken or a state written must not look like a config change)."""
+    return key == prefix or is_status_key(prefix, key) or is_acme_work_key(prefix, key)
 
 
 def kv_fingerprint(prefix: str, pairs: Iterable[tuple[str, bytes]]) -> str:
@@ -168,3 +192,19 @@ def status_key(prefix: str, node: str) -> str:
 
 def accept_empty_key(prefix: str) -> str:
     return prefix + ACCEPT_EMPTY
+
+
+def challenge_key(prefix: str, token: str = "") -> str:
+    """An HTTP-01 answer's key; without a token, their folder."""
+    return f"{prefix}{CHALLENGES}{token}"
+
+
+def acme_folder(prefix: str) -> str:
+    return prefix + ACME
+
+
+def acme_key(prefix: str, folder: str, name: str) -> str:
+    """`<prefix>acme/<folder>/<name>` for one of ACME_WORK's folders."""
+    if folder not in ACME_WORK:
+        raise ValueError(f"not an ACME folder: {folder}")
+    return f"{prefix}{ACME}{folder}/{name}"

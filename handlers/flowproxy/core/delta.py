@@ -155,7 +155,7 @@ def named_services(change: Change) -> set[str]:
 def _local(route: Route) -> bool:
     for v in route.variants:
         i = v.intent
-        if i is not None and (i.template is not None or i.mode != "http" or i.auth is not None
+        if i is not None and (i.template is not None or i.mode != "http" or i.auth is not None or i.acme
                               or i.rewrite is not None or i.redirect_from or i.path_type == "regex"):
             return False
     return True

@@ -127,6 +127,7 @@ def _build(doc: dict[str, Any]) -> Intent:
     """The Intent of a validated document: simple fields by their own names (lists become tuples), the
     structured ones (auth, rewrite, health) spelled out."""
     auth, rewrite, health = doc.get("auth"), doc.get("rewrite"), doc.get("health", {})
+    tls = doc.get("tls", {})
     simple: dict[str, Any] = {name: tuple(doc[name]) if isinstance(doc[name], list) else doc[name]
                               for name in SIMPLE if name in doc}
     return Intent(
@@ -136,11 +137,12 @@ def _build(doc: dict[str, Any]) -> Intent:
         rewrite=(rewrite["search"], rewrite["replace"]) if rewrite else None,
         health_path=health.get("path"),
         health_interval=health.get("interval"),
+        acme=tls.get("acme", False),
     )
 
 
 DEFAULTS = Intent(service="")
-STRUCTURED = ("service", "auth", "rewrite", "health_path", "health_interval")
+STRUCTURED = ("service", "auth", "rewrite", "health_path", "health_interval", "acme")
 # Every other Intent field is simple: its JSON name is its name, its value a scalar or a list. A new simple
 # field is declared in model.Intent and checked in option_fields; nothing here changes.
 SIMPLE = tuple(f.name for f in dataclasses.fields(Intent) if f.name not in STRUCTURED)
@@ -160,4 +162,6 @@ def intent_to_json(intent: Intent) -> str:
     health = {"path": intent.health_path, "interval": intent.health_interval}
     if any(health.values()):
         doc["health"] = {k: v for k, v in health.items() if v}
+    if intent.acme:
+        doc["tls"] = {"acme": True}
     return json.dumps(doc, sort_keys=True)

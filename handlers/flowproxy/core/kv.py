@@ -4,6 +4,7 @@ lays out (v1). Pure: every key is judged alone, and a bad one becomes a `Problem
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Iterable
 
@@ -18,6 +19,10 @@ ACTIVE = contract.ACTIVE
 MAX_TEMPLATE_BYTES = 256 * 1024
 MAX_CERT_BYTES = 256 * 1024
 MAX_WEIGHT = 1000
+# RFC 8555 8.3: a token is base64url (at least 128 bits of entropy), a key authorization is
+# "<token>.<base64url SHA-256 thumbprint>". Nothing else may reach the challenge map HAProxy answers from.
+TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{16,128}")
+THUMBPRINT_RE = re.compile(r"[A-Za-z0-9_-]{43}")
 
 
 RouteKey = tuple[str, tuple[KVEntry, ...], KVEntry | None]
@@ -33,11 +38,13 @@ def desired_from_kv(prefix: str, entries: Iterable[KVEntry], index: int = 0, *,
     actives: dict[str, KVEntry] = {}
     templates: dict[str, str] = {}
     certs: dict[str, bytes] = {}
+    challenges: dict[str, str] = {}
     stray: list[Problem] = []
     accept_empty = False
     for entry in sorted(entries, key=lambda e: e.key):
         key, names_ok = _shape(prefix, entry.key, shapes)
-        if key.kind in (Kind.OUTSIDE, Kind.ROOT, Kind.STATUS) or contract.is_folder_marker(entry.key, entry.value):
+        if key.kind in (Kind.OUTSIDE, Kind.ROOT, Kind.STATUS, Kind.ACME) or contract.is_folder_marker(entry.key,
+                                                                                                      entry.value):
             continue
         if key.kind is Kind.ACCEPT_EMPTY:
             accept_empty = True
@@ -45,6 +52,8 @@ def desired_from_kv(prefix: str, entries: Iterable[KVEntry], index: int = 0, *,
             actives[key.names[0]] = entry
         elif key.kind is Kind.INTENT and names_ok:
             intents[key.names[0]].append(entry)
+        elif key.kind is Kind.CHALLENGE:
+            stray += _challenge(entry, key.names[0], challenges)
         else:
             try:
                 problem = _classify(entry, key, templates, certs)
@@ -54,7 +63,7 @@ def desired_from_kv(prefix: str, entries: Iterable[KVEntry], index: int = 0, *,
     names = sorted(set(intents) | set(actives))
     routes = tuple(_remembered_route(name, intents.get(name, []), actives.get(name), routes_memo) for name in names)
     return Desired(prefix=prefix, routes=routes, templates=templates, certs=certs, stray=tuple(stray), index=index,
-                   accept_empty=accept_empty)
+                   accept_empty=accept_empty, challenges=challenges)
 
 
 def _classify(entry: KVEntry, key: contract.Key, templates: dict[str, str], certs: dict[str, bytes]) -> Problem | None:
@@ -109,6 +118,19 @@ def _template(entry: KVEntry, name: str, into: dict[str, str]) -> Problem | None
     except UnicodeDecodeError:
         return Problem(entry.key, "template is not UTF-8 text; ignored")
     return None
+
+
+def _challenge(entry: KVEntry, token: str, into: dict[str, str]) -> list[Problem]:
+    """An HTTP-01 answer: `<token>.<thumbprint>` under its own token, or refused (never served)."""
+    text = entry.value.decode("ascii", "replace").strip()
+    head, dot, thumbprint = text.partition(".")
+    if not TOKEN_RE.fullmatch(token):
+        return [Problem(entry.key, "challenge tokens are 16-128 base64url characters; key ignored")]
+    if head != token or not dot or not THUMBPRINT_RE.fullmatch(thumbprint):
+        return [Problem(entry.key, "a challenge answer is the key authorization '<token>.<thumbprint>'; "
+                                   "key ignored")]
+    into[token] = text
+    return []
 
 
 def _cert(entry: KVEntry, name: str, into: dict[str, bytes]) -> Problem | None:

@@ -12,6 +12,7 @@ class KVEntry:
     value: bytes
     create_index: int = 0
     modify_index: int = 0
+    flags: int = 0  # Consul's opaque flags: the ACME worker marks the certificates it wrote (core/acme.py)
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class Intent:
     timeout_tunnel: str | None = None
     health_path: str | None = None
     health_interval: str | None = None
+    acme: bool = False  # "tls": {"acme": true}: the route's domains get a certificate from the node's ACME CA
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,7 @@ class Desired:
     stray: tuple[Problem, ...] = ()
     index: int = 0
     accept_empty: bool = False  # the key <prefix>accept-empty: an operator accepts an empty route table
+    challenges: dict[str, str] = field(default_factory=dict)  # acme/challenges/<token>: key authorization
 
     def services(self) -> tuple[str, ...]:
         """Services named by any valid intent, active or staged: previews and flips need them warm."""

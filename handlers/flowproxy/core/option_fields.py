@@ -80,6 +80,7 @@ OPTION_FIELDS: dict[str, Checker] = {
     "timeout_server": DURATION,
     "timeout_tunnel": DURATION,
     "health": _nested({"path": _path, "interval": DURATION}),
+    "tls": _nested({"acme": boolean}),
 }
 OPTION_LIST_FIELDS: dict[str, Checker] = {
     "redirect_from": string(EXACT_DOMAIN_RE, "a domain name (lowercase, no wildcard)"),
@@ -97,6 +98,7 @@ def option_rules(doc: dict[str, Any]) -> list[tuple[str, str]]:
     found += [(name, f"is not allowed with mode {mode}") for name in refused[mode] if name in doc]
     if mode != "http" and isinstance(doc.get("health"), dict) and "path" in doc["health"]:
         found.append(("health.path", f"HTTP checks need mode http, not {mode}"))
+    found += _acme_rules(doc, mode)
     if "redirect_from" in doc and mode == "http":
         if "domains" not in doc:
             found.append(("redirect_from", "needs domains: requests are redirected to the first one"))
@@ -104,3 +106,17 @@ def option_rules(doc: dict[str, Any]) -> list[tuple[str, str]]:
             both = sorted(set(map(str, doc["redirect_from"])) & set(map(str, doc["domains"])))
             found += [("redirect_from", f"{d!r} is also in domains") for d in both]
     return found
+
+
+def _acme_rules(doc: dict[str, Any], mode: str) -> list[tuple[str, str]]:
+    """ACME proves each name with HTTP-01 on the HTTP listener: names of an HTTP route, none a wildcard."""
+    tls = doc.get("tls")
+    if not isinstance(tls, dict) or tls.get("acme") is not True:
+        return []
+    if mode != "http":
+        return [("tls.acme", f"certificates for mode {mode} routes are the service's own (TLS is not terminated)")]
+    domains = doc.get("domains")
+    if not isinstance(domains, list) or not domains:
+        return [("tls.acme", "needs domains: the certificate is issued for them")]
+    return [("tls.acme", f"{d!r}: HTTP-01 cannot prove a wildcard name") for d in domains
+            if isinstance(d, str) and d.startswith("*.")]

@@ -79,6 +79,10 @@ class Plan:
     states: tuple[RouteState, ...]
     stray: tuple[Problem, ...] = ()
     preview: tuple[Claim, ...] = ()
+    # HTTP-01: whether any valid intent opts into ACME (the frontend then answers challenges, and keeps the
+    # step while the route lives, so a renewal changes map rows only), and the answers, token -> key auth.
+    acme: bool = False
+    challenges: tuple[tuple[str, str], ...] = ()
 
 
 def backend_name(route: str, variant: str) -> str:
@@ -173,6 +177,8 @@ def make_plan(desired: Desired, health: Mapping[str, list[Instance]]) -> Plan:
         states=tuple(states[k] for k in sorted(states)),
         stray=desired.stray,
         preview=tuple(sorted(preview.values(), key=lambda c: c.slot)),
+        acme=any(v.intent is not None and v.intent.acme for r in desired.routes for v in r.variants),
+        challenges=tuple(sorted(desired.challenges.items())),
     )
 
 

@@ -34,7 +34,8 @@ from flowproxy.core.render_options import (
 )
 
 PUBLIC_MAPS = ("host_exact", "host_reg", "host_beg", "path_exact", "path_reg", "path_beg")
-MAP_FILES = PUBLIC_MAPS + tuple(f"preview_{name}" for name in PUBLIC_MAPS) + OPTION_MAPS + ("slots",)
+MAP_FILES = PUBLIC_MAPS + tuple(f"preview_{name}" for name in PUBLIC_MAPS) + OPTION_MAPS + ("acme", "slots")
+CHALLENGE_PATH = "/.well-known/acme-challenge/"  # RFC 8555 8.3
 SLOTS_MAP = "maps/slots.map"
 CRT_LIST = "certs.list"  # the certificates HAProxy serves, in order: the first is for clients without SNI
 # Empty backends a route added between reloads is served from (see spares.py): 64 HTTP, 16 TCP. Measured
@@ -132,7 +133,9 @@ def render_pieces(plan: Plan, templates: Templates, custom: Mapping[str, Mapping
             failed[backend.name] = internal_error(backend.key, "rendering", exc)
     if failed:
         plan = drop_backends(plan, failed)
-    return Pieces(plan, fragments, map_rows(plan.claims, plan.preview, plan.backends))
+    rows = map_rows(plan.claims, plan.preview, plan.backends)
+    rows[map_path("acme")] = {CHALLENGE_PATH + token: answer for token, answer in plan.challenges}
+    return Pieces(plan, fragments, rows)
 
 
 def assemble(pieces: Pieces, templates: Templates, certs: Mapping[str, bytes] | None = None) -> Bundle:
@@ -155,7 +158,8 @@ def config_text(env: jinja2.Environment, plan: Plan, certs: Mapping[str, bytes] 
     return env.get_template("haproxy.cfg.j2").render(
         version=__version__, fragments=fragments, maps={name: map_path(name) for name in MAP_FILES},
         tcp=tcp_frontends(plan.claims), userlists=userlists(plan), https=bool(certs), codes=REDIRECT_CODES,
-        spares=SPARES, crt_list=CRT_LIST, uses=uses, hosts=any(name.startswith("host_") for name in uses))
+        spares=SPARES, crt_list=CRT_LIST, uses=uses, hosts=any(name.startswith("host_") for name in uses),
+        acme=plan.acme, challenge_path=CHALLENGE_PATH)
 
 
 # The maps the public frontend looks up on every request: each has its step only while it holds rows,

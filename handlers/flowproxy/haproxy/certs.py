@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from flowproxy.core import contract
 from flowproxy.core.faults import internal_error
 from flowproxy.core.model import Problem
+from flowproxy.core.pem import facts
 
 MARKERS = (b"-----BEGIN CERTIFICATE-----", b"PRIVATE KEY-----")
 
@@ -52,13 +53,6 @@ def pem_problem(pem: bytes) -> str | None:
 
 
 def not_after(pem: bytes) -> float | None:
-    """When the first certificate of a PEM expires (Unix time), or None when there is none to read.
-
-    `cryptography` reads it: this is its one adapter, imported here only (metrics ask, applies do not)."""
-    from cryptography import x509
-
-    try:
-        chain = x509.load_pem_x509_certificates(pem)
-    except ValueError:
-        return None
-    return chain[0].not_valid_after_utc.timestamp() if chain else None
+    """When the first certificate of a PEM expires (Unix time), or None when there is none to read."""
+    found = facts(pem)
+    return found.not_after if found is not None else None

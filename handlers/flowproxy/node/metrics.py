@@ -53,6 +53,7 @@ class NodeCollector(Collector):
         rejected = len([st for st in states if isinstance(st, dict) and st.get("state") == "rejected"])
         yield GaugeMetricFamily("flowproxy_rejected_routes", "Routes this node rejected in its last apply", rejected)
         yield self.certificates()
+        yield from self.acme()
         reload = last.get("last_reload")
         if isinstance(reload, dict):
             yield InfoMetricFamily("flowproxy_last_reload", "The node's latest HAProxy reload and why",
@@ -72,6 +73,42 @@ class NodeCollector(Collector):
             if expires is not None:
                 family.add_metric([path.stem], expires)
         return family
+
+
+    def acme(self) -> Iterator[Metric]:
+        """The ACME worker's last look (every node's worker reads the fleet-wide state): per certificate, its
+        issuer, consecutive failed attempts, next attempt and last error."""
+        rows = runstate.load(self.settings.run_dir, runstate.ACME).get("certificates")
+        if not isinstance(rows, dict):
+            return
+        info = InfoMetricFamily("flowproxy_certificate", "A certificate in KV and who issued it",
+                                labels=["certificate"])
+        failures = GaugeMetricFamily("flowproxy_acme_failures", "Consecutive failed ACME attempts",
+                                     labels=["certificate"])
+        retry = GaugeMetricFamily("flowproxy_acme_next_attempt_timestamp_seconds",
+                                  "When the fleet tries again after a failure (Unix time)", labels=["certificate"])
+        error = InfoMetricFamily("flowproxy_acme_last_error", "The last ACME error of a certificate",
+                                 labels=["certificate"])
+        for name, row in sorted(rows.items()):
+            if not isinstance(row, dict):
+                continue
+            info.add_metric([name], {"issuer": str(row.get("issuer") or ""), "not_after": str(row.get("not_after"))})
+            if row.get("acme"):
+                failures.add_metric([name], float(row.get("failures") or 0))
+            if row.get("next_attempt"):
+                retry.add_metric([name], _timestamp(str(row["next_attempt"])))
+            if row.get("last_error"):
+                error.add_metric([name], {"error": str(row["last_error"])[:300]})
+        yield from (info, failures, retry, error)
+
+
+def _timestamp(iso: str) -> float:
+    import datetime
+
+    try:
+        return datetime.datetime.strptime(iso, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC).timestamp()
+    except ValueError:
+        return 0.0
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -23,10 +23,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flowproxy import runstate
 from flowproxy.consul.store import ConsulStore
 from flowproxy.core import contract
+from flowproxy.core.model import Desired
 from flowproxy.errors import FlowproxyError
 from flowproxy.haproxy import ports
 from flowproxy.node import apart, coalesce, selfcheck
@@ -34,6 +36,9 @@ from flowproxy.node import metrics as node_metrics
 from flowproxy.node.applier import THREAD, Applier
 from flowproxy.node.metrics import MetricsServer
 from flowproxy.settings import Settings
+
+if TYPE_CHECKING:
+    from flowproxy.node.certifier import Certifier
 
 log = logging.getLogger(__name__)
 RETRY_EVERY = 5.0
@@ -65,6 +70,7 @@ class Supervisor:
     suspect: str = ""  # the fingerprint of Consul's keys the last check found not applied
     last_full: float = field(default_factory=time.monotonic)
     metrics: MetricsServer | None = None
+    certifier: Certifier | None = None  # the ACME worker, when the node has an ACME directory
     _store: ConsulStore | None = None
 
     def env(self) -> dict[str, str]:
@@ -83,6 +89,16 @@ class Supervisor:
         self.warm_applier()
         if self.metrics is None:
             self.metrics = node_metrics.serve(self.settings)
+        if self.settings.acme_directory and self.certifier is None:
+            from flowproxy.node.certifier import Certifier  # certbot's acme: only on nodes that use ACME
+
+            self.certifier = Certifier(self.settings, self.applied_desired)
+            self.certifier.start()
+
+    def applied_desired(self) -> Desired | None:
+        """What the warm applier's last apply read from KV (None before its first full apply)."""
+        warm = self.applier.warm if self.applier is not None else None
+        return warm.model.desired if warm is not None and warm.model is not None else None
 
     def warm_applier(self) -> Applier:
         if self.applier is None:
@@ -188,6 +204,9 @@ class Supervisor:
     def stop(self, deregister: bool = True) -> None:
         """Stop applying, leave the catalog (unless the agent is gone), close the client."""
         notify("STOPPING=1")
+        if self.certifier is not None:
+            self.certifier.stop()  # its session ends with it: another node may take its locks at once
+            self.certifier = None
         if self.retry is not None:
             self.retry.join(timeout=60)  # an apply in flight finishes before its client and socket go
         if self.applier is not None:

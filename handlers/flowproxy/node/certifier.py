@@ -1,0 +1,358 @@
+"""The ACME worker of a node process (`node up`, `node run`): certificates for the routes that opt in,
+issued and renewed once for the whole fleet, with Consul as the only coordinator.
+
+Every node runs one; for each certificate that is due (`core/acme.py`), a node takes the Consul lock
+`acme/locks/<name>` with a session of its own (TTL, released when it ends), re-reads the state under the
+lock, and works: the account from `acme/accounts/<id>` (registered once, with check-and-set), the order
+from `acme/orders/<name>` (placed once; its URL and the certificate's key are stored before any
+challenge, so a node that takes over after the holder died resumes the same order instead of placing
+another), the HTTP-01 answers written to `acme/challenges/<token>`, which every node serves through its
+own apply. It answers the CA once this node serves them and every live node has applied them, then
+finalizes and writes the chain and key to `certs/<name>` (flags ACME_FLAG, check-and-set), which every
+node then serves through the existing path (a renewal is `set ssl cert`, no reload). The outcome, the
+last error and the next attempt go to `acme/state/<name>`; a failure waits fleet-wide (backoff).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+
+from flowproxy import runstate
+from flowproxy.ca.client import CA, Account, CAError, Challenge, new_key_pem
+from flowproxy.consul import reads
+from flowproxy.consul.store import ConsulStore, store_for
+from flowproxy.core import acme, contract, pem
+from flowproxy.core.model import Desired, KVEntry
+from flowproxy.errors import CasConflict, FlowproxyError
+from flowproxy.node import selfcheck
+from flowproxy.settings import Settings
+
+log = logging.getLogger(__name__)
+SESSION_TTL = 10  # Consul's least: a holder that dies frees its locks within 10-20 s
+EVERY = 15.0  # seconds between looks at the certificates when nothing changed
+LOCKED_EVERY = 2.0  # ... while another node works on a due one (it may die)
+ORDER_TIME = 180.0  # an attempt's bound, from order to certificate
+SERVE_TIME = 30.0  # how long the answers may take to be served by every live node
+
+
+@dataclass(frozen=True)
+class Order:
+    """KV `acme/orders/<name>`: the order in progress and its certificate's key (see the ACL policy)."""
+
+    url: str
+    domains: tuple[str, ...]
+    key: str  # PEM
+    directory: str
+    node: str
+    placed: float
+
+    def to_json(self) -> str:
+        return json.dumps({"url": self.url, "domains": list(self.domains), "key": self.key,
+                           "directory": self.directory, "node": self.node, "placed": self.placed}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Order | None:
+        try:
+            doc = json.loads(raw)
+            return cls(str(doc["url"]), tuple(map(str, doc["domains"])), str(doc["key"]), str(doc["directory"]),
+                       str(doc["node"]), float(doc["placed"]))
+        except (ValueError, KeyError, TypeError):
+            return None
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One read of the ACME folder and the ACME certificates."""
+
+    states: dict[str, acme.State]
+    orders: dict[str, KVEntry]
+    certs: dict[str, KVEntry]
+
+    def held(self, name: str) -> acme.Held | None:
+        entry = self.certs.get(name)
+        if entry is None:
+            return None
+        return acme.Held(pem.facts(entry.value), entry.flags == acme.ACME_FLAG)
+
+
+class Certifier:
+    def __init__(self, settings: Settings, desired: Callable[[], Desired | None]) -> None:
+        self.settings = settings
+        self.desired = desired
+        self.ca = CA(str(settings.acme_directory), verify=settings.acme_ca_bundle or True)
+        self.stopping = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.session: str | None = None
+        self._store: ConsulStore | None = None
+        self._seen_desired: Desired | None = None
+        self._next = 0.0
+        self._renewed = 0.0
+
+    # -- the thread -------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._loop, name="flowproxy-acme", daemon=True)
+        self.thread.start()
+        log.info("ACME: certificates for routes with tls.acme from %s", self.settings.acme_directory)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.thread is not None:
+            self.thread.join(timeout=30)
+        if self.session is not None:
+            with contextlib.suppress(FlowproxyError):
+                self.store().destroy_session(self.session)  # its locks go at once, not after the TTL
+        if self._store is not None:
+            self._store.close()
+
+    def store(self) -> ConsulStore:
+        if self._store is None:
+            self._store = store_for(self.settings)
+        return self._store
+
+    def _loop(self) -> None:
+        while not self.stopping.wait(1.0):
+            self._renew()
+            desired = self.desired()
+            if desired is None or (desired is self._seen_desired and time.time() < self._next):
+                continue
+            self._seen_desired = desired
+            try:
+                self._next = time.time() + self.tick(desired)
+            except FlowproxyError as exc:
+                log.warning("ACME: %s", exc)
+                self._next = time.time() + LOCKED_EVERY
+            except Exception:  # the worker must outlive a bug; the log says where
+                log.exception("ACME: unexpected error; trying again later")
+                self._next = time.time() + EVERY
+
+    # -- one look -------------------------------------------------------------------------------------
+    def tick(self, desired: Desired) -> float:
+        """Work on what is due; seconds until the next look."""
+        wanted = acme.wanted(desired)
+        seen = self.read()
+        self.publish_rows(seen, wanted)
+        wait = EVERY
+        for name, want in sorted(wanted.items()):
+            if self.stopping.is_set():
+                break
+            verdict = acme.verdict(want, seen.held(name), seen.states.get(name, acme.State()), time.time())
+            if verdict.action == "blocked":
+                self.note(name, want, seen.states.get(name), verdict.reason)
+            if verdict.action != "due":
+                wait = min(wait, self._until(seen, name, verdict.action))
+                continue
+            if not self.work(want, verdict.reason):
+                wait = LOCKED_EVERY  # another node holds it: look again soon, it may die
+        if wanted:
+            self.publish_rows(self.read(), wanted)
+        return wait
+
+    def _until(self, seen: Seen, name: str, action: str) -> float:
+        """Seconds until this certificate may be due: its next attempt after a failure, or its renewal."""
+        state, held = seen.states.get(name, acme.State()), seen.held(name)
+        if action == "waiting" and state.next_attempt:
+            return max(0.5, state.next_attempt - time.time())
+        if action == "fresh" and held is not None and held.facts is not None:
+            return max(0.5, acme.renew_at(held.facts) - time.time())
+        return EVERY
+
+    def read(self) -> Seen:
+        prefix = self.settings.prefix
+        _, entries = self.store().read_prefix(contract.acme_folder(prefix))
+        _, certs = self.store().read_prefix(contract.cert_key(prefix, acme.CERT_PREFIX))
+        states: dict[str, acme.State] = {}
+        orders: dict[str, KVEntry] = {}
+        for entry in entries:
+            shape = contract.classify(prefix, entry.key)
+            if shape.kind is contract.Kind.ACME and shape.names[0] == "state":
+                states[shape.names[1]] = acme.state_from(entry.value)
+            elif shape.kind is contract.Kind.ACME and shape.names[0] == "orders":
+                orders[shape.names[1]] = entry
+        return Seen(states, orders, {e.key.rsplit("/", 1)[-1]: e for e in certs})
+
+    def publish_rows(self, seen: Seen, wanted: Mapping[str, acme.Wanted]) -> None:
+        facts = {name: pem.facts(e.value) for name, e in seen.certs.items()}
+        rows = acme.status_rows(seen.states, facts, frozenset(wanted))
+        runstate.save(self.settings.run_dir, runstate.ACME, {"time": time.time(), "certificates": rows})
+
+    # -- one certificate ------------------------------------------------------------------------------
+    def work(self, want: acme.Wanted, reason: str) -> bool:
+        """Take the certificate's lock and issue it; False when another node holds the lock."""
+        lock = contract.acme_key(self.settings.prefix, "locks", want.name)
+        session = self.ensure_session()
+        if self.store().holder(lock) is not None or not self.store().acquire(lock, self.settings.node, session):
+            return False
+        try:
+            seen = self.read()  # under the lock: another node may have finished it a moment ago
+            state = seen.states.get(want.name, acme.State())
+            verdict = acme.verdict(want, seen.held(want.name), state, time.time())
+            if verdict.action == "due":
+                log.info("ACME: %s (%s): %s; this node works on it", want.name, ", ".join(want.domains), reason)
+                self.issue(want, state, seen)
+        finally:
+            with contextlib.suppress(FlowproxyError):
+                self.store().release(lock, session)
+        return True
+
+    def issue(self, want: acme.Wanted, state: acme.State, seen: Seen) -> None:
+        written: list[str] = []
+        try:
+            account = self.account()
+            order, state = self.order(account, want, state, seen.orders.get(want.name))
+            chain = self.ca.complete(account, order.url, want.domains, order.key.encode(),
+                                     publish=lambda found: self.serve(found, want, written),
+                                     deadline=time.time() + ORDER_TIME)
+            state = self.store_certificate(want, state, chain.encode() + order.key.encode(), seen)
+            self.store().delete(contract.acme_key(self.settings.prefix, "orders", want.name))
+        except CAError as exc:
+            state = self.failure(want, state, str(exc), exc.kind)
+            if exc.kind not in ("unreachable", "timeout"):  # the order is dead: the next attempt places another
+                self.store().delete(contract.acme_key(self.settings.prefix, "orders", want.name))
+        except FlowproxyError:
+            raise  # Consul is away: nothing was decided; the lock goes, the next look tries again
+        except Exception as exc:  # a bug, or a stored order that cannot be used: backoff, not a crash loop
+            log.exception("ACME: %s: unexpected error", want.name)
+            state = self.failure(want, state, f"internal error: {type(exc).__name__}: {exc}", "internal")
+            self.store().delete(contract.acme_key(self.settings.prefix, "orders", want.name))
+        finally:
+            for key in written:
+                with contextlib.suppress(FlowproxyError):
+                    self.store().delete(key)
+        self.put_state(want.name, state)
+
+    def failure(self, want: acme.Wanted, state: acme.State, error: str, kind: str) -> acme.State:
+        s = self.settings
+        out = acme.failed(state, want, error, kind, time.time(), retry=s.acme_retry, retry_max=s.acme_retry_max)
+        log.warning("ACME: %s: %s (attempt %d failed; next at %s)", want.name, error, out.failures,
+                    acme.iso(out.next_attempt or 0))
+        return out
+
+    def account(self) -> Account:
+        """The fleet's account at this directory: registered once, by whichever node needs it first."""
+        s = self.settings
+        key = contract.acme_key(s.prefix, "accounts", acme.account_id(str(s.acme_directory)))
+        entry = self.store().get(key)
+        found = Account.from_json(entry.value) if entry else None
+        if found is not None and found.directory == s.acme_directory:
+            return found
+        made = self.ca.register(s.acme_email, s.acme_agree_tos)
+        try:
+            self.store().put(key, made.to_json(), cas=entry.modify_index if entry else 0)
+        except CasConflict:  # another node registered meanwhile: use its account (ours stays unused)
+            return self.account()
+        log.info("ACME: registered account %s", made.uri)
+        return made
+
+    def order(self, account: Account, want: acme.Wanted, state: acme.State,
+              entry: KVEntry | None) -> tuple[Order, acme.State]:
+        """The order to work on: the stored one when it is for these names at this CA, else a new one (its
+        URL and key stored before anything else happens, so that another node can resume it)."""
+        s = self.settings
+        stored = Order.from_json(entry.value) if entry else None
+        if stored is not None and stored.domains == want.domains and stored.directory == s.acme_directory \
+                and self.ca.owns(stored.url):
+            log.info("ACME: %s: resuming order %s that %s placed", want.name, stored.url, stored.node)
+            return stored, state
+        key = new_key_pem().decode()
+        url = self.ca.place(account, want.domains, key.encode())
+        order = Order(url, want.domains, key, str(s.acme_directory), s.node, time.time())
+        self.store().put(contract.acme_key(s.prefix, "orders", want.name), order.to_json())
+        state = replace(state, domains=want.domains, routes=want.routes, orders=state.orders + 1,
+                        working=f"order placed by {s.node}", last_attempt=time.time())
+        self.put_state(want.name, state)
+        log.info("ACME: %s: placed order %s", want.name, url)
+        return order, state
+
+    def serve(self, found: list[Challenge], want: acme.Wanted, written: list[str]) -> None:
+        """Write the answers and wait until this node serves them and every live node has applied them."""
+        s = self.settings
+        for challenge in found:
+            key = contract.challenge_key(s.prefix, challenge.token)
+            self.store().put(key, challenge.answer)
+            written.append(key)
+        if not found:
+            return
+        index, _ = self.store().keys_with_index(contract.challenge_key(s.prefix))
+        deadline = time.time() + SERVE_TIME
+        while time.time() < deadline and not self.stopping.is_set():
+            if all(self.answers(c) for c in found) and not self.lagging(index):
+                return
+            time.sleep(0.2)
+        log.warning("ACME: %s: not every node serves its challenge answers after %.0f s (%s); answering anyway",
+                    want.name, SERVE_TIME, ", ".join(self.lagging(index)) or "this node")
+
+    def answers(self, challenge: Challenge) -> bool:
+        """Whether this node's HTTP listener serves the answer (what the CA will fetch)."""
+        url = f"http://{loopback(self.settings.http_bind)}{acme_path(challenge.token)}"
+        request = urllib.request.Request(url, headers={"Host": challenge.domain})
+        try:
+            with urllib.request.urlopen(request, timeout=2) as reply:  # our own listener
+                return bool(reply.read().decode(errors="replace").strip() == challenge.answer)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def lagging(self, index: int) -> list[str]:
+        """Live nodes (passing health) that have not applied the config at `index` yet."""
+        _, _, rows = reads.read_fleet(self.store(), self.settings.prefix, selfcheck.SERVICE)
+        return [r.node for r in rows if r.health == "passing" and r.kv_index < index]
+
+    def store_certificate(self, want: acme.Wanted, state: acme.State, pem_bytes: bytes, seen: Seen) -> acme.State:
+        facts = pem.facts(pem_bytes)
+        if facts is None or tuple(sorted(set(facts.names))) != want.domains:
+            raise CAError(f"the CA issued a certificate for {facts.names if facts else 'nothing readable'}, "
+                          f"not {list(want.domains)}", "client")
+        key = contract.cert_key(self.settings.prefix, want.name)
+        entry = seen.certs.get(want.name)
+        try:
+            self.store().put(key, pem_bytes, cas=entry.modify_index if entry else 0, flags=acme.ACME_FLAG)
+        except CasConflict:
+            raise CAError(f"certs/{want.name} changed while the certificate was issued; not overwritten",
+                          "client") from None
+        log.info("ACME: %s: issued by %s, valid until %s", want.name, facts.issuer, acme.iso(facts.not_after))
+        return acme.issued(state, want, facts, self.settings.node, time.time())
+
+    def note(self, name: str, want: acme.Wanted, state: acme.State | None, reason: str) -> None:
+        """Record a reason nothing is done (a user's certificate holds the name) once."""
+        if state is None or state.last_error != reason:
+            self.put_state(name, replace(state or acme.State(), domains=want.domains, routes=want.routes,
+                                         last_error=reason, last_error_type="blocked"))
+
+    def put_state(self, name: str, state: acme.State) -> None:
+        self.store().put(contract.acme_key(self.settings.prefix, "state", name), state.to_json())
+
+    # -- the session ----------------------------------------------------------------------------------
+    def ensure_session(self) -> str:
+        if self.session is None:
+            self.session = self.store().create_session(f"flowproxy-acme {self.settings.node}", SESSION_TTL)
+            self._renewed = time.monotonic()
+        return self.session
+
+    def _renew(self) -> None:
+        if self.session is None or time.monotonic() - self._renewed < SESSION_TTL / 3:
+            return
+        try:
+            if not self.store().renew_session(self.session):
+                self.session = None  # it ended (this node was away too long): a fresh one next time
+            self._renewed = time.monotonic()
+        except FlowproxyError as exc:
+            log.warning("ACME: could not renew the lock session: %s", exc)
+
+
+def loopback(bind: str) -> str:
+    """Where this node's own listener is reached: a wildcard bind is reached on loopback."""
+    host, _, port = bind.rpartition(":")
+    return f"127.0.0.1:{port}" if host in ("", "*", "0.0.0.0", "[::]", "::") else bind
+
+
+def acme_path(token: str) -> str:
+    from flowproxy.core.render import CHALLENGE_PATH
+
+    return CHALLENGE_PATH + token
