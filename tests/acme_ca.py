@@ -10,7 +10,6 @@ import os
 import re
 import signal
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +28,32 @@ class Pebble:
     dns_management: str
     log: Path
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    argv: list[str] = field(default_factory=list)
+
+    def start(self) -> None:
+        """pebble itself (its DNS runs on), validating without random sleeps, never rejecting a nonce on
+        purpose, never reusing an authorization (every order is validated anew, renewals too)."""
+        env = {**os.environ, "PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0", "PEBBLE_AUTHZREUSE": "0"}
+        with self.log.open("ab") as out:
+            self.procs.append(subprocess.Popen(self.argv, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                               start_new_session=True))
+
+        def up() -> bool:
+            try:
+                requests.get(self.directory, verify=str(self.ca_bundle), timeout=2).raise_for_status()
+                requests.get(f"http://{self.dns_management}/", timeout=2)
+            except requests.RequestException:
+                return False
+            return True
+
+        wait_for(up, 30, "pebble and its DNS")
+
+    def restart(self) -> None:
+        """A CA that forgets everything (its accounts, orders, roots), as a reset test CA does."""
+        pebble = self.procs.pop()
+        pebble.send_signal(signal.SIGTERM)
+        pebble.wait(timeout=10)
+        self.start()
 
     def root(self) -> str:
         """The root that issued certificates chain to (pebble makes a new one at every start)."""
@@ -83,9 +108,7 @@ def tls_pair(folder: Path) -> tuple[Path, Path]:
 
 
 def start_pebble(folder: Path, http_port: int, validity: int) -> Pebble:
-    """pebble and its DNS on free loopback ports; certificates valid `validity` seconds; validation without
-    pebble's random sleeps, nonces never rejected on purpose, and authorizations never reused (each order
-    is validated anew, renewals too)."""
+    """pebble and its DNS on free loopback ports; certificates valid `validity` seconds."""
     pebble, dns = need("pebble"), need("pebble-challtestsrv")
     folder.mkdir(parents=True, exist_ok=True)
     cert, key = tls_pair(folder)
@@ -103,23 +126,10 @@ def start_pebble(folder: Path, http_port: int, validity: int) -> Pebble:
                                           "-http01", "", "-https01", "", "-tlsalpn01", "",
                                           "-management", dns_management], stdout=dns_log, stderr=subprocess.STDOUT,
                                          start_new_session=True))
-    env = {**os.environ, "PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0", "PEBBLE_AUTHZREUSE": "0"}
-    with log.open("wb") as out:
-        ca.procs.append(subprocess.Popen([pebble, "-config", str(folder / "pebble.json"), "-dnsserver", dns_port],
-                                         env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
-
-    def up() -> bool:
-        try:
-            requests.get(ca.directory, verify=str(cert), timeout=2).raise_for_status()
-            requests.get(f"http://{dns_management}/", timeout=2)
-        except requests.RequestException:
-            return False
-        return True
-
+    ca.argv = [pebble, "-config", str(folder / "pebble.json"), "-dnsserver", dns_port]
     try:
-        wait_for(up, 30, "pebble and its DNS")
+        ca.start()
     except BaseException:
         ca.stop()
         raise
-    time.sleep(0.1)
     return ca

@@ -2,10 +2,10 @@
 processes, each on its own loopback address and the HTTP port pebble validates on.
 
 What a user would check: every node serves a certificate for the name that chains to pebble's root, and
-the CA saw one order; the node working on an order is killed (`kill -9`) while the CA validates, and
-another node finishes that same order; a short-lived certificate renews on every node without a reload and
-without a second order in flight; a name the CA cannot validate is reported with the CA's reason, tried
-again with growing waits, while every other route keeps serving.
+the CA saw one order; a short-lived certificate renews on every node without a reload and without a second
+order in flight; the node working on an order is killed (`kill -9`) while the CA validates, and another
+node finishes that same order; a name the CA cannot validate is reported with the CA's reason, tried again
+with growing waits, while every other route keeps serving; a CA that forgot the account gets a new one.
 """
 
 from __future__ import annotations
@@ -298,6 +298,23 @@ def test_a_name_the_ca_rejects_is_reported_and_retried_while_others_serve(fleet:
     for edge in alive:  # every other route keeps serving, over HTTPS with its certificate
         assert serial_of(edge, "shop.example.test", root) is not None
         assert serial_of(edge, "pay.example.test", root) is not None
+
+
+def test_a_ca_that_forgot_the_account_gets_a_new_one(fleet: Fleet) -> None:
+    """A reset CA (a wiped staging CA; here pebble restarted) answers the stored account with
+    accountDoesNotExist: the fleet registers anew and goes on, and what it serves keeps serving."""
+    key = f"{P}acme/accounts/{acme.account_id(fleet.ca.directory)}"
+    before = fleet.store().get(key)
+    assert before is not None
+    fleet.ca.restart()
+    alive = [e for e in fleet.edges if e.alive()]
+    domain = "fresh.example.test"
+    fleet.ca.point(domain, alive[-1].address)
+    fleet.route("fresh", domain)
+    wait_all_serve(fleet, alive, domain, 90)  # chained to the new root
+    after = fleet.store().get(key)
+    assert after is not None and json.loads(after.value)["uri"] != json.loads(before.value)["uri"]
+    assert fleet.state(domain).failures == 0
 
 
 class Gate:

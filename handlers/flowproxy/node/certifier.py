@@ -43,6 +43,10 @@ ORDER_TIME = 180.0  # an attempt's bound, from order to certificate
 SERVE_TIME = 30.0  # how long the answers may take to be served by every live node
 
 
+class LockLost(FlowproxyError):
+    """This node's lock session ended while it worked: another node may hold the certificate's lock now."""
+
+
 @dataclass(frozen=True)
 class Order:
     """KV `acme/orders/<name>`: the order in progress and its certificate's key (see the ACL policy)."""
@@ -94,12 +98,16 @@ class Certifier:
         self._store: ConsulStore | None = None
         self._seen_desired: Desired | None = None
         self._next = 0.0
-        self._renewed = 0.0
+        self.lost = threading.Event()  # the session ended under this node: whatever it holds is no longer its
+        self._account_index = 0  # the ModifyIndex of the account entry the last attempt used (0: unknown)
+        self._keeper_store: ConsulStore | None = None
 
     # -- the thread -------------------------------------------------------------------------------------
     def start(self) -> None:
         self.thread = threading.Thread(target=self._loop, name="flowproxy-acme", daemon=True)
         self.thread.start()
+        # Its own thread and client: an order may take minutes, and the session must outlive them.
+        threading.Thread(target=self._keep, name="flowproxy-acme-session", daemon=True).start()
         log.info("ACME: certificates for routes with tls.acme from %s", self.settings.acme_directory)
 
     def stop(self) -> None:
@@ -109,8 +117,9 @@ class Certifier:
         if self.session is not None:
             with contextlib.suppress(FlowproxyError):
                 self.store().destroy_session(self.session)  # its locks go at once, not after the TTL
-        if self._store is not None:
-            self._store.close()
+        for store in (self._store, self._keeper_store):
+            if store is not None:
+                store.close()
 
     def store(self) -> ConsulStore:
         if self._store is None:
@@ -119,7 +128,6 @@ class Certifier:
 
     def _loop(self) -> None:
         while not self.stopping.wait(1.0):
-            self._renew()
             desired = self.desired()
             if desired is None or (desired is self._seen_desired and time.time() < self._next):
                 continue
@@ -216,6 +224,8 @@ class Certifier:
             state = self.failure(want, state, str(exc), exc.kind)
             if exc.kind not in ("unreachable", "timeout"):  # the order is dead: the next attempt places another
                 self.store().delete(contract.acme_key(self.settings.prefix, "orders", want.name))
+            if exc.kind == "accountDoesNotExist":  # the CA forgot it (a reset): the next attempt registers anew
+                self.forget_account()
         except FlowproxyError:
             raise  # Consul is away: nothing was decided; the lock goes, the next look tries again
         except Exception as exc:  # a bug, or a stored order that cannot be used: backoff, not a crash loop
@@ -223,7 +233,7 @@ class Certifier:
             state = self.failure(want, state, f"internal error: {type(exc).__name__}: {exc}", "internal")
             self.store().delete(contract.acme_key(self.settings.prefix, "orders", want.name))
         finally:
-            for key in written:
+            for key in written if not self.lost.is_set() else ():  # a node that took over may serve them still
                 with contextlib.suppress(FlowproxyError):
                     self.store().delete(key)
         self.put_state(want.name, state)
@@ -237,19 +247,32 @@ class Certifier:
 
     def account(self) -> Account:
         """The fleet's account at this directory: registered once, by whichever node needs it first."""
-        s = self.settings
-        key = contract.acme_key(s.prefix, "accounts", acme.account_id(str(s.acme_directory)))
+        key = self.account_key()
         entry = self.store().get(key)
         found = Account.from_json(entry.value) if entry else None
-        if found is not None and found.directory == s.acme_directory:
+        if found is not None and found.directory == self.settings.acme_directory:
+            self._account_index = entry.modify_index if entry else 0
             return found
-        made = self.ca.register(s.acme_email, s.acme_agree_tos)
+        made = self.ca.register(self.settings.acme_email, self.settings.acme_agree_tos)
         try:
             self.store().put(key, made.to_json(), cas=entry.modify_index if entry else 0)
         except CasConflict:  # another node registered meanwhile: use its account (ours stays unused)
             return self.account()
         log.info("ACME: registered account %s", made.uri)
+        written = self.store().get(key)
+        self._account_index = written.modify_index if written else 0
         return made
+
+    def forget_account(self) -> None:
+        """The CA no longer knows the stored account (reset, or deactivated): drop it, unless another node
+        has already replaced it, so that the next attempt registers anew."""
+        key = self.account_key()
+        log.warning("ACME: the CA no longer knows the account in %s; registering anew at the next attempt", key)
+        with contextlib.suppress(CasConflict):
+            self.store().delete(key, cas=self._account_index or None)
+
+    def account_key(self) -> str:
+        return contract.acme_key(self.settings.prefix, "accounts", acme.account_id(str(self.settings.acme_directory)))
 
     def order(self, account: Account, want: acme.Wanted, state: acme.State,
               entry: KVEntry | None) -> tuple[Order, acme.State]:
@@ -284,10 +307,12 @@ class Certifier:
         deadline = time.time() + SERVE_TIME
         while time.time() < deadline and not self.stopping.is_set():
             if all(self.answers(c) for c in found) and not self.lagging(index):
+                self.holding()
                 return
             time.sleep(0.2)
         log.warning("ACME: %s: not every node serves its challenge answers after %.0f s (%s); answering anyway",
                     want.name, SERVE_TIME, ", ".join(self.lagging(index)) or "this node")
+        self.holding()
 
     def answers(self, challenge: Challenge) -> bool:
         """Whether this node's HTTP listener serves the answer (what the CA will fetch)."""
@@ -311,6 +336,7 @@ class Certifier:
                           f"not {list(want.domains)}", "client")
         key = contract.cert_key(self.settings.prefix, want.name)
         entry = seen.certs.get(want.name)
+        self.holding()
         try:
             self.store().put(key, pem_bytes, cas=entry.modify_index if entry else 0, flags=acme.ACME_FLAG)
         except CasConflict:
@@ -332,18 +358,29 @@ class Certifier:
     def ensure_session(self) -> str:
         if self.session is None:
             self.session = self.store().create_session(f"flowproxy-acme {self.settings.node}", SESSION_TTL)
-            self._renewed = time.monotonic()
+            self.lost.clear()
         return self.session
 
-    def _renew(self) -> None:
-        if self.session is None or time.monotonic() - self._renewed < SESSION_TTL / 3:
-            return
-        try:
-            if not self.store().renew_session(self.session):
-                self.session = None  # it ended (this node was away too long): a fresh one next time
-            self._renewed = time.monotonic()
-        except FlowproxyError as exc:
-            log.warning("ACME: could not renew the lock session: %s", exc)
+    def _keep(self) -> None:
+        """Renew the session every third of its TTL; when Consul says it ended, the locks it held are gone."""
+        while not self.stopping.wait(SESSION_TTL / 3):
+            session = self.session
+            if session is None:
+                continue
+            try:
+                if self._keeper_store is None:
+                    self._keeper_store = store_for(self.settings)
+                if not self._keeper_store.renew_session(session):
+                    log.warning("ACME: the lock session ended (this node was away too long); its work stops")
+                    self.lost.set()
+                    self.session = None
+            except FlowproxyError as exc:
+                log.warning("ACME: could not renew the lock session: %s", exc)
+
+    def holding(self) -> None:
+        """Raise unless this node still holds what it locked: another node may have taken over."""
+        if self.lost.is_set():
+            raise LockLost("ACME: the lock session ended while this node worked; another node takes over")
 
 
 def loopback(bind: str) -> str:
