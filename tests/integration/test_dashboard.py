@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -21,7 +22,7 @@ import pytest
 from flowproxy.backend import IdentityServer
 from flowproxy.cli.demo import register_instance
 from flowproxy.node.up import wait_for
-from tests.harness import ProxyNode, need, node_spec, start_node, status_of, wait_applied
+from tests.harness import ProxyNode, need, node_spec, self_signed, start_node, status_of, wait_applied
 
 AUTH = "ops:stats-secret"  # node_spec(edge=True)'s stats credentials
 ARTIFACTS = Path(os.environ.get("FLOWPROXY_TEST_ARTIFACTS", Path(__file__).resolve().parents[2] / "test-artifacts"))
@@ -196,6 +197,20 @@ def test_the_api_documents_routes_nodes_and_changes(dash: ProxyNode, backends: C
     wait_for(as_status_says, 20, "the nodes document to show the node's status")
     status, _, changes = api(dash, "/api/changes")
     assert status == 200 and changes["changes"] and all(c["ok"] in (True, False) for c in changes["changes"])
+
+
+def test_certificates_show_their_issuer_and_expiry(dash: ProxyNode, tmp_path: Path) -> None:
+    pem = self_signed(tmp_path, "site")
+    dash.store().put("flowproxy/certs/site", pem)
+    expires = subprocess.run(["openssl", "x509", "-noout", "-enddate", "-in", str(tmp_path / "site.crt")],
+                             capture_output=True, text=True, check=True).stdout.strip().split("=", 1)[1]
+    status, _, doc = api(dash, "/api/certificates")
+    assert status == 200
+    site = next(c for c in doc["certificates"] if c["name"] == "site")
+    assert site["issuer"] == "site.example.test" and site["names"] == ["site.example.test"] and not site["acme"]
+    assert site["not_after"][:10] == time.strftime("%Y-%m-%d", time.strptime(expires, "%b %d %H:%M:%S %Y %Z"))
+    root = shows(dash, lambda r: bool(r.find(data_certificate="site")), "the certificate listed")
+    assert "site.example.test" in root.find(data_certificate="site")[0].all_text()
 
 
 @pytest.mark.parametrize(("path", "auth", "status"), [

@@ -205,3 +205,41 @@ def test_a_certificate_written_by_acme_carries_its_flags() -> None:
     store.put("flowproxy/certs/acme-a", b"pem", cas=0, flags=acme.ACME_FLAG)
     url = str(responses.calls[0].request.url)
     assert f"flags={acme.ACME_FLAG}" in url and "cas=0" in url
+
+
+LOOPBACK = [
+    ("wildcard-v4", "0.0.0.0:80", "127.0.0.1:80"),
+    ("wildcard-v6", "[::]:80", "127.0.0.1:80"),
+    ("no-host", ":8080", "127.0.0.1:8080"),
+    ("an-address", "10.0.0.5:80", "10.0.0.5:80"),
+]
+
+
+@pytest.mark.parametrize(("bind", "reached"), [c[1:] for c in LOOPBACK], ids=[c[0] for c in LOOPBACK])
+def test_a_node_checks_its_own_answers_where_its_listener_is(bind: str, reached: str) -> None:
+    from flowproxy.node.certifier import loopback
+
+    assert loopback(bind) == reached
+
+
+ORDER = {"url": "u", "domains": ["a.io"], "key": "k", "directory": "d", "node": "n", "placed": 1.5}
+
+
+@pytest.mark.parametrize("raw", [b"", b"[]", b'{"url": 1}', json.dumps(ORDER | {"placed": "soon"}).encode(),
+                                 json.dumps(ORDER | {"domains": "a.io"}).encode()],
+                         ids=["empty", "list", "missing-fields", "bad-time", "domains-not-a-list"])
+def test_a_stored_order_that_is_not_one_is_none(raw: bytes) -> None:
+    from flowproxy.node.certifier import Order
+
+    assert Order.from_json(raw) is None
+
+
+def test_work_stops_once_the_lock_session_is_lost() -> None:
+    from flowproxy.node.certifier import Certifier, LockLost
+    from flowproxy.settings import Settings
+
+    worker = Certifier(Settings(acme_directory=DIRECTORY).checked(), lambda: None)
+    worker.holding()  # holds: nothing raised
+    worker.lost.set()
+    with pytest.raises(LockLost):
+        worker.holding()

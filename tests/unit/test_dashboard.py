@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from flowproxy.core.dashboard import routes_doc
+from flowproxy.core.dashboard import certificates_doc, routes_doc
 from flowproxy.core.kv import desired_from_kv
 from flowproxy.core.model import Instance, KVEntry
 from flowproxy.haproxy.traffic import server_states
@@ -126,3 +126,10 @@ def test_last_changes_are_kept_while_enabled_newest_first_and_redacted() -> None
         ("full", False, "Consul refused token=[redacted]"), ("incremental", True, "route api")]
     assert seen[1]["kv_index"] == 9 and seen[1]["ms"] == 12.0
     assert all(c["what"] not in ("before enabling", "anti-entropy found nothing") for c in telemetry.recent())
+
+
+def test_the_certificates_document_lists_rows_by_name() -> None:
+    rows: dict[str, dict[str, Any]] = {"b": {"issuer": "CA", "acme": False},
+                                       "a": {"issuer": None, "acme": True, "last_error": "x"}}
+    doc = certificates_doc(rows)
+    assert [c["name"] for c in doc["certificates"]] == ["a", "b"] and doc["certificates"][0]["last_error"] == "x"

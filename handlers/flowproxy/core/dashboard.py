@@ -98,6 +98,11 @@ def nodes_doc(latest: int, rows: Sequence[NodeView], converged: bool) -> dict[st
     return {"latest_index": latest, "converged": converged, "nodes": [dataclasses.asdict(r) for r in rows]}
 
 
+def certificates_doc(rows: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Every certificate in KV (what `flowproxy status` lists), by name."""
+    return {"certificates": [{"name": name, **row} for name, row in sorted(rows.items())]}
+
+
 def changes_doc(node: str, changes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """This node's last applies that changed something or failed, newest first."""
     return {"node": node, "changes": [dict(c) for c in changes]}

@@ -66,6 +66,8 @@ class Order:
     def from_json(cls, raw: bytes) -> Order | None:
         try:
             doc = json.loads(raw)
+            if not isinstance(doc["domains"], list):
+                return None
             return cls(str(doc["url"]), tuple(map(str, doc["domains"])), str(doc["key"]), str(doc["directory"]),
                        str(doc["node"]), float(doc["placed"]))
         except (ValueError, KeyError, TypeError):

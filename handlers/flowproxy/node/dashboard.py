@@ -51,7 +51,8 @@ class Dashboard:
         self.lock = threading.Lock()
         self.built: dict[str, tuple[float, bytes]] = {}
         self.documents: dict[str, Callable[[ConsulStore], dict[str, Any]]] = {
-            "/api/routes": self.routes, "/api/nodes": self.nodes, "/api/changes": self.changes}
+            "/api/routes": self.routes, "/api/nodes": self.nodes, "/api/changes": self.changes,
+            "/api/certificates": self.certificates}
 
     def answer(self, path: str, authorization: str | None) -> Answer:
         if not authorized(authorization, self.settings.stats_credentials().encode()):
@@ -95,6 +96,9 @@ class Dashboard:
     def nodes(self, store: ConsulStore) -> dict[str, Any]:
         _, latest, rows = read_fleet(store, self.settings.prefix, SERVICE)
         return dashboard.nodes_doc(latest, rows, bool(rows) and fleet_exit_code(rows, {}) == 0)
+
+    def certificates(self, store: ConsulStore) -> dict[str, Any]:
+        return dashboard.certificates_doc(reads.read_certificates(store, self.settings.prefix))
 
     def changes(self, _store: ConsulStore) -> dict[str, Any]:
         return dashboard.changes_doc(self.settings.node, telemetry.recent())

@@ -4,7 +4,7 @@
 
 const POLL_MS = 2000;
 const MAX_ROWS = 1000; // rows drawn at once; the filter narrows larger tables
-const state = { routes: null, nodes: null, changes: null, errors: {} };
+const state = { routes: null, nodes: null, changes: null, certificates: null, errors: {} };
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -101,6 +101,18 @@ function drawChanges() {
   document.querySelector("#changes tbody").replaceChildren(...rows);
 }
 
+function drawCertificates() {
+  const doc = state.certificates;
+  if (!doc) return;
+  const acme = (c) => !c.acme ? "-" : !c.last_error ? "ok"
+    : `${c.last_error} (${c.failures} failed; next ${c.next_attempt || "-"})`;
+  const rows = doc.certificates.map((c) => el("tr", { "data-certificate": c.name, class: c.last_error ? "failed" : "" },
+    el("td", {}, c.name), el("td", {}, (c.names || []).join(" ")), el("td", {}, c.issuer || "-"),
+    el("td", {}, c.not_after || "-"), el("td", { class: c.last_error ? "reason" : "" }, acme(c))));
+  if (!rows.length) rows.push(el("tr", {}, el("td", { colspan: 5 }, "none")));
+  document.querySelector("#certificates tbody").replaceChildren(...rows);
+}
+
 function drawSummary() {
   const doc = state.routes;
   const errors = Object.entries(state.errors).map(([name, message]) => `/api/${name}: ${message}`);
@@ -121,7 +133,7 @@ function drawSummary() {
 async function poll() {
   const started = performance.now();
   if (!document.body.dataset.firstPollAt) document.body.dataset.firstPollAt = started.toFixed(1); // since navigation
-  await Promise.all(["routes", "nodes", "changes"].map(async (name) => {
+  await Promise.all(["routes", "nodes", "changes", "certificates"].map(async (name) => {
     try {
       state[name] = await load(name);
       delete state.errors[name];
@@ -133,6 +145,7 @@ async function poll() {
   drawRoutes();
   drawNodes();
   drawChanges();
+  drawCertificates();
   drawSummary();
   void document.body.offsetHeight; // lay the page out now: drawing is not done until then
   document.body.dataset.renderMs = (performance.now() - drawn).toFixed(1);
