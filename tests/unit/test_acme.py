@@ -151,6 +151,36 @@ def test_ca_refusals_are_ca_errors_with_their_type(reply: dict[str, object], kin
 
 
 @responses.activate
+def test_a_rate_limit_carries_the_cas_retry_after_into_the_fleets_wait() -> None:
+    responses.add(responses.GET, DIRECTORY, json=DIR_DOC)
+    responses.add(responses.HEAD, "https://ca.test/nonce", headers={"Replay-Nonce": "bm9uY2U"})
+    limited = problem("rateLimited", "too many new registrations", 429)
+    limited["headers"] = {"Replay-Nonce": "bm9uY2U", "Retry-After": "3600"}
+    responses.add(responses.POST, "https://ca.test/acct", **limited)  # type: ignore[arg-type]
+    with pytest.raises(CAError) as err:
+        CA(DIRECTORY).register(None, True)
+    assert (err.value.kind, err.value.retry_after) == ("rateLimited", 3600.0)
+    state = acme.failed(acme.State(), WANT, str(err.value), err.value.kind, NOW, retry=60, retry_max=600,
+                        retry_after=err.value.retry_after)
+    assert state.next_attempt == NOW + 3600  # the CA's wait, over the fleet's own backoff and its cap
+
+
+RETRY_AFTER = [
+    ("seconds", "120", 120.0),
+    ("absent", None, None),
+    ("garbage", "soon", None),
+    ("a-date-past", "Wed, 21 Oct 2015 07:28:00 GMT", 0.0),
+]
+
+
+@pytest.mark.parametrize(("header", "seconds"), [c[1:] for c in RETRY_AFTER], ids=[c[0] for c in RETRY_AFTER])
+def test_retry_after_headers(header: str | None, seconds: float | None) -> None:
+    from flowproxy.ca.client import retry_after
+
+    assert retry_after(header) == seconds
+
+
+@responses.activate
 def test_an_unreachable_ca_is_reported_as_such() -> None:
     import requests
 

@@ -6,11 +6,13 @@ Consul, so that any node can pick up an order another node began.
 from __future__ import annotations
 
 import datetime
+import email.utils
 import json
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import requests
@@ -30,11 +32,39 @@ CHALLENGE = "http-01"
 
 class CAError(FlowproxyError):
     """The CA refused, failed or could not be reached; `kind` is the ACME problem type's last part
-    (`rateLimited`, `unauthorized`, `connection`, ...), or `timeout` / `unreachable` / `client`."""
+    (`rateLimited`, `unauthorized`, `connection`, ...), or `timeout` / `unreachable` / `client`;
+    `retry_after` the seconds the CA asked to wait (its Retry-After header), if it did."""
 
-    def __init__(self, message: str, kind: str) -> None:
+    def __init__(self, message: str, kind: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.kind = kind
+        self.retry_after = retry_after
+
+
+# The Retry-After of the CA's last answer in this thread (acme's errors do not carry their headers).
+_answers = threading.local()
+
+
+class _Network(acme_client.ClientNetwork):
+    """acme's network, noting each answer's Retry-After (RFC 8555 6.6: a rate-limited client waits that long)."""
+
+    def _send_request(self, method: str, url: str, *args: Any, **kwargs: Any) -> requests.Response:
+        response = super()._send_request(method, url, *args, **kwargs)
+        _answers.retry_after = retry_after(response.headers.get("Retry-After"))
+        return response
+
+
+def retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date); None when absent or unreadable."""
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value.strip())
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time()) if when.tzinfo else None
 
 
 @dataclass(frozen=True)
@@ -127,8 +157,8 @@ class CA:
         return str(done.fullchain_pem)
 
     def _client(self, key: JWK, account: Account | None) -> acme_client.ClientV2:
-        net = acme_client.ClientNetwork(key, alg=ES256, verify_ssl=self.verify,  # type: ignore[arg-type]
-                                        user_agent="flowproxy", timeout=self.timeout)
+        net = _Network(key, alg=ES256, verify_ssl=self.verify,  # type: ignore[arg-type]
+                       user_agent="flowproxy", timeout=self.timeout)
         if account is not None:
             net.account = messages.RegistrationResource(uri=account.uri, body=messages.Registration())
         directory = _guard("reading the directory",
@@ -188,19 +218,20 @@ def _order_error(body: messages.Order) -> CAError:
     return CAError("the order is invalid", "client")
 
 
-def _problem(what: str, error: messages.Error) -> CAError:
+def _problem(what: str, error: messages.Error, retry: float | None = None) -> CAError:
     code = error.code or str(error.typ).rsplit(":", 1)[-1] or "client"
-    return CAError(f"{what}: {code}: {error.detail or error.title or error.typ}", code)
+    return CAError(f"{what}: {code}: {error.detail or error.title or error.typ}", code, retry)
 
 
 def _guard(what: str, call: Callable[[], T]) -> T:
     """One CA call, its failures as CAError with the problem type."""
+    _answers.retry_after = None
     try:
         return call()
     except CAError:
         raise
     except messages.Error as exc:
-        raise _problem(what, exc) from None
+        raise _problem(what, exc, getattr(_answers, "retry_after", None)) from None
     except errors.ValidationError as exc:
         raise _authz_error(exc.failed_authzrs[0]) from None
     except errors.TimeoutError:

@@ -223,7 +223,7 @@ class Certifier:
             state = self.store_certificate(want, state, chain.encode() + order.key.encode(), seen)
             self.store().delete(contract.acme_key(self.settings.prefix, "orders", want.name))
         except CAError as exc:
-            state = self.failure(want, state, str(exc), exc.kind)
+            state = self.failure(want, state, str(exc), exc.kind, exc.retry_after)
             if exc.kind not in ("unreachable", "timeout"):  # the order is dead: the next attempt places another
                 self.store().delete(contract.acme_key(self.settings.prefix, "orders", want.name))
             if exc.kind == "accountDoesNotExist":  # the CA forgot it (a reset): the next attempt registers anew
@@ -240,9 +240,11 @@ class Certifier:
                     self.store().delete(key)
         self.put_state(want.name, state)
 
-    def failure(self, want: acme.Wanted, state: acme.State, error: str, kind: str) -> acme.State:
+    def failure(self, want: acme.Wanted, state: acme.State, error: str, kind: str,
+                retry_after: float | None = None) -> acme.State:
         s = self.settings
-        out = acme.failed(state, want, error, kind, time.time(), retry=s.acme_retry, retry_max=s.acme_retry_max)
+        out = acme.failed(state, want, error, kind, time.time(), retry=s.acme_retry, retry_max=s.acme_retry_max,
+                          retry_after=retry_after)
         log.warning("ACME: %s: %s (attempt %d failed; next at %s)", want.name, error, out.failures,
                     acme.iso(out.next_attempt or 0))
         return out
