@@ -5,7 +5,7 @@
 A `flowproxy node up --dev` with its metrics listener open, N routes on one real instance, then per trial:
 `GET /api/routes` (built afresh: each trial waits out the one-second cache), and Debian's chromium
 (headless, driven over the DevTools protocol in real time) loading /dashboard: from navigation to its
-first poll drawn, and what the page's script recorded of its three API calls and of drawing them.
+first poll drawn, and what the page's script recorded of its API calls and of drawing them.
 A report, never a test: nothing here asserts.
 """
 
@@ -86,7 +86,7 @@ class Browser:
 
 
 def page_ms(browser: Browser, metrics: str) -> tuple[float, float, float, float, int]:
-    """(navigation -> first poll drawn, navigation -> the script's first poll, the page's three API calls,
+    """(navigation -> first poll drawn, navigation -> the script's first poll, the page's API calls,
     its drawing, rows) in ms, real time."""
     target = browser.call("Target.createTarget", url="about:blank")["targetId"]
     session = browser.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
@@ -145,7 +145,7 @@ def main() -> None:
     print("| --- | --- | --- |")
     print(f"| `GET /api/routes` built afresh ({size / 1024:.0f} KiB) | {pct(apis, 0.5):.0f} ms | {max(apis):.0f} ms |")
     print(f"| page: navigation -> its script's first poll | {pct(scripts, 0.5):.0f} ms | {max(scripts):.0f} ms |")
-    print(f"| page: its three API calls | {pct(loads, 0.5):.0f} ms | {max(loads):.0f} ms |")
+    print(f"| page: its API calls | {pct(loads, 0.5):.0f} ms | {max(loads):.0f} ms |")
     print(f"| page: drawing {rows:,} route rows | {pct(draws, 0.5):.0f} ms | {max(draws):.0f} ms |")
     print(f"| page: navigation -> first poll drawn | {pct(shown, 0.5):.0f} ms | {max(shown):.0f} ms |")
 
