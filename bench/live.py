@@ -21,11 +21,12 @@ from bench import baseline, classic
 from bench.parts import Row, fast_backend, free_port, haproxy_serving, pct
 from bench.wrk import WrkResult, run_wrk
 from flowproxy.backend import IdentityServer
-from flowproxy.cli.demo import fetch, register_instance
+from flowproxy.cli.demo import register_instance
 from flowproxy.consul.reads import latest_index
 from flowproxy.consul.store import ConsulStore
 from flowproxy.haproxy.master import HAProxySocket, old_workers
 from flowproxy.node.up import Node, NodeSpec, wait_for
+from flowproxy.probe import fetch
 from flowproxy.settings import Settings
 
 FLOWPROXY = str(Path(sys.executable).parent / "flowproxy")

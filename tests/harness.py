@@ -14,13 +14,13 @@ from typing import Any
 import pytest
 
 from bench.parts import free_port
-from flowproxy.cli.demo import Reply, fetch
 from flowproxy.consul.store import ConsulStore
 from flowproxy.core.render import Bundle
 from flowproxy.errors import FlowproxyError
 from flowproxy.haproxy import release
 from flowproxy.haproxy.master import HAProxySocket
 from flowproxy.node.up import Node, NodeSpec, wait_for
+from flowproxy.probe import Reply, fetch
 from flowproxy.settings import Settings
 
 # The least-privilege ACL policies the README documents: a proxy node's token, and an operator's.

@@ -18,9 +18,10 @@ import pytest
 
 from bench.wrk import WrkResult, run_wrk
 from flowproxy.backend import IdentityServer
-from flowproxy.cli.demo import fetch, register_instance
+from flowproxy.cli.demo import register_instance
 from flowproxy.consul.reads import latest_index
 from flowproxy.node.up import wait_for
+from flowproxy.probe import fetch
 from tests.harness import ProxyNode, need, node_spec, start_node, status_of
 
 FLOWPROXY = str(Path(sys.executable).parent / "flowproxy")

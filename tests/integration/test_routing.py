@@ -9,11 +9,11 @@ import pytest
 
 from bench.parts import free_port
 from flowproxy.backend import IdentityServer
-from flowproxy.cli.demo import fetch
 from flowproxy.core.kv import desired_from_kv
 from flowproxy.core.model import Instance, KVEntry
 from flowproxy.core.plan import make_plan
 from flowproxy.core.render import Templates, render
+from flowproxy.probe import fetch
 from flowproxy.settings import REPO_TEMPLATES
 from tests.harness import serve_bundle
 from tests.scenarios import PRECEDENCE, PRECEDENCE_EXPECT, P, routes

@@ -11,7 +11,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "handlers" / "flowproxy"
 SHARED = {"flowproxy", "flowproxy.defaults", "flowproxy.errors", "flowproxy.logs", "flowproxy.redact",
-          "flowproxy.runstate", "flowproxy.settings", "flowproxy.telemetry"}
+          "flowproxy.runstate", "flowproxy.settings", "flowproxy.telemetry", "flowproxy.probe"}
 # layer -> the layers it may import (besides itself and the shared modules)
 ALLOWED = {
     "core": set(),
@@ -95,7 +95,7 @@ def test_each_module_imports_only_what_its_layer_may(name: str) -> None:
     assert wrong == [], f"{name} ({mine}) imports {wrong}"
 
 
-FOLDER_LITERAL = re.compile(r"""["'](?:\{[^}]*\})?(routes|templates|certs|status)/""")
+FOLDER_LITERAL = re.compile(r"""["'](?:\{[^}]*\})?(routes|templates|certs|status|acme)/""")
 
 
 @pytest.mark.parametrize("name", sorted(n for n in MODULES if n != "flowproxy.core.contract"))

@@ -232,8 +232,6 @@ def _guard(what: str, call: Callable[[], T]) -> T:
         raise
     except messages.Error as exc:
         raise _problem(what, exc, getattr(_answers, "retry_after", None)) from None
-    except errors.ValidationError as exc:
-        raise _authz_error(exc.failed_authzrs[0]) from None
     except errors.TimeoutError:
         raise CAError(f"{what}: the CA did not finish in time", "timeout") from None
     except requests.RequestException as exc:

@@ -8,9 +8,6 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -19,24 +16,7 @@ from flowproxy.consul.registrations import Check, Registration
 from flowproxy.consul.store import ConsulStore
 from flowproxy.core import contract
 from flowproxy.node.up import Node, NodeSpec, wait_for
-
-
-@dataclass(frozen=True)
-class Reply:
-    status: int
-    body: str
-    instance: str
-
-
-def fetch(url: str, host: str | None = None, timeout: float = 5, variant: str | None = None) -> Reply:
-    """One real HTTP request; error statuses are answers too."""
-    headers = ({"Host": host} if host else {}) | ({"X-Flowproxy-Variant": variant} if variant else {})
-    req = urllib.request.Request(url, headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return Reply(resp.status, resp.read().decode(), resp.headers.get("X-Instance", ""))
-    except urllib.error.HTTPError as exc:
-        return Reply(exc.code, exc.read().decode(errors="replace"), exc.headers.get("X-Instance", ""))
+from flowproxy.probe import Reply, fetch
 
 
 def register_instance(store: ConsulStore, service: str, instance_id: str, port: int, *, tags: tuple[str, ...] = (),

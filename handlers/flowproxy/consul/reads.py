@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from flowproxy.consul.store import ConsulStore
-from flowproxy.core import acme, contract, pem
+from flowproxy.core import acme, contract
 from flowproxy.core.fleet import NodeView, fleet_view
 from flowproxy.core.model import KVEntry, Snapshot
 
@@ -100,6 +100,6 @@ def read_certificates(store: ConsulStore, prefix: str) -> dict[str, dict[str, An
     _, certs = store.read_prefix(prefix + contract.CERTS)
     # acme/state/ alone: an operator's token need not read the account's or the orders' keys (README: Security).
     _, work = store.read_prefix(contract.acme_key(prefix, "state", ""))
-    facts = {e.key.rsplit("/", 1)[-1]: pem.facts(e.value) for e in certs if not e.key.endswith("/")}
+    pems = {e.key.rsplit("/", 1)[-1]: e.value for e in certs if not e.key.endswith("/")}
     states = {e.key.rsplit("/", 1)[-1]: acme.state_from(e.value) for e in work if not e.key.endswith("/")}
-    return acme.status_rows(states, facts, frozenset(states))
+    return acme.status_rows(states, pems, frozenset(states))

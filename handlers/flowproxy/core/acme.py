@@ -16,15 +16,17 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from flowproxy.core.model import Desired
 from flowproxy.core.pem import CertFacts
+from flowproxy.core.pem import facts as pem_facts
 
 ACME_FLAG = 0x41434D45  # "ACME": Consul KV flags of a certs/<name> key the ACME worker wrote
 CERT_PREFIX = "acme-"
 RENEW_WHEN_LEFT = 1 / 3  # of the lifetime
+CHALLENGE_PATH = "/.well-known/acme-challenge/"  # RFC 8555 8.3: where HTTP-01 answers are fetched
 
 
 @dataclass(frozen=True)
@@ -50,9 +52,9 @@ def wanted(desired: Desired) -> dict[str, Wanted]:
     """The certificates the active routes ask for, by name."""
     asked: dict[tuple[str, ...], set[str]] = {}
     for route in desired.routes:
-        serving = {v for v, _ in route.weights} if route.weights else {route.active} if route.active else set()
         if route.problems:
             continue
+        serving = {v for v, _ in route.weights} if route.weights else {route.active} if route.active else set()
         for variant in route.variants:
             intent = variant.intent
             if variant.name in serving and intent is not None and intent.acme and intent.domains:
@@ -82,7 +84,7 @@ class State:
     last_attempt: float | None = None
     next_attempt: float | None = None  # no node tries before this (backoff)
     working: str | None = None  # what the holder is doing now, for status
-    routes: tuple[str, ...] = field(default=())
+    routes: tuple[str, ...] = ()
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -173,13 +175,13 @@ def iso(when: float) -> str:
     return datetime.datetime.fromtimestamp(when, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def status_rows(states: Mapping[str, State], certs: Mapping[str, CertFacts | None],
+def status_rows(states: Mapping[str, State], certs: Mapping[str, bytes],
                 wanted_names: frozenset[str]) -> dict[str, dict[str, Any]]:
-    """One row per certificate, served or wanted: issuer and expiry from the PEM, ACME's last error and
-    next attempt from its state (what `flowproxy status` and the metrics show)."""
+    """One row per certificate (`certs/<name>`: its PEM), served or wanted: issuer and expiry from the PEM,
+    ACME's last error and next attempt from its state (what `flowproxy status` and the metrics show)."""
     rows: dict[str, dict[str, Any]] = {}
     for name in sorted(set(certs) | set(wanted_names) | set(states)):
-        facts, state = certs.get(name), states.get(name)
+        facts, state = (pem_facts(certs[name]) if name in certs else None), states.get(name)
         rows[name] = {
             "issuer": facts.issuer if facts else None,
             "not_after": iso(facts.not_after) if facts else None,

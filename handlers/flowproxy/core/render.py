@@ -18,6 +18,7 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from flowproxy import __version__
+from flowproxy.core.acme import CHALLENGE_PATH
 from flowproxy.core.faults import internal_error
 from flowproxy.core.fragment_rules import fragment_errors
 from flowproxy.core.memo import Memo, remembered
@@ -35,7 +36,6 @@ from flowproxy.core.render_options import (
 
 PUBLIC_MAPS = ("host_exact", "host_reg", "host_beg", "path_exact", "path_reg", "path_beg")
 MAP_FILES = PUBLIC_MAPS + tuple(f"preview_{name}" for name in PUBLIC_MAPS) + OPTION_MAPS + ("acme", "slots")
-CHALLENGE_PATH = "/.well-known/acme-challenge/"  # RFC 8555 8.3
 SLOTS_MAP = "maps/slots.map"
 CRT_LIST = "certs.list"  # the certificates HAProxy serves, in order: the first is for clients without SNI
 # Empty backends a route added between reloads is served from (see spares.py): 64 HTTP, 16 TCP. Measured

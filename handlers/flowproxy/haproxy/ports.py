@@ -66,6 +66,11 @@ def freed(host: str, ports: Iterable[int]) -> list[int]:
     return [port for port in ports if not held_elsewhere(host, port)]
 
 
+def wildcard(host: str) -> bool:
+    """Whether a listen address's host means every address (``, `*`, `0.0.0.0`, `[::]`)."""
+    return host.strip("[]") in ("", "*", "0.0.0.0", "::")
+
+
 def bind_error(bind: str) -> str:
     """Why a listener address (`host:port`, `[v6]:port`, `:port`) cannot be bound now, or ""."""
     host, _, port = bind.rpartition(":")

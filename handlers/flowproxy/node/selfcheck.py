@@ -10,6 +10,7 @@ from flowproxy import __version__, runstate
 from flowproxy.consul.registrations import Check, Registration
 from flowproxy.consul.store import ConsulStore
 from flowproxy.errors import HAProxyError
+from flowproxy.haproxy import ports
 from flowproxy.haproxy.master import HAProxySocket, old_workers
 from flowproxy.settings import Settings
 
@@ -28,7 +29,7 @@ def check_id(settings: Settings) -> str:
 def register(store: ConsulStore, settings: Settings) -> None:
     host, _, port = settings.http_bind.rpartition(":")
     store.register_service(Registration(
-        SERVICE, service_id(settings), host if host not in ("", "*", "0.0.0.0") else "",
+        SERVICE, service_id(settings), "" if ports.wildcard(host) else host,
         int(port) if port.isascii() and port.isdigit() else 0, meta={"node": settings.node, "version": __version__},
         check=Check(ttl=TTL, status="critical", check_id=check_id(settings), name="HAProxy up and last apply ok")))
 
